@@ -1,0 +1,632 @@
+//! Typed configuration: schema, defaults, `${ENV}` expansion, loading and validation.
+//!
+//! Loading is a pipeline that collects every problem before giving up, like `nginx -t`:
+//! 1. read the file and parse YAML into a tree (a syntax error stops here, with line and column);
+//! 2. expand `${VAR}` / `${VAR:-default}` in string values ([`expand`]), naming the path of each
+//!    unset variable;
+//! 3. deserialize each section, each service and each route on its own, so one bad route does
+//!    not hide the errors of the next; unknown fields and bad values are reported with their path
+//!    and the walk goes on;
+//! 4. check meaning ([`validate`]): unknown services, duplicate ids, conflicting paths, bad URLs.
+//!
+//! Defaults are `DEFAULT_*` constants with a comment on why that value.
+
+pub mod expand;
+pub mod units;
+mod validate;
+
+pub use units::{ByteSize, HumanDuration};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Main listener: all interfaces, the conventional alternative HTTP port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Admin listener: loopback only, as Envoy's admin port, because it exposes internals.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Kubernetes' default termination grace period is 30 s; draining must fit inside it.
+pub const DEFAULT_SHUTDOWN_GRACE: HumanDuration = HumanDuration::from_secs(25);
+/// Time readiness reports 503 before listeners close, so load balancers stop sending first.
+pub const DEFAULT_SHUTDOWN_DELAY: HumanDuration = HumanDuration::from_secs(0);
+/// Request bodies above this are refused; orders and configs are small JSON documents.
+pub const DEFAULT_MAX_BODY: ByteSize = ByteSize::mib(1);
+/// Header block limit; 16 KiB fits large JWTs while bounding memory per connection.
+pub const DEFAULT_MAX_HEADER_BYTES: ByteSize = ByteSize::kib(16);
+/// Maximum number of request headers (hyper's own default is 100).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// A client must finish sending its headers within this time (slowloris protection).
+pub const DEFAULT_HEADER_TIMEOUT: HumanDuration = HumanDuration::from_secs(10);
+/// Idle keep-alive connections from clients are closed after this.
+pub const DEFAULT_IDLE_TIMEOUT: HumanDuration = HumanDuration::from_secs(60);
+/// Upstream response-header timeout when neither route nor service sets one.
+pub const DEFAULT_UPSTREAM_TIMEOUT: HumanDuration = HumanDuration::from_secs(10);
+/// TCP connect timeout to an upstream; loopback or LAN peers answer in well under a second.
+pub const DEFAULT_CONNECT_TIMEOUT: HumanDuration = HumanDuration::from_secs(1);
+/// Idle pooled upstream connections are closed after this; below common upstream keep-alive
+/// timeouts (nginx 75 s, Go 90 s) would be safer, so 30 s.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: HumanDuration = HumanDuration::from_secs(30);
+/// Idle pooled connections kept per upstream instance.
+pub const DEFAULT_POOL_MAX_IDLE: usize = 512;
+/// Health-check path served by every B25 service.
+pub const DEFAULT_HEALTH_PATH: &str = "/health";
+/// Active health-check interval.
+pub const DEFAULT_HEALTH_INTERVAL: HumanDuration = HumanDuration::from_secs(5);
+/// Active health-check timeout.
+pub const DEFAULT_HEALTH_TIMEOUT: HumanDuration = HumanDuration::from_secs(1);
+/// Consecutive failed checks before an instance is marked unhealthy.
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 2;
+/// Consecutive passed checks before an unhealthy instance is used again.
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
+
+/// The whole gateway configuration.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners, TLS, limits, shutdown.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Log level and access log.
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// Upstream services by name.
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// The route table.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `server:` section.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Main listener address (`host:port`).
+    pub listen: String,
+    /// Admin listener (`/metrics`, later `/admin/*`); empty string disables it.
+    pub admin_listen: String,
+    /// TLS termination on the main listener.
+    pub tls: Option<TlsConfig>,
+    /// Serve HTTP/2 (ALPN `h2` over TLS, prior-knowledge h2c in clear text).
+    pub http2: bool,
+    /// In-flight requests get this long to finish after SIGTERM.
+    pub shutdown_grace: HumanDuration,
+    /// Readiness reports 503 this long before the listeners close.
+    pub shutdown_delay: HumanDuration,
+    /// Client-side limits.
+    pub limits: LimitsConfig,
+    /// CIDRs of proxies whose X-Forwarded-For is trusted (used by rate limiting).
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.into(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            tls: None,
+            http2: true,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
+            limits: LimitsConfig::default(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// PEM certificate chain and private key paths.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `server.limits:`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body accepted (per-route override in `routes[].max_body`).
+    pub max_body: ByteSize,
+    /// Largest request header block.
+    pub max_header_bytes: ByteSize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Time allowed to receive the request headers.
+    pub header_timeout: HumanDuration,
+    /// Idle keep-alive timeout for client connections.
+    pub idle_timeout: HumanDuration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body: DEFAULT_MAX_BODY,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// `logging:` section.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` overrides it.
+    pub level: String,
+    /// One JSON line per request.
+    pub access_log: bool,
+    /// `json` (default) or `text` for humans at a terminal.
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            access_log: true,
+            format: LogFormat::Json,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Human-readable.
+    Text,
+}
+
+/// One upstream service.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Base URLs of the instances (`http://host:port`).
+    pub instances: Vec<String>,
+    /// Time to wait for the response headers (routes may override).
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout: HumanDuration,
+    /// TCP connect timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Idle pooled connections are closed after this.
+    #[serde(default = "default_pool_idle_timeout")]
+    pub pool_idle_timeout: HumanDuration,
+    /// Most idle pooled connections per instance.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: usize,
+    /// Active health checking.
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+}
+
+fn default_upstream_timeout() -> HumanDuration {
+    DEFAULT_UPSTREAM_TIMEOUT
+}
+fn default_connect_timeout() -> HumanDuration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_pool_idle_timeout() -> HumanDuration {
+    DEFAULT_POOL_IDLE_TIMEOUT
+}
+fn default_pool_max_idle() -> usize {
+    DEFAULT_POOL_MAX_IDLE
+}
+
+/// `services.*.health_check:`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// Turn active checks off (instances are then always considered healthy).
+    pub enabled: bool,
+    /// Path requested with GET on each instance.
+    pub path: String,
+    /// Time between checks.
+    pub interval: HumanDuration,
+    /// Time allowed for one check.
+    pub timeout: HumanDuration,
+    /// Consecutive failures before an instance is taken out.
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes before it is used again.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: DEFAULT_HEALTH_PATH.into(),
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            unhealthy_threshold: DEFAULT_UNHEALTHY_THRESHOLD,
+            healthy_threshold: DEFAULT_HEALTHY_THRESHOLD,
+        }
+    }
+}
+
+/// One route of the table.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique id, used in metrics and logs (never the raw path).
+    pub id: String,
+    /// Path template: `/api/v1/orders/{id}`; static segments win over parameters.
+    pub path: String,
+    /// Allowed methods (upper case).
+    pub methods: Vec<String>,
+    /// Name of the service in `services`.
+    pub service: String,
+    /// Remove this prefix from the path before forwarding.
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Put this prefix in front of the (stripped) path before forwarding.
+    #[serde(default)]
+    pub add_prefix: Option<String>,
+    /// Upstream response-header timeout for this route (overrides the service's).
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    /// Largest request body for this route (overrides `server.limits.max_body`).
+    #[serde(default)]
+    pub max_body: Option<ByteSize>,
+    /// Least roles allowed (enforced by the authentication layer).
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Explicitly reachable without authentication.
+    #[serde(default)]
+    pub public: bool,
+    /// Response caching policy.
+    #[serde(default)]
+    pub cache: Option<CacheConfig>,
+    /// Idempotency-Key handling (order routes).
+    #[serde(default)]
+    pub idempotency: Option<IdempotencyConfig>,
+    /// The route is a WebSocket endpoint.
+    #[serde(default)]
+    pub websocket: bool,
+}
+
+/// `routes[].cache:`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Time an entry is served.
+    pub ttl: HumanDuration,
+    /// `public` (shared) or `private` (keyed by principal).
+    #[serde(default)]
+    pub scope: CacheScope,
+}
+
+/// Who may share a cached response.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// Shared by every caller.
+    #[default]
+    Public,
+    /// Keyed by the authenticated principal.
+    Private,
+}
+
+/// `routes[].idempotency:`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// Refuse requests without an `Idempotency-Key`.
+    #[serde(default)]
+    pub required: bool,
+    /// How long a completed response is replayed.
+    #[serde(default = "default_idempotency_ttl")]
+    pub ttl: HumanDuration,
+}
+
+fn default_idempotency_ttl() -> HumanDuration {
+    HumanDuration::from_secs(24 * 3600)
+}
+
+/// One problem in a config file, with the path of the offending value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `routes[3].service`, or empty for the document itself.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// A problem at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Clone, Debug)]
+pub struct ConfigErrors {
+    /// The file, as given.
+    pub file: String,
+    /// All problems, in document order.
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        writeln!(
+            f,
+            "{}: {n} configuration error{}",
+            self.file,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            writeln!(f, "{}: {e}", self.file)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads, expands, parses and validates a config file from the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        file: file.clone(),
+        errors: vec![ConfigError::new("", format!("cannot read file: {e}"))],
+    })?;
+    parse(&text, &file, &expand::ProcessEnv)
+}
+
+/// Parses and validates config text; `file` is only used in messages.
+pub fn parse(text: &str, file: &str, env: &dyn expand::Env) -> Result<Config, ConfigErrors> {
+    let fail = |errors| ConfigErrors {
+        file: file.to_string(),
+        errors,
+    };
+    let mut tree: Value = serde_saphyr::from_str(text)
+        .map_err(|e| fail(vec![ConfigError::new("", format!("invalid YAML: {e}"))]))?;
+    let mut errors = Vec::new();
+    expand::expand_tree(&mut tree, &mut String::new(), env, &mut errors);
+    let config = deserialize_config(tree, &mut errors);
+    match config {
+        Some(config) if errors.is_empty() => Ok(config),
+        _ => Err(fail(errors)),
+    }
+}
+
+/// Deserializes section by section so that all structural errors are collected.
+fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Config> {
+    let Value::Object(mut root) = tree else {
+        errors.push(ConfigError::new(
+            "",
+            "the document must be a mapping with services and routes",
+        ));
+        return None;
+    };
+    const KNOWN: [&str; 4] = ["server", "logging", "services", "routes"];
+    for key in root.keys() {
+        if !KNOWN.contains(&key.as_str()) {
+            errors.push(ConfigError::new(
+                key.clone(),
+                format!("unknown field `{key}`, expected one of `server`, `logging`, `services`, `routes`"),
+            ));
+        }
+    }
+    // A section that fails is replaced by its default (or left out) so the semantic checks
+    // still run on everything else; `broken` remembers what was left out.
+    let mut broken = validate::Broken::default();
+    let server = match root.remove("server") {
+        Some(v) => section::<ServerConfig>(v, "server", errors).unwrap_or_else(|| {
+            broken.server = true;
+            ServerConfig::default()
+        }),
+        None => ServerConfig::default(),
+    };
+    let logging = match root.remove("logging") {
+        Some(v) => section::<LoggingConfig>(v, "logging", errors).unwrap_or_default(),
+        None => LoggingConfig::default(),
+    };
+    let mut services = BTreeMap::new();
+    match root.remove("services") {
+        Some(Value::Object(map)) => {
+            for (name, v) in map {
+                match section::<ServiceConfig>(v, &format!("services.{name}"), errors) {
+                    Some(s) => {
+                        services.insert(name, s);
+                    }
+                    None => broken.services.push(name),
+                }
+            }
+        }
+        Some(_) => errors.push(ConfigError::new(
+            "services",
+            "must be a mapping of service name to service",
+        )),
+        None => errors.push(ConfigError::new(
+            "services",
+            "missing: at least one service is required",
+        )),
+    }
+    let mut routes = Vec::new();
+    match root.remove("routes") {
+        Some(Value::Array(items)) => {
+            for (i, v) in items.into_iter().enumerate() {
+                match section::<RouteConfig>(v, &format!("routes[{i}]"), errors) {
+                    Some(r) => {
+                        routes.push(r);
+                        broken.route_index.push(i);
+                    }
+                    None => broken.routes = true,
+                }
+            }
+        }
+        Some(_) => errors.push(ConfigError::new("routes", "must be a list of routes")),
+        None => errors.push(ConfigError::new(
+            "routes",
+            "missing: at least one route is required",
+        )),
+    }
+    let config = Config {
+        server,
+        logging,
+        services,
+        routes,
+    };
+    validate::validate(&config, &broken, errors);
+    Some(config)
+}
+
+/// Deserializes one section; on error records it, removes the offending key and tries again so
+/// every unknown field and bad value of the section is reported.
+fn section<T: serde::de::DeserializeOwned>(
+    mut value: Value,
+    prefix: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    let mut reported: Vec<String> = Vec::new();
+    // Each round removes one key, so the loop ends; the cap guards against surprises.
+    for _ in 0..64 {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            // Errors were recorded; the cleaned section still goes through the semantic checks.
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let segments: Vec<_> = e.path().iter().cloned().collect();
+                let path = join_path(prefix, &segments);
+                // An error on a parent of something already reported is a consequence of the
+                // removal (e.g. "missing field"); do not report it twice.
+                let cascade = reported.iter().any(|r| {
+                    r.len() > path.len()
+                        && r.starts_with(&path)
+                        && matches!(r.as_bytes()[path.len()], b'.' | b'[')
+                });
+                if !cascade {
+                    errors.push(ConfigError::new(
+                        path.clone(),
+                        clean_message(&e.inner().to_string()),
+                    ));
+                }
+                if cascade || !remove_at(&mut value, &segments) {
+                    return None;
+                }
+                reported.push(path);
+            }
+        }
+    }
+    None
+}
+
+fn join_path(prefix: &str, segments: &[serde_path_to_error::Segment]) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = prefix.to_string();
+    for s in segments {
+        match s {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => out.push_str(".?"),
+        }
+    }
+    out
+}
+
+/// Removes the map key at `segments`; only keys (never list items, which would shift indices).
+fn remove_at(value: &mut Value, segments: &[serde_path_to_error::Segment]) -> bool {
+    use serde_path_to_error::Segment;
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut cur = value;
+    for s in parents {
+        cur = match (s, cur) {
+            (Segment::Map { key }, Value::Object(m)) => match m.get_mut(key) {
+                Some(v) => v,
+                None => return false,
+            },
+            (Segment::Seq { index }, Value::Array(a)) => match a.get_mut(*index) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (last, cur) {
+        (Segment::Map { key }, Value::Object(m)) => m.remove(key).is_some(),
+        _ => false,
+    }
+}
+
+/// serde_json's messages end with " at line 0 column 0" when deserializing from a tree.
+fn clean_message(msg: &str) -> String {
+    msg.split(" at line ").next().unwrap_or(msg).to_string()
+}
+
+impl Config {
+    /// The effective upstream timeout of `route`.
+    pub fn route_timeout(&self, route: &RouteConfig) -> HumanDuration {
+        route
+            .timeout
+            .or_else(|| self.services.get(&route.service).map(|s| s.timeout))
+            .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT)
+    }
+
+    /// A one-screen summary for `b25-gateway check`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let tls = if self.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let _ = writeln!(out, "listeners:");
+        let _ = writeln!(out, "  main   {tls}://{}", self.server.listen);
+        if !self.server.admin_listen.is_empty() {
+            let _ = writeln!(out, "  admin  http://{}", self.server.admin_listen);
+        }
+        let _ = writeln!(out, "services ({}):", self.services.len());
+        for (name, s) in &self.services {
+            let _ = writeln!(
+                out,
+                "  {name:<18} {} (timeout {})",
+                s.instances.join(", "),
+                s.timeout
+            );
+        }
+        let _ = writeln!(out, "routes ({}):", self.routes.len());
+        for r in &self.routes {
+            let _ = writeln!(
+                out,
+                "  {:<26} {:<16} {:<44} -> {}",
+                r.id,
+                r.methods.join(","),
+                r.path,
+                r.service
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,355 @@
+//! Semantic validation: everything that parses but cannot work. Collects every problem.
+
+use super::{Config, ConfigError, RouteConfig};
+use crate::router::{RouteSpec, RouteTable};
+use http::Method;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+/// The roles the RBAC layer knows (admin ⊃ operator ⊃ viewer).
+pub const KNOWN_ROLES: [&str; 3] = ["admin", "operator", "viewer"];
+/// Paths the gateway answers itself on the main listener.
+pub const RESERVED_PATHS: [&str; 4] = [
+    "/health",
+    "/health/liveness",
+    "/health/readiness",
+    "/version",
+];
+/// hyper refuses HTTP/1 read buffers smaller than this.
+const MIN_HEADER_BYTES: u64 = 8192;
+
+/// What failed to deserialize, so semantic checks do not report its consequences again.
+#[derive(Default)]
+pub(super) struct Broken {
+    /// `server` failed and was replaced by its default.
+    pub server: bool,
+    /// Services left out.
+    pub services: Vec<String>,
+    /// Some routes were left out.
+    pub routes: bool,
+    /// For each deserialized route, its index in the file.
+    pub route_index: Vec<usize>,
+}
+
+pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError>) {
+    // A value that already failed to parse or expand is not reported again by the checks here.
+    let seen: std::collections::HashSet<String> = errors.iter().map(|e| e.path.clone()).collect();
+    let mut err = |path: String, msg: String| {
+        if !seen.contains(&path) {
+            errors.push(ConfigError::new(path, msg));
+        }
+    };
+
+    // server
+    let s = &c.server;
+    if !broken.server && s.listen.parse::<SocketAddr>().is_err() {
+        err(
+            "server.listen".into(),
+            format!("{:?} is not an address such as 0.0.0.0:8080", s.listen),
+        );
+    }
+    if !s.admin_listen.is_empty() {
+        if s.admin_listen.parse::<SocketAddr>().is_err() {
+            err(
+                "server.admin_listen".into(),
+                format!(
+                    "{:?} is not an address such as 127.0.0.1:9901",
+                    s.admin_listen
+                ),
+            );
+        } else if s.admin_listen == s.listen {
+            err(
+                "server.admin_listen".into(),
+                "must differ from server.listen".into(),
+            );
+        }
+    }
+    if let Some(tls) = &s.tls {
+        for (field, p) in [("cert", &tls.cert), ("key", &tls.key)] {
+            if let Err(e) = std::fs::metadata(p) {
+                err(
+                    format!("server.tls.{field}"),
+                    format!("cannot read {}: {e}", p.display()),
+                );
+            }
+        }
+    }
+    if s.limits.max_header_bytes.bytes() < MIN_HEADER_BYTES {
+        err(
+            "server.limits.max_header_bytes".into(),
+            "must be at least 8KiB".into(),
+        );
+    }
+    if s.limits.max_headers == 0 {
+        err(
+            "server.limits.max_headers".into(),
+            "must be at least 1".into(),
+        );
+    }
+    for (name, d) in [
+        ("header_timeout", s.limits.header_timeout),
+        ("idle_timeout", s.limits.idle_timeout),
+    ] {
+        if d.get().is_zero() {
+            err(
+                format!("server.limits.{name}"),
+                "must be greater than 0".into(),
+            );
+        }
+    }
+    for (i, cidr) in s.trusted_proxies.iter().enumerate() {
+        if let Err(e) = crate::net::Cidr::parse(cidr) {
+            err(format!("server.trusted_proxies[{i}]"), e);
+        }
+    }
+    if !["error", "warn", "info", "debug", "trace", "off"].contains(&c.logging.level.as_str()) {
+        err(
+            "logging.level".into(),
+            format!(
+                "unknown level {:?} (error, warn, info, debug, trace, off)",
+                c.logging.level
+            ),
+        );
+    }
+
+    // services
+    for (name, svc) in &c.services {
+        let p = format!("services.{name}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        {
+            err(
+                p.clone(),
+                "service names use only letters, digits, '-' and '_'".into(),
+            );
+        }
+        if svc.instances.is_empty() {
+            err(
+                format!("{p}.instances"),
+                "at least one instance is required".into(),
+            );
+        }
+        for (i, url) in svc.instances.iter().enumerate() {
+            if let Err(e) = crate::proxy::Instance::parse(url) {
+                err(format!("{p}.instances[{i}]"), e);
+            }
+        }
+        for (field, d) in [
+            ("timeout", svc.timeout),
+            ("connect_timeout", svc.connect_timeout),
+        ] {
+            if d.get().is_zero() {
+                err(format!("{p}.{field}"), "must be greater than 0".into());
+            }
+        }
+        let hc = &svc.health_check;
+        if hc.enabled {
+            if !hc.path.starts_with('/') {
+                err(
+                    format!("{p}.health_check.path"),
+                    "must start with '/'".into(),
+                );
+            }
+            if hc.interval.get().is_zero() {
+                err(
+                    format!("{p}.health_check.interval"),
+                    "must be greater than 0".into(),
+                );
+            }
+            if hc.timeout.get().is_zero() {
+                err(
+                    format!("{p}.health_check.timeout"),
+                    "must be greater than 0".into(),
+                );
+            }
+            if hc.healthy_threshold == 0 {
+                err(
+                    format!("{p}.health_check.healthy_threshold"),
+                    "must be at least 1".into(),
+                );
+            }
+            if hc.unhealthy_threshold == 0 {
+                err(
+                    format!("{p}.health_check.unhealthy_threshold"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+    }
+
+    // routes
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut specs = Vec::new();
+    for (k, r) in c.routes.iter().enumerate() {
+        let i = broken.route_index.get(k).copied().unwrap_or(k);
+        let p = format!("routes[{i}]");
+        if r.id.is_empty()
+            || !r
+                .id
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        {
+            err(
+                format!("{p}.id"),
+                format!("{:?}: ids use only letters, digits, '-', '_' and '.'", r.id),
+            );
+        }
+        if let Some(first) = ids.insert(&r.id, i) {
+            err(
+                format!("{p}.id"),
+                format!(
+                    "duplicate route id {:?} (first used by routes[{first}])",
+                    r.id
+                ),
+            );
+        }
+        if !c.services.contains_key(&r.service) && !broken.services.contains(&r.service) {
+            let known: Vec<&str> = c.services.keys().map(String::as_str).collect();
+            err(
+                format!("{p}.service"),
+                format!(
+                    "unknown service {:?} (known: {})",
+                    r.service,
+                    known.join(", ")
+                ),
+            );
+        }
+        let path_ok = validate_template(r, &p, &mut err);
+        let methods = validate_methods(r, &p, &mut err);
+        if let Some(prefix) = &r.strip_prefix
+            && (!prefix.starts_with('/') || !r.path.starts_with(prefix.as_str()))
+        {
+            err(
+                format!("{p}.strip_prefix"),
+                format!(
+                    "{prefix:?} must start with '/' and be a prefix of the path {:?}",
+                    r.path
+                ),
+            );
+        }
+        if let Some(prefix) = &r.add_prefix
+            && (!prefix.starts_with('/') || prefix.contains(['?', '#', '{']))
+        {
+            err(
+                format!("{p}.add_prefix"),
+                format!("{prefix:?} must be a plain path starting with '/'"),
+            );
+        }
+        if let Some(t) = r.timeout
+            && t.get().is_zero()
+        {
+            err(format!("{p}.timeout"), "must be greater than 0".into());
+        }
+        for (j, role) in r.roles.iter().enumerate() {
+            if !KNOWN_ROLES.contains(&role.as_str()) {
+                err(
+                    format!("{p}.roles[{j}]"),
+                    format!("unknown role {role:?} (admin, operator, viewer)"),
+                );
+            }
+        }
+        if r.roles.is_empty() && !r.public {
+            err(
+                format!("{p}.roles"),
+                "a route needs roles, or `public: true` to be reachable without them".into(),
+            );
+        }
+        if r.cache.is_some()
+            && methods
+                .iter()
+                .any(|m| m != Method::GET && m != Method::HEAD)
+        {
+            err(
+                format!("{p}.cache"),
+                "only GET and HEAD routes can be cached".into(),
+            );
+        }
+        if r.websocket && methods.iter().any(|m| m != Method::GET) {
+            err(
+                format!("{p}.methods"),
+                "a websocket route accepts only GET".into(),
+            );
+        }
+        if path_ok && !methods.is_empty() {
+            specs.push((p, r, methods));
+        }
+    }
+    let table = RouteTable::build(
+        specs
+            .into_iter()
+            .map(|(config_path, r, methods)| RouteSpec {
+                config_path,
+                id: &r.id,
+                template: &r.path,
+                methods,
+                value: (),
+            }),
+    );
+    if let Err(errs) = table {
+        errors.extend(errs.into_iter().filter(|e| !seen.contains(&e.path)));
+    }
+}
+
+fn validate_template(r: &RouteConfig, p: &str, err: &mut impl FnMut(String, String)) -> bool {
+    if !r.path.starts_with('/') {
+        err(
+            format!("{p}.path"),
+            format!("{:?} must start with '/'", r.path),
+        );
+        return false;
+    }
+    if r.path.contains(['?', '#', '%', '\\', ' ']) || r.path.contains("//") {
+        err(
+            format!("{p}.path"),
+            format!("{:?} must be a plain path template", r.path),
+        );
+        return false;
+    }
+    if r.path.split('/').any(|seg| seg == "." || seg == "..") {
+        err(
+            format!("{p}.path"),
+            format!("{:?} must not contain '.' or '..' segments", r.path),
+        );
+        return false;
+    }
+    if RESERVED_PATHS.contains(&r.path.as_str()) {
+        err(
+            format!("{p}.path"),
+            format!("{:?} is reserved for the gateway's own endpoint", r.path),
+        );
+        return false;
+    }
+    true
+}
+
+fn validate_methods(r: &RouteConfig, p: &str, err: &mut impl FnMut(String, String)) -> Vec<Method> {
+    if r.methods.is_empty() {
+        err(
+            format!("{p}.methods"),
+            "at least one method is required".into(),
+        );
+    }
+    let mut out: Vec<Method> = Vec::new();
+    for (j, m) in r.methods.iter().enumerate() {
+        const KNOWN: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+        if !KNOWN.contains(&m.as_str()) {
+            err(
+                format!("{p}.methods[{j}]"),
+                format!(
+                    "unknown method {m:?} (use upper case: {})",
+                    KNOWN.join(", ")
+                ),
+            );
+            continue;
+        }
+        let method = Method::from_bytes(m.as_bytes()).expect("known method");
+        if out.contains(&method) {
+            err(format!("{p}.methods[{j}]"), format!("{m} listed twice"));
+            continue;
+        }
+        out.push(method);
+    }
+    out
+}

@@ -1,0 +1,296 @@
+//! The request path: one function per stage, in the order a request meets them.
+//!
+//! ```text
+//! request id → gateway endpoints → path normalisation → route match (404/405)
+//!   → body limit → header rewrite → upstream (pooled client, timeout) → response headers
+//! ```
+//! Every exit goes through [`GatewayError::into_response`] or the upstream's response, gets the
+//! `X-Request-ID` header, and is observed when its body ends ([`crate::body::Observed`]).
+
+use crate::body::{Counted, GatewayBody, Observed};
+use crate::error::{ErrorKind, GatewayError, Origin};
+use crate::observe::{Metrics, RequestRecord};
+use crate::pipeline::{normalize, request_id};
+use crate::proxy::headers;
+use crate::router::Match;
+use crate::snapshot::Snapshot;
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Route label for requests that matched no route.
+const UNMATCHED: &str = "unmatched";
+/// Route label for the gateway's own endpoints.
+const GATEWAY: &str = "gateway";
+
+/// State shared by every connection of one gateway.
+pub struct Shared {
+    /// The current config snapshot.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Metric families.
+    pub metrics: Arc<Metrics>,
+    /// Set once the first health-check round is done.
+    pub ready: AtomicBool,
+    /// Set when shutdown begins.
+    pub draining: AtomicBool,
+    unmatched: Arc<str>,
+    gateway: Arc<str>,
+}
+
+impl Shared {
+    /// Shared state around a first snapshot.
+    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            unmatched: UNMATCHED.into(),
+            gateway: GATEWAY.into(),
+        }
+    }
+
+    /// Ready to serve traffic: started and not draining.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Facts about the client connection a request came on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    /// TCP peer.
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// Finishes the record with 499 if the request is dropped before a response (client gone).
+struct Pending(Option<RequestRecord>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.0.take() {
+            rec.status = 499;
+            rec.aborted = true;
+            rec.finish();
+        }
+    }
+}
+
+/// Serves one request. Never fails: every error becomes a JSON response.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Observed> {
+    let snapshot = shared.snapshot.load_full();
+    let request_id = request_id::from_headers(req.headers());
+    let access_log = snapshot.config.logging.access_log;
+    RequestRecord::started(&shared.metrics);
+    let mut pending = Pending(Some(RequestRecord {
+        start: Instant::now(),
+        request_id: request_id.clone(),
+        method: req.method().clone(),
+        route: shared.unmatched.clone(),
+        path: access_log.then(|| req.uri().path().into()),
+        status: 0,
+        upstream_us: None,
+        client_ip: conn.peer.ip(),
+        bytes_in: Arc::new(AtomicU64::new(0)),
+        bytes_out: 0,
+        aborted: false,
+        metrics: shared.metrics.clone(),
+        access_log,
+    }));
+    let rec = pending.0.as_mut().expect("set above");
+    let mut resp = match serve(&shared, &snapshot, conn, req, &request_id, rec).await {
+        Ok(r) => r,
+        Err(e) => {
+            match e.kind().origin() {
+                Origin::Upstream => {
+                    tracing::warn!(request_id = request_id.to_str().unwrap_or(""), route = &*rec.route, error = %e, "upstream failure");
+                }
+                Origin::Internal => {
+                    tracing::error!(request_id = request_id.to_str().unwrap_or(""), error = %e, "internal error");
+                }
+                Origin::Downstream => {
+                    tracing::debug!(request_id = request_id.to_str().unwrap_or(""), error = %e, "request refused");
+                }
+            }
+            e.into_response(&request_id)
+        }
+    };
+    resp.headers_mut()
+        .insert(&request_id::X_REQUEST_ID, request_id);
+    let mut rec = pending.0.take().expect("set above");
+    rec.status = resp.status().as_u16();
+    resp.map(|b| Observed::new(b, rec))
+}
+
+async fn serve(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    rec: &mut RequestRecord,
+) -> Result<Response<GatewayBody>, GatewayError> {
+    let (mut parts, body) = req.into_parts();
+    if let Some(resp) = own_endpoint(shared, snapshot, &parts, rec) {
+        return resp;
+    }
+    let path = normalize::normalize(parts.uri.path())
+        .map_err(|e| GatewayError::new(ErrorKind::BadRequest, e.0))?;
+    let route = match snapshot.routes.lookup(&parts.method, &path) {
+        Match::Found { route, .. } => route.clone(),
+        Match::MethodNotAllowed { allow } => {
+            return Err(GatewayError::method_not_allowed(allow.clone()));
+        }
+        Match::NotFound => {
+            return Err(GatewayError::new(
+                ErrorKind::NotFound,
+                "no route for this path",
+            ));
+        }
+    };
+    rec.route = route.id.clone();
+
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH)
+        && len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_some_and(|n| n > route.max_body)
+    {
+        return Err(GatewayError::new(
+            ErrorKind::PayloadTooLarge,
+            "request body is larger than this route allows",
+        ));
+    }
+
+    // HTTP/2 clients send `:authority` instead of `Host`.
+    let host = parts.headers.remove(header::HOST).or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let upstream_path = route.rewrite(&path);
+    let pq = match parts.uri.query() {
+        Some(q) => PathAndQuery::try_from(format!("{upstream_path}?{q}")),
+        None => PathAndQuery::try_from(upstream_path.as_ref()),
+    }
+    .map_err(|_| GatewayError::new(ErrorKind::BadRequest, "invalid request target"))?;
+    parts.uri = pq.into();
+
+    let h = &mut parts.headers;
+    headers::strip_hop_by_hop(h);
+    h.remove(header::EXPECT); // 100-continue is answered by this hop
+    headers::set_forwarded(h, conn.peer.ip(), conn.tls, host);
+    h.insert(&request_id::X_REQUEST_ID, request_id.clone());
+
+    let body = Counted::new(body, rec.bytes_in.clone());
+    let req = Request::from_parts(parts, body);
+    let sent = Instant::now();
+    let result = route.upstream.forward(req, route.timeout).await;
+    rec.upstream_us = Some(sent.elapsed().as_micros() as u64);
+    let resp = result.inspect_err(|e| {
+        shared
+            .metrics
+            .upstream_error(&route.upstream.name, e.kind().code())
+    })?;
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, GatewayBody::Upstream(body)))
+}
+
+/// `/health`, `/health/liveness`, `/health/readiness`, `/version` on the main listener.
+fn own_endpoint(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    req: &http::request::Parts,
+    rec: &mut RequestRecord,
+) -> Option<Result<Response<GatewayBody>, GatewayError>> {
+    let path = req.uri.path();
+    if !path.starts_with("/health") && path != "/version" {
+        return None;
+    }
+    let resp = match path {
+        "/health/liveness" => json(StatusCode::OK, serde_json::json!({"status": "alive"})),
+        "/health/readiness" => readiness(shared),
+        "/health" => health(shared, snapshot),
+        "/version" => json(StatusCode::OK, crate::version::json()),
+        _ => return None,
+    };
+    rec.route = shared.gateway.clone();
+    if req.method != Method::GET && req.method != Method::HEAD {
+        return Some(Err(GatewayError::method_not_allowed(
+            HeaderValue::from_static("GET, HEAD"),
+        )));
+    }
+    Some(Ok(resp))
+}
+
+/// 200 when ready, 503 while starting or draining.
+pub fn readiness(shared: &Shared) -> Response<GatewayBody> {
+    if shared.is_ready() {
+        json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+    } else {
+        let why = if shared.draining.load(Ordering::Acquire) {
+            "draining"
+        } else {
+            "starting"
+        };
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": why}),
+        )
+    }
+}
+
+fn health(shared: &Shared, snapshot: &Snapshot) -> Response<GatewayBody> {
+    let services: serde_json::Map<String, serde_json::Value> = snapshot
+        .upstreams
+        .iter()
+        .map(|(n, u)| (n.clone(), u.health_json()))
+        .collect();
+    let all_up = services.values().all(|s| s["status"] == "healthy");
+    let status = if shared.draining.load(Ordering::Acquire) {
+        "draining"
+    } else if all_up {
+        "ok"
+    } else {
+        "degraded"
+    };
+    let code = if status == "draining" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    json(
+        code,
+        serde_json::json!({"status": status, "services": services}),
+    )
+}
+
+/// A JSON response made by the gateway.
+pub fn json(status: StatusCode, v: serde_json::Value) -> Response<GatewayBody> {
+    let mut r = Response::new(GatewayBody::full(
+        serde_json::to_vec(&v).unwrap_or_default(),
+    ));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}

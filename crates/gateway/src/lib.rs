@@ -1,0 +1,34 @@
+//! # b25-gateway
+//!
+//! The API gateway in front of the B25 trading system's services.
+//!
+//! ## Layout
+//! The request path can be read off the module list, outer to inner:
+//! - [`server`]: listeners (TCP/TLS, HTTP/1.1 + HTTP/2), admin listener, graceful shutdown;
+//! - [`gateway`]: the request path, stage by stage, and the gateway's own endpoints;
+//! - [`pipeline`]: policies applied before routing (request id, path normalisation, …);
+//! - [`router`]: path templates → routes (matchit), 404/405;
+//! - [`proxy`]: upstream services: pooled clients, instance choice, health checks, headers;
+//! - [`body`]: response/request body wrappers (streaming, counting, observing);
+//! - [`error`]: the one error type and its single mapping to HTTP;
+//! - [`observe`]: metrics and logs;
+//! - [`config`] and [`snapshot`]: the YAML config and what is resolved from it once per load.
+//!
+//! The hot path takes no lock: the snapshot is read through `ArcSwap`, instance choice and
+//! health are atomics, and logs go through a non-blocking writer.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod net;
+pub mod observe;
+pub mod pipeline;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod snapshot;
+pub mod version;

@@ -1,0 +1,256 @@
+//! Observability: Prometheus metrics, the JSON access log, and log set-up.
+//!
+//! Every request ends in [`RequestRecord::finish`], called when the response body ends or is
+//! dropped, so the access line and the duration cover the whole exchange, streaming included.
+//! Log lines go through a non-blocking writer: the request thread only formats and queues.
+
+use http::{HeaderValue, Method};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Request-duration buckets in seconds: from 50 µs (the gateway's own overhead) up to 10 s.
+pub const DURATION_BUCKETS: [f64; 17] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// Labels of the per-request series. `route` is a route id (or a fixed name such as
+/// `unmatched`), never a raw path, and `method` is one of a fixed set, so clients cannot create
+/// series at will.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// Route id.
+    pub route: Arc<str>,
+    /// HTTP method, or `OTHER`.
+    pub method: &'static str,
+    /// Response status.
+    pub status: u16,
+}
+
+/// Labels of the per-service upstream series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    /// Service name.
+    pub service: Arc<str>,
+    /// Error code (`upstream_timeout`, …).
+    pub kind: &'static str,
+}
+
+/// All metric families, registered once per process.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<HttpLabels, Counter>,
+    duration: Family<HttpLabels, Histogram, fn() -> Histogram>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    in_flight: Gauge,
+    connections: Gauge,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+impl Metrics {
+    /// Creates and registers every family under the `b25_gateway_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("b25_gateway");
+        let requests = Family::<HttpLabels, Counter>::default();
+        let duration = Family::<HttpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        let in_flight = Gauge::default();
+        let connections = Gauge::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request received to response body finished, by route, method and status",
+            duration.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by service and kind",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "http_requests_in_flight",
+            "Requests being served",
+            in_flight.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Open client connections",
+            connections.clone(),
+        );
+        registry.register(
+            "build",
+            "Build information",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", crate::version::GIT_COMMIT),
+            ]),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            upstream_errors,
+            in_flight,
+            connections,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts an upstream failure.
+    pub fn upstream_error(&self, service: &Arc<str>, kind: &'static str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                service: service.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// The open-connections gauge.
+    pub fn connections(&self) -> &Gauge {
+        &self.connections
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A method as a bounded label value.
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+/// What is known about one request, finished when its response body ends.
+pub struct RequestRecord {
+    /// When the request arrived.
+    pub start: Instant,
+    /// Its request id.
+    pub request_id: HeaderValue,
+    /// Its method.
+    pub method: Method,
+    /// Route id label.
+    pub route: Arc<str>,
+    /// The path as received (only kept when the access log is on).
+    pub path: Option<Box<str>>,
+    /// Response status.
+    pub status: u16,
+    /// Time to the upstream's response headers, if an upstream was called.
+    pub upstream_us: Option<u64>,
+    /// The client (TCP peer).
+    pub client_ip: IpAddr,
+    /// Request body bytes, counted as they stream.
+    pub bytes_in: Arc<AtomicU64>,
+    /// Response body bytes.
+    pub bytes_out: u64,
+    /// The response body ended with an error or the client went away.
+    pub aborted: bool,
+    /// Where to count.
+    pub metrics: Arc<Metrics>,
+    /// Whether to write the access line.
+    pub access_log: bool,
+}
+
+impl RequestRecord {
+    /// Records metrics and writes the access log line.
+    pub fn finish(self) {
+        let elapsed = self.start.elapsed();
+        let labels = HttpLabels {
+            route: self.route.clone(),
+            method: method_label(&self.method),
+            status: self.status,
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        self.metrics.in_flight.dec();
+        if self.access_log {
+            tracing::info!(
+                target: "access",
+                request_id = self.request_id.to_str().unwrap_or(""),
+                method = self.method.as_str(),
+                route = &*self.route,
+                path = self.path.as_deref().unwrap_or(""),
+                status = self.status,
+                bytes_in = self.bytes_in.load(Ordering::Relaxed),
+                bytes_out = self.bytes_out,
+                duration_us = elapsed.as_micros() as u64,
+                upstream_us = self.upstream_us,
+                client_ip = %self.client_ip,
+                aborted = self.aborted,
+            );
+        }
+    }
+
+    /// Marks the request as in flight (paired with the decrement in [`finish`](Self::finish)).
+    pub fn started(metrics: &Metrics) {
+        metrics.in_flight.inc();
+    }
+
+    /// Requests currently in flight.
+    pub fn in_flight(metrics: &Metrics) -> i64 {
+        metrics.in_flight.get()
+    }
+}
+
+/// Installs the global subscriber: JSON (or text) lines through a non-blocking stdout writer.
+/// `RUST_LOG` overrides the configured level. Keep the guard alive to flush at exit.
+pub fn init_logging(
+    cfg: &crate::config::LoggingConfig,
+) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::EnvFilter;
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    let _ = match cfg.format {
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        crate::config::LogFormat::Text => builder.try_init(),
+    };
+    guard
+}

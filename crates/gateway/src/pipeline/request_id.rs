@@ -1,0 +1,62 @@
+//! Request IDs: accept a sane client `X-Request-ID`, otherwise make a UUIDv7.
+//!
+//! A client value is kept only if it is 1–128 characters of `[A-Za-z0-9._-]`, so it is safe to
+//! log, to put in a JSON body and to send upstream. UUIDv7 sorts by time, which helps when
+//! grepping logs across services.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The header carrying the request id, both ways.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Longest client-supplied id accepted.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// True when a client-supplied id may be reused as is.
+pub fn is_valid(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_REQUEST_ID_LEN
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The client's id when it is valid (exactly one header), else a new UUIDv7.
+pub fn from_headers(headers: &HeaderMap) -> HeaderValue {
+    let mut all = headers.get_all(&X_REQUEST_ID).iter();
+    if let (Some(v), None) = (all.next(), all.next())
+        && is_valid(v.as_bytes())
+    {
+        return v.clone();
+    }
+    generate()
+}
+
+/// A new UUIDv7 in its hyphenated form.
+pub fn generate() -> HeaderValue {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let s = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(s).expect("uuid is ascii")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_sane_ids_only() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123_x.y"));
+        assert_eq!(from_headers(&h), "abc-123_x.y");
+        for bad in ["", "a b", "a\"b", "<script>", &"x".repeat(129)] {
+            let mut h = HeaderMap::new();
+            h.insert(&X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
+            let id = from_headers(&h);
+            assert_ne!(id.as_bytes(), bad.as_bytes());
+            assert_eq!(id.len(), 36);
+        }
+        let mut h = HeaderMap::new();
+        h.append(&X_REQUEST_ID, HeaderValue::from_static("a"));
+        h.append(&X_REQUEST_ID, HeaderValue::from_static("b"));
+        assert_eq!(from_headers(&h).len(), 36, "two ids: make a new one");
+        assert_eq!(from_headers(&HeaderMap::new()).len(), 36);
+    }
+}

@@ -1,0 +1,281 @@
+//! Listeners and lifecycle: the main listener (TCP or TLS, HTTP/1.1 and HTTP/2), the admin
+//! listener, readiness, and graceful shutdown.
+//!
+//! Shutdown order (SIGTERM/SIGINT or [`GatewayHandle::shutdown`]):
+//! 1. readiness turns 503 (`draining`) while listeners still accept for `shutdown_delay`, so
+//!    load balancers take the instance out before connections are refused;
+//! 2. the main listener closes; idle keep-alive connections are closed, busy ones finish their
+//!    in-flight requests (HTTP/1 answers `Connection: close`, HTTP/2 sends GOAWAY);
+//! 3. after `shutdown_grace`, whatever is still open is cut and logged;
+//! 4. the admin listener closes last, so metrics and readiness stay visible during the drain.
+
+mod admin;
+mod tls;
+
+use crate::config::Config;
+use crate::gateway::{self, ConnInfo, Shared};
+use crate::observe::{Metrics, RequestRecord};
+use crate::snapshot::Snapshot;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Back-off after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config is invalid.
+    #[error("{0}")]
+    Config(crate::config::ConfigErrors),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS material could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// A running gateway.
+pub struct GatewayHandle {
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    /// The main listener's bound address (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// The admin listener's bound address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+    /// Shared state (snapshot, metrics, readiness).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+    /// Waits until the first health-check round is done and readiness is 200.
+    pub async fn ready(&self) {
+        let mut rx = self.stop.subscribe();
+        while !self.shared.ready.load(Ordering::Acquire) {
+            // `ready` is set right before a `send_replace(false)` wakes this up.
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+    /// Starts the graceful shutdown (returns at once; see [`wait`](Self::wait)).
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+    /// Waits for the gateway to stop.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Builds the snapshot, binds the listeners and starts serving. Returns once listening; the
+/// gateway reports ready after the first health-check round.
+pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartError> {
+    let server_cfg = config.server.clone();
+    let snapshot = Snapshot::build(config).map_err(|errors| {
+        StartError::Config(crate::config::ConfigErrors {
+            file: file.to_string(),
+            errors,
+        })
+    })?;
+    let metrics = Arc::new(Metrics::new());
+    let shared = Arc::new(Shared::new(snapshot, metrics));
+
+    let bind = |addr: &str| {
+        let addr = addr.to_string();
+        async move {
+            TcpListener::bind(&addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        }
+    };
+    let listener = bind(&server_cfg.listen).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: server_cfg.listen.clone(),
+        source,
+    })?;
+    let tls = match &server_cfg.tls {
+        Some(t) => Some(tls::acceptor(t, server_cfg.http2)?),
+        None => None,
+    };
+    let admin = if server_cfg.admin_listen.is_empty() {
+        None
+    } else {
+        Some(bind(&server_cfg.admin_listen).await?)
+    };
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+
+    let (stop, stop_rx) = watch::channel(false);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server_cfg.limits.header_timeout.get())
+        .max_buf_size(server_cfg.limits.max_header_bytes.bytes() as usize)
+        .max_headers(server_cfg.limits.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(server_cfg.limits.max_header_bytes.bytes() as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    if !server_cfg.http2 {
+        builder = builder.http1_only();
+    }
+
+    // Initial health round, then ready; periodic checks after.
+    {
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let snap = shared.snapshot.load_full();
+            futures_util::future::join_all(snap.upstreams.values().map(|u| u.check_all())).await;
+            for u in snap.upstreams.values() {
+                u.spawn_health_checks();
+            }
+            shared.ready.store(true, Ordering::Release);
+            stop.send_modify(|_| {});
+            tracing::info!("ready");
+        });
+    }
+
+    let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop.subscribe())));
+    let grace = server_cfg.shutdown_grace.get();
+    let delay = server_cfg.shutdown_delay.get();
+    let done = tokio::spawn(run(
+        listener,
+        builder,
+        tls,
+        shared.clone(),
+        stop_rx,
+        delay,
+        grace,
+        admin_task,
+    ));
+    tracing::info!(%addr, admin = ?admin_addr, tls = server_cfg.tls.is_some(), "listening");
+    Ok(GatewayHandle {
+        addr,
+        admin_addr,
+        shared,
+        stop,
+        done,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    listener: TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    delay: Duration,
+    grace: Duration,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder);
+    let handshake_timeout = Duration::from_secs(10);
+    let mut draining_since: Option<tokio::time::Instant> = None;
+    loop {
+        let deadline = draining_since.map(|t| t + delay);
+        tokio::select! {
+            biased;
+            r = stop.changed(), if draining_since.is_none() => {
+                if r.is_err() || *stop.borrow() {
+                    shared.draining.store(true, Ordering::Release);
+                    tracing::info!(delay = ?delay, "draining: readiness now 503");
+                    draining_since = Some(tokio::time::Instant::now());
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+            res = listener.accept() => match res {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let conn = ConnInfo { peer, tls: tls.is_some() };
+                    let gauge = shared.metrics.connections().clone();
+                    let shared = shared.clone();
+                    let svc = hyper::service::service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(gateway::handle(shared, conn, req).await) }
+                    });
+                    let watcher = graceful.watcher();
+                    let builder = builder.clone();
+                    let tls = tls.clone();
+                    tokio::spawn(async move {
+                        gauge.inc();
+                        let _dec = scopeguard(move || { gauge.dec(); });
+                        let r = match tls {
+                            Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(s), svc).into_owned()).await,
+                                Ok(Err(e)) => { tracing::debug!(%peer, error = %e, "TLS handshake failed"); return; }
+                                Err(_) => { tracing::debug!(%peer, "TLS handshake timed out"); return; }
+                            },
+                            None => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned()).await,
+                        };
+                        if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    let open = graceful.count();
+    tracing::info!(connections = open, grace = ?grace, "listener closed; finishing in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        let cut = RequestRecord::in_flight(&shared.metrics);
+        tracing::warn!(
+            requests_cut = cut,
+            "shutdown grace period over; cutting what is still in flight"
+        );
+    }
+    if let Some(a) = admin_task {
+        a.abort();
+    }
+    tracing::info!("stopped");
+}
+
+/// Runs `f` when dropped (the connection gauge must drop even if the task is cancelled).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

@@ -1,0 +1,118 @@
+//! A config snapshot: everything a request needs, resolved once when the config is loaded.
+//!
+//! Routes hold their upstream, timeout, rewrite and metric label directly; a request clones one
+//! `Arc<Snapshot>` at its start and keeps it until it ends, so a reload (one `ArcSwap::store`)
+//! never changes a live request.
+
+use crate::config::{Config, ConfigError, RouteConfig};
+use crate::proxy::Upstream;
+use crate::router::{RouteSpec, RouteTable};
+use http::Method;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One route, resolved.
+#[derive(Debug)]
+pub struct Route {
+    /// The route id, also the metric label.
+    pub id: Arc<str>,
+    /// Where it goes.
+    pub upstream: Arc<Upstream>,
+    /// Upstream response-header timeout.
+    pub timeout: Duration,
+    /// Largest request body.
+    pub max_body: u64,
+    /// The route as configured (roles, cache, idempotency for later layers).
+    pub config: RouteConfig,
+}
+
+impl Route {
+    /// The upstream path for the (normalised) client path: `strip_prefix` then `add_prefix`.
+    pub fn rewrite<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        let c = &self.config;
+        if c.strip_prefix.is_none() && c.add_prefix.is_none() {
+            return path.into();
+        }
+        let mut rest = path;
+        if let Some(p) = &c.strip_prefix {
+            rest = rest.strip_prefix(p.as_str()).unwrap_or(rest);
+        }
+        let prefix = c.add_prefix.as_deref().unwrap_or("").trim_end_matches('/');
+        let mut out = String::with_capacity(prefix.len() + rest.len() + 1);
+        out.push_str(prefix);
+        if !rest.starts_with('/') {
+            out.push('/');
+        }
+        out.push_str(rest);
+        out.into()
+    }
+}
+
+/// Everything derived from one config.
+pub struct Snapshot {
+    /// The config it was built from.
+    pub config: Arc<Config>,
+    /// Path templates → routes.
+    pub routes: RouteTable<Arc<Route>>,
+    /// Services by name (for `/health`).
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+}
+
+impl Snapshot {
+    /// Builds the snapshot from a validated config.
+    pub fn build(config: Config) -> Result<Self, Vec<ConfigError>> {
+        let mut upstreams = BTreeMap::new();
+        let mut errors = Vec::new();
+        for (name, svc) in &config.services {
+            match Upstream::new(name, svc) {
+                Ok(u) => {
+                    upstreams.insert(name.clone(), Arc::new(u));
+                }
+                Err(e) => errors.push(ConfigError::new(format!("services.{name}"), e)),
+            }
+        }
+        let mut specs = Vec::new();
+        for (i, r) in config.routes.iter().enumerate() {
+            let Some(upstream) = upstreams.get(&r.service) else {
+                errors.push(ConfigError::new(
+                    format!("routes[{i}].service"),
+                    "unknown service",
+                ));
+                continue;
+            };
+            let route = Arc::new(Route {
+                id: r.id.as_str().into(),
+                upstream: upstream.clone(),
+                timeout: config.route_timeout(r).get(),
+                max_body: r.max_body.unwrap_or(config.server.limits.max_body).bytes(),
+                config: r.clone(),
+            });
+            let methods = r
+                .methods
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect();
+            specs.push((format!("routes[{i}]"), route, methods));
+        }
+        let routes = RouteTable::build(specs.iter().map(|(p, route, methods)| RouteSpec {
+            config_path: p.clone(),
+            id: &route.config.id,
+            template: &route.config.path,
+            methods: Vec::clone(methods),
+            value: route.clone(),
+        }));
+        match routes {
+            Ok(routes) if errors.is_empty() => Ok(Self {
+                config: Arc::new(config),
+                routes,
+                upstreams,
+            }),
+            Ok(_) => Err(errors),
+            Err(e) => {
+                errors.extend(e);
+                Err(errors)
+            }
+        }
+    }
+}
