@@ -57,7 +57,7 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
                     s.admin_listen
                 ),
             );
-        } else if s.admin_listen == s.listen {
+        } else if s.admin_listen == s.listen && !s.listen.ends_with(":0") {
             err(
                 "server.admin_listen".into(),
                 "must differ from server.listen".into(),

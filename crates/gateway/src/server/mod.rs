@@ -175,7 +175,8 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
         grace,
         admin_task,
     ));
-    tracing::info!(%addr, admin = ?admin_addr, tls = server_cfg.tls.is_some(), "listening");
+    let admin_str = admin_addr.map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(%addr, admin = %admin_str, tls = server_cfg.tls.is_some(), "listening");
     Ok(GatewayHandle {
         addr,
         admin_addr,
