@@ -1,0 +1,144 @@
+//! One test per class of config error: the message names the path. Plus `check` on the
+//! shipped config (exit 0) and on a broken one (exit 2, every error listed).
+
+use b25_gateway::config::{self, ConfigErrors};
+use std::process::Command;
+
+const BASE_SERVICES: &str = "services:\n  orders: { instances: [\"http://127.0.0.1:9\"] }\n";
+
+fn parse(yaml: &str) -> Result<config::Config, ConfigErrors> {
+    config::parse(yaml, "t.yaml", &|n: &str| (n == "SET_VAR").then(|| "http://127.0.0.1:1".to_string()))
+}
+
+fn errors_of(yaml: &str) -> Vec<(String, String)> {
+    let e = parse(yaml).expect_err("config must be refused");
+    e.errors.into_iter().map(|e| (e.path, e.message)).collect()
+}
+
+fn assert_error(yaml: &str, path: &str, needle: &str) {
+    let errs = errors_of(yaml);
+    assert!(
+        errs.iter().any(|(p, m)| p == path && m.contains(needle)),
+        "expected an error at {path} mentioning {needle:?}, got {errs:#?}"
+    );
+}
+
+fn route(extra: &str) -> String {
+    format!("routes:\n  - {{ id: r1, path: /a, methods: [GET], service: orders, public: true{extra} }}\n")
+}
+
+#[test]
+fn unknown_field() {
+    assert_error(&format!("{BASE_SERVICES}{}", route(", colour: blue")), "routes[0].colour", "unknown field");
+    assert_error(
+        &format!("server: {{ listne: \"x\" }}\n{BASE_SERVICES}{}", route("")),
+        "server.listne",
+        "unknown field",
+    );
+    assert_error(&format!("bogus: 1\n{BASE_SERVICES}{}", route("")), "bogus", "unknown field");
+}
+
+#[test]
+fn bad_duration() {
+    assert_error(&format!("{BASE_SERVICES}{}", route(", timeout: 5 parsecs")), "routes[0].timeout", "duration");
+    assert_error(&format!("{BASE_SERVICES}{}", route(", timeout: 5")), "routes[0].timeout", "duration");
+}
+
+#[test]
+fn bad_size() {
+    assert_error(&format!("{BASE_SERVICES}{}", route(", max_body: 1 lots")), "routes[0].max_body", "size");
+}
+
+#[test]
+fn unknown_service() {
+    let yaml = format!("{BASE_SERVICES}routes:\n  - {{ id: r1, path: /a, methods: [GET], service: ordrs, public: true }}\n");
+    assert_error(&yaml, "routes[0].service", "unknown service \"ordrs\"");
+}
+
+#[test]
+fn duplicate_route_id() {
+    let yaml = format!(
+        "{BASE_SERVICES}routes:\n  - {{ id: r1, path: /a, methods: [GET], service: orders, public: true }}\n  - {{ id: r1, path: /b, methods: [GET], service: orders, public: true }}\n"
+    );
+    assert_error(&yaml, "routes[1].id", "duplicate route id \"r1\"");
+}
+
+#[test]
+fn unset_env_var() {
+    let yaml = "services:\n  orders: { instances: [\"${UNSET_VAR_FOR_TEST}\"] }\n".to_string() + &route("");
+    assert_error(&yaml, "services.orders.instances[0]", "UNSET_VAR_FOR_TEST");
+    // With a default, or when set, it expands.
+    let ok = "services:\n  orders: { instances: [\"${UNSET_VAR_FOR_TEST:-http://127.0.0.1:2}\", \"${SET_VAR}\"] }\n".to_string()
+        + &route("");
+    let c = parse(&ok).unwrap();
+    assert_eq!(c.services["orders"].instances, ["http://127.0.0.1:2", "http://127.0.0.1:1"]);
+}
+
+#[test]
+fn conflicting_routes() {
+    let yaml = format!(
+        "{BASE_SERVICES}routes:\n  - {{ id: a, path: \"/o/{{id}}\", methods: [GET], service: orders, public: true }}\n  - {{ id: b, path: \"/o/{{oid}}\", methods: [GET], service: orders, public: true }}\n"
+    );
+    assert_error(&yaml, "routes[1].path", "conflicts");
+    let same = format!(
+        "{BASE_SERVICES}routes:\n  - {{ id: a, path: /o, methods: [GET, POST], service: orders, public: true }}\n  - {{ id: b, path: /o, methods: [POST], service: orders, public: true }}\n"
+    );
+    assert_error(&same, "routes[1].methods", "already served by route \"a\"");
+}
+
+#[test]
+fn every_error_is_listed_not_just_the_first() {
+    let yaml = "server: { listen: nope, extra: 1 }\nservices:\n  orders: { instances: [\"ftp://x\"], timeot: 1s }\nroutes:\n  - { id: a, path: /a, methods: [GET], service: ordrs, public: true }\n  - { id: a, path: b, methods: [FETCH], service: orders, roles: [god] }\n";
+    let errs = errors_of(yaml);
+    let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+    for p in [
+        "server.extra",
+        "server.listen",
+        "services.orders.timeot",
+        "services.orders.instances[0]",
+        "routes[0].service",
+        "routes[1].id",
+        "routes[1].path",
+        "routes[1].methods[0]",
+        "routes[1].roles[0]",
+    ] {
+        assert!(paths.contains(&p), "missing {p} in {errs:#?}");
+    }
+}
+
+#[test]
+fn shipped_config_passes_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway"))
+        .current_dir(&root)
+        .args(["check", "--config", "config/gateway.yaml"])
+        .env_remove("B25_GATEWAY_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("routes (34)"), "{stdout}");
+    assert!(stdout.contains("configuration OK"));
+}
+
+#[test]
+fn check_lists_every_error_with_file_and_path_and_exits_2() {
+    let dir = std::env::temp_dir().join(format!("b25-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.yaml");
+    std::fs::write(
+        &file,
+        "services:\n  orders: { instances: [\"http://127.0.0.1:9\"], timeout: soon }\nroutes:\n  - { id: a, path: /a, methods: [GET], service: nope, public: true }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway")).args(["check", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let f = file.display().to_string();
+    assert!(stderr.contains(&format!("{f}: services.orders.timeout: ")), "{stderr}");
+    assert!(stderr.contains(&format!("{f}: routes[0].service: unknown service \"nope\"")), "{stderr}");
+    // `run` refuses the same file the same way, before binding anything.
+    let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway")).args(["run", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("routes[0].service"));
+}

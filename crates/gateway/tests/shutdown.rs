@@ -1,0 +1,165 @@
+//! Graceful shutdown of the real binary: SIGTERM → readiness 503 while draining, the slow
+//! in-flight request completes, the process exits 0; past the grace period the cut is logged.
+
+mod support;
+
+use http::Method;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+use support::*;
+
+struct Gw {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Gw {
+    fn spawn(sim_url: &str, grace: &str, delay: &str) -> Gw {
+        let dir = temp_dir("shutdown");
+        let file = dir.join("gw.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "server: {{ listen: \"127.0.0.1:0\", admin_listen: \"127.0.0.1:0\", shutdown_grace: {grace}, shutdown_delay: {delay} }}\n\
+                 logging: {{ level: info }}\n\
+                 services:\n  up: {{ instances: [\"{sim_url}\"], health_check: {{ enabled: false }} }}\n\
+                 routes:\n  - {{ id: t, path: \"/api/v1/market/ticker/{{s}}\", methods: [GET], service: up, public: true, timeout: 30s }}\n"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_b25-gateway"))
+            .args(["run", "--config"])
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut gw = Gw { child, lines, seen: Vec::new(), addr: "0.0.0.0:0".parse().unwrap(), admin: "0.0.0.0:0".parse().unwrap() };
+        let listening = gw.wait_for("\"listening\"");
+        let v: serde_json::Value = serde_json::from_str(&listening).unwrap();
+        gw.addr = v["addr"].as_str().unwrap().parse().unwrap();
+        gw.admin = v["admin"].as_str().unwrap().parse().unwrap();
+        gw.wait_for("\"ready\"");
+        gw
+    }
+
+    /// Waits for a log line containing `needle` (the log is the synchronisation, not time).
+    fn wait_for(&mut self, needle: &str) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(15)) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(e) => panic!("no log line with {needle}: {e}"),
+            }
+        }
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        for _ in 0..300 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("gateway did not exit within 15 s");
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut gw = tokio::task::block_in_place(|| Gw::spawn(&sim.url(), "10s", "1s"));
+    let addr = gw.addr;
+    assert_eq!(get(addr, "/health/readiness").await.status, 200);
+    let slow = tokio::spawn(async move {
+        send(addr, Method::GET, "/api/v1/market/ticker/SLOW", &[("x-sim-delay", "1500")], "").await
+    });
+    assert!(sim.wait_for_hits(1, Duration::from_secs(10)).await, "slow request reached the upstream");
+    gw.sigterm();
+    tokio::task::block_in_place(|| gw.wait_for("draining"));
+    // Both listeners say 503 during the drain (the main one until shutdown_delay ends).
+    let main_ready = get(addr, "/health/readiness").await;
+    assert_eq!(main_ready.status, 503);
+    assert_eq!(main_ready.json()["status"], "draining");
+    assert_eq!(get(gw.admin, "/health/readiness").await.status, 503);
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, 200, "the in-flight request completes during the drain");
+    assert_eq!(slow.json()["symbol"], "SLOW");
+    // One JSON access line per request, with the fields operators grep for.
+    let rid = slow.headers["x-request-id"].to_str().unwrap().to_string();
+    let line = tokio::task::block_in_place(|| gw.wait_for(&format!("\"request_id\":\"{rid}\"")));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["target"], "access");
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["route"], "t");
+    assert_eq!(v["path"], "/api/v1/market/ticker/SLOW");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["client_ip"], "127.0.0.1");
+    assert!(v["bytes_out"].as_u64().unwrap() > 0);
+    assert!(v["duration_us"].as_u64().unwrap() >= 1_500_000);
+    assert!(v["upstream_us"].as_u64().unwrap() >= 1_500_000);
+    assert!(v["timestamp"].is_string());
+    let status = tokio::task::block_in_place(|| gw.wait_exit());
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_still_running_at_the_deadline_are_cut_and_logged() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut gw = tokio::task::block_in_place(|| Gw::spawn(&sim.url(), "200ms", "0s"));
+    let addr = gw.addr;
+    let _stuck = tokio::spawn(async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("/api/v1/market/ticker/X")
+            .header("host", "gw")
+            .header("x-sim-delay", "20000")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        tx.send_request(req).await
+    });
+    assert!(sim.wait_for_hits(1, Duration::from_secs(10)).await);
+    gw.sigterm();
+    let line = tokio::task::block_in_place(|| gw.wait_for("shutdown grace period over"));
+    assert!(line.contains("\"requests_cut\":1"), "{line}");
+    let status = tokio::task::block_in_place(|| gw.wait_exit());
+    assert_eq!(status.code(), Some(0));
+}
