@@ -37,20 +37,30 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (the default).
-    Run,
+    Run {
+        /// Config file (same as --config).
+        file: Option<PathBuf>,
+    },
     /// Validate the config: print a summary and exit 0, or list every error and exit 2.
-    Check,
+    Check {
+        /// Config file (same as --config), as in `b25-gateway check config/gateway.yaml`.
+        file: Option<PathBuf>,
+    },
     /// Start simulated B25 services on the config's instance addresses plus the gateway, and
     /// print ready-to-paste curl commands.
-    Demo,
+    Demo {
+        /// Config file (same as --config).
+        file: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Check => check(&cli.config),
-        Command::Run => serve(&cli.config, false),
-        Command::Demo => serve(&cli.config, true),
+    let or_default = |f: Option<PathBuf>| f.unwrap_or_else(|| cli.config.clone());
+    match cli.command.unwrap_or(Command::Run { file: None }) {
+        Command::Check { file } => check(&or_default(file)),
+        Command::Run { file } => serve(&or_default(file), false),
+        Command::Demo { file } => serve(&or_default(file), true),
     }
 }
 

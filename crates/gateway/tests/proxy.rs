@@ -57,11 +57,7 @@ async fn response_first_bytes_arrive_before_upstream_finishes() {
     })
     .await;
     let gw = TestGateway::start(&one_route(format!("http://{up}"), ""), &[]).await;
-    let stream = TcpStream::connect(gw.addr()).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut tx = h1(gw.addr()).await;
     let req = Request::get("/r/1")
         .header("host", "gw")
         .body(http_body_util::Empty::<Bytes>::new())
@@ -107,11 +103,7 @@ async fn request_body_reaches_upstream_before_client_finishes() {
     })
     .await;
     let gw = TestGateway::start(&one_route(format!("http://{up}"), ""), &[]).await;
-    let stream = TcpStream::connect(gw.addr()).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut tx = h1(gw.addr()).await;
     let (body_tx, body_rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
     let req = Request::post("/r/1")
         .header("host", "gw")

@@ -50,7 +50,13 @@ impl Gw {
                 }
             }
         });
-        let mut gw = Gw { child, lines, seen: Vec::new(), addr: "0.0.0.0:0".parse().unwrap(), admin: "0.0.0.0:0".parse().unwrap() };
+        let mut gw = Gw {
+            child,
+            lines,
+            seen: Vec::new(),
+            addr: "0.0.0.0:0".parse().unwrap(),
+            admin: "0.0.0.0:0".parse().unwrap(),
+        };
         let listening = gw.wait_for("\"listening\"");
         let v: serde_json::Value = serde_json::from_str(&listening).unwrap();
         gw.addr = v["addr"].as_str().unwrap().parse().unwrap();
@@ -78,7 +84,10 @@ impl Gw {
     }
 
     fn sigterm(&self) {
-        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -103,14 +112,26 @@ impl Drop for Gw {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let mut gw = tokio::task::block_in_place(|| Gw::spawn(&sim.url(), "10s", "1s"));
     let addr = gw.addr;
     assert_eq!(get(addr, "/health/readiness").await.status, 200);
     let slow = tokio::spawn(async move {
-        send(addr, Method::GET, "/api/v1/market/ticker/SLOW", &[("x-sim-delay", "1500")], "").await
+        send(
+            addr,
+            Method::GET,
+            "/api/v1/market/ticker/SLOW",
+            &[("x-sim-delay", "1500")],
+            "",
+        )
+        .await
     });
-    assert!(sim.wait_for_hits(1, Duration::from_secs(10)).await, "slow request reached the upstream");
+    assert!(
+        sim.wait_for_hits(1, Duration::from_secs(10)).await,
+        "slow request reached the upstream"
+    );
     gw.sigterm();
     tokio::task::block_in_place(|| gw.wait_for("draining"));
     // Both listeners say 503 during the drain (the main one until shutdown_delay ends).
@@ -119,7 +140,10 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert_eq!(main_ready.json()["status"], "draining");
     assert_eq!(get(gw.admin, "/health/readiness").await.status, 503);
     let slow = slow.await.unwrap();
-    assert_eq!(slow.status, 200, "the in-flight request completes during the drain");
+    assert_eq!(
+        slow.status, 200,
+        "the in-flight request completes during the drain"
+    );
     assert_eq!(slow.json()["symbol"], "SLOW");
     // One JSON access line per request, with the fields operators grep for.
     let rid = slow.headers["x-request-id"].to_str().unwrap().to_string();
@@ -141,14 +165,13 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_still_running_at_the_deadline_are_cut_and_logged() {
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let mut gw = tokio::task::block_in_place(|| Gw::spawn(&sim.url(), "200ms", "0s"));
     let addr = gw.addr;
     let _stuck = tokio::spawn(async move {
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut tx, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-        tokio::spawn(conn);
+        let mut tx = h1(addr).await;
         let req = http::Request::get("/api/v1/market/ticker/X")
             .header("host", "gw")
             .header("x-sim-delay", "20000")

@@ -6,11 +6,9 @@ mod support;
 
 use http::Method;
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use std::time::{Duration, Instant};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const ROUTE: &str = "  - { id: t, path: \"/api/v1/market/ticker/{s}\", methods: [GET, POST], service: up, public: true, timeout: 300ms }\n";
 
@@ -78,11 +76,7 @@ async fn reset_mid_response_breaks_the_client_response_without_hanging() {
         .await
         .unwrap();
     let gw = TestGateway::start(&config_yaml(&[("up", sim.url())], ROUTE), &[]).await;
-    let stream = TcpStream::connect(gw.addr()).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut tx = h1(gw.addr()).await;
     let req = http::Request::get("/api/v1/market/ticker/X")
         .header("host", "gw")
         .header("x-sim-reset", "mid-body")

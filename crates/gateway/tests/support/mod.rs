@@ -142,6 +142,21 @@ impl Reply {
     }
 }
 
+/// A fresh HTTP/1.1 client connection to `addr` (its driver runs in a task).
+pub async fn h1<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
 /// Sends one request on a fresh HTTP/1.1 connection and reads the whole response.
 pub async fn send(
     addr: SocketAddr,
@@ -150,11 +165,7 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Reply {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut tx = h1(addr).await;
     let mut req = Request::builder()
         .method(method)
         .uri(path)
