@@ -364,3 +364,35 @@ async fn http2_prior_knowledge_h2c() {
         gw.addr().to_string().as_str()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connection_is_closed_after_header_timeout() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let yaml = sim_route(sim.url()).replace(
+        "  shutdown_grace: 5s\n",
+        "  shutdown_grace: 5s\n  limits: { header_timeout: 300ms }\n",
+    );
+    let gw = TestGateway::start(&yaml, &[]).await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"GET /api/v1/market/ticker/A HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Keep-alive: the connection stays open, then the gateway closes it when no new request
+    // head arrives within header_timeout. Reading returns EOF (0) — never hangs.
+    let mut total = 0;
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection was never closed");
+}

@@ -39,8 +39,6 @@ pub const DEFAULT_MAX_HEADER_BYTES: ByteSize = ByteSize::kib(16);
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// A client must finish sending its headers within this time (slowloris protection).
 pub const DEFAULT_HEADER_TIMEOUT: HumanDuration = HumanDuration::from_secs(10);
-/// Idle keep-alive connections from clients are closed after this.
-pub const DEFAULT_IDLE_TIMEOUT: HumanDuration = HumanDuration::from_secs(60);
 /// Upstream response-header timeout when neither route nor service sets one.
 pub const DEFAULT_UPSTREAM_TIMEOUT: HumanDuration = HumanDuration::from_secs(10);
 /// TCP connect timeout to an upstream; loopback or LAN peers answer in well under a second.
@@ -134,10 +132,10 @@ pub struct LimitsConfig {
     pub max_header_bytes: ByteSize,
     /// Most request headers.
     pub max_headers: usize,
-    /// Time allowed to receive the request headers.
+    /// Time allowed to receive the request headers. For HTTP/1 it also bounds how long an
+    /// idle keep-alive connection may wait for its next request (hyper starts the header timer
+    /// when it begins waiting for a request head).
     pub header_timeout: HumanDuration,
-    /// Idle keep-alive timeout for client connections.
-    pub idle_timeout: HumanDuration,
 }
 
 impl Default for LimitsConfig {
@@ -147,7 +145,6 @@ impl Default for LimitsConfig {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }

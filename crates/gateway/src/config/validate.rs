@@ -86,16 +86,11 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
             "must be at least 1".into(),
         );
     }
-    for (name, d) in [
-        ("header_timeout", s.limits.header_timeout),
-        ("idle_timeout", s.limits.idle_timeout),
-    ] {
-        if d.get().is_zero() {
-            err(
-                format!("server.limits.{name}"),
-                "must be greater than 0".into(),
-            );
-        }
+    if s.limits.header_timeout.get().is_zero() {
+        err(
+            "server.limits.header_timeout".into(),
+            "must be greater than 0".into(),
+        );
     }
     for (i, cidr) in s.trusted_proxies.iter().enumerate() {
         if let Err(e) = crate::net::Cidr::parse(cidr) {

@@ -21,7 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// TCP keepalive probes on upstream connections find dead peers on idle pooled connections.
 const UPSTREAM_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -289,8 +289,6 @@ impl Upstream {
 
     /// JSON for `GET /health`.
     pub fn health_json(&self) -> serde_json::Value {
-        let now = Instant::now();
-        let _ = now;
         let instances: Vec<_> = self
             .instances
             .iter()

@@ -173,6 +173,7 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
         stop_rx,
         delay,
         grace,
+        server_cfg.limits.header_timeout.get(),
         admin_task,
     ));
     let admin_str = admin_addr.map(|a| a.to_string()).unwrap_or_default();
@@ -195,11 +196,13 @@ async fn run(
     mut stop: watch::Receiver<bool>,
     delay: Duration,
     grace: Duration,
+    header_timeout: Duration,
     admin_task: Option<tokio::task::JoinHandle<()>>,
 ) {
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder);
-    let handshake_timeout = Duration::from_secs(10);
+    // A TLS handshake is part of "sending the request head": same budget as the headers.
+    let handshake_timeout = header_timeout;
     let mut draining_since: Option<tokio::time::Instant> = None;
     loop {
         let deadline = draining_since.map(|t| t + delay);
