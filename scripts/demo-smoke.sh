@@ -31,7 +31,12 @@ for _ in $(seq 1 1800); do
 done
 grep -q "is ready" "$out" || { cat "$out"; echo "demo never became ready" >&2; exit 1; }
 
-body=$(curl -sS --max-time 5 -w ' %{http_code}' "http://127.0.0.1:$gw/api/v1/market/ticker/BTCUSDT")
+# Without credentials: 401. With the viewer token the demo printed: the simulated ticker.
+unauth=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$gw/api/v1/market/ticker/BTCUSDT")
+[ "$unauth" = 401 ] || { echo "expected 401 without credentials, got $unauth" >&2; exit 1; }
+viewer=$(sed -n 's/^ *export VIEWER=//p' "$out" | head -n1)
+[ -n "$viewer" ] || { cat "$out"; echo "the demo printed no viewer token" >&2; exit 1; }
+body=$(curl -sS --max-time 5 -w ' %{http_code}' -H "Authorization: Bearer $viewer" "http://127.0.0.1:$gw/api/v1/market/ticker/BTCUSDT")
 echo "proxied answer: $body"
 case "$body" in
   *'"symbol":"BTCUSDT"'*' 200') echo "demo smoke test passed" ;;

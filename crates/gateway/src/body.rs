@@ -34,10 +34,7 @@ impl Body for GatewayBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             Self::Upstream(b) => Pin::new(b).poll_frame(cx),
             Self::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
@@ -77,17 +74,13 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r
             && let Some(d) = f.data_ref()
         {
-            this.count
-                .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            this.count.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         r
     }
@@ -111,10 +104,7 @@ pub struct Observed {
 impl Observed {
     /// Wraps a response body with the record to finish when it ends.
     pub fn new(inner: GatewayBody, record: crate::observe::RequestRecord) -> Self {
-        Self {
-            inner,
-            record: Some(record),
-        }
+        Self { inner, record: Some(record) }
     }
 }
 
@@ -122,10 +112,7 @@ impl Body for Observed {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
@@ -167,6 +154,172 @@ impl Drop for Observed {
                 rec.aborted = true;
             }
             rec.finish();
+        }
+    }
+}
+
+/// Boxed error for request bodies sent upstream.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a client's request body was abandoned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BodyFailure {
+    /// Nothing wrong (yet).
+    None = 0,
+    /// More bytes than the route allows.
+    TooLarge = 1,
+    /// The client sent nothing for `body_idle_timeout`.
+    Idle = 2,
+    /// Broken framing or the client went away.
+    Client = 3,
+}
+
+/// What the request body did, shared between the body (writer) and the request path (reader).
+#[derive(Debug, Default)]
+pub struct BodyStats {
+    /// Bytes received from the client.
+    pub bytes: std::sync::atomic::AtomicU64,
+    failure: std::sync::atomic::AtomicU8,
+}
+
+impl BodyStats {
+    /// Why the body failed, if it did.
+    pub fn failure(&self) -> BodyFailure {
+        match self.failure.load(std::sync::atomic::Ordering::Acquire) {
+            1 => BodyFailure::TooLarge,
+            2 => BodyFailure::Idle,
+            3 => BodyFailure::Client,
+            _ => BodyFailure::None,
+        }
+    }
+    fn fail(&self, f: BodyFailure) {
+        self.failure.store(f as u8, std::sync::atomic::Ordering::Release);
+    }
+}
+
+#[derive(Debug)]
+struct BodyError(&'static str);
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+/// The client's body on its way upstream: streamed, counted, capped at the route's `max_body`
+/// (chunked bodies included: the stream is cut the moment it grows past the cap, so the
+/// upstream never receives a complete oversized request), and abandoned when the client stops
+/// sending for `body_idle_timeout`.
+pub struct RequestBody {
+    inner: Incoming,
+    stats: std::sync::Arc<BodyStats>,
+    max: u64,
+    idle: std::time::Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl RequestBody {
+    /// Wraps a client body.
+    pub fn new(inner: Incoming, stats: std::sync::Arc<BodyStats>, max: u64, idle: std::time::Duration) -> Self {
+        Self { inner, stats, max, idle, timer: None }
+    }
+
+    /// Reads the whole body (bounded by the cap and the idle timeout).
+    pub async fn read_all(mut self) -> Result<Bytes, BodyFailure> {
+        use http_body_util::BodyExt;
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = self.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(d) = f.into_data() {
+                        buf.extend_from_slice(&d);
+                    }
+                }
+                Err(_) => return Err(self.stats.failure()),
+            }
+        }
+        Ok(buf.freeze())
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::sync::atomic::Ordering;
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    let n = this.stats.bytes.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
+                    if n > this.max {
+                        this.stats.fail(BodyFailure::TooLarge);
+                        return Poll::Ready(Some(Err(Box::new(BodyError("request body too large")))));
+                    }
+                }
+                this.timer = None;
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.stats.fail(BodyFailure::Client);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if timer.as_mut().poll(cx).is_ready() {
+                    this.stats.fail(BodyFailure::Idle);
+                    return Poll::Ready(Some(Err(Box::new(BodyError("request body idle timeout")))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The body sent upstream: the client's stream, or bytes already read and validated.
+pub enum UpstreamBody {
+    /// Streamed as it arrives.
+    Stream(RequestBody),
+    /// Read whole first (JSON validation).
+    Full(Full<Bytes>),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Stream(b) => Pin::new(b).poll_frame(cx),
+            Self::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Stream(b) => b.is_end_stream(),
+            Self::Full(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Stream(b) => b.size_hint(),
+            Self::Full(b) => b.size_hint(),
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::body::GatewayBody;
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use std::borrow::Cow;
 use std::fmt;
 
@@ -34,6 +34,22 @@ pub enum ErrorKind {
     BadRequest,
     /// Body larger than the route allows.
     PayloadTooLarge,
+    /// No credential (401 with `WWW-Authenticate`).
+    Unauthenticated,
+    /// A credential was presented and refused (401).
+    InvalidCredentials,
+    /// Authenticated, but no allowed role (403).
+    Forbidden,
+    /// Cross-origin request from an origin not allowed (403).
+    CorsRejected,
+    /// `Content-Type` not accepted by the route (415).
+    UnsupportedMediaType,
+    /// Request target longer than allowed (414).
+    UriTooLong,
+    /// Too many or too large request headers (431).
+    HeadersTooLarge,
+    /// The client stopped sending its body (408).
+    RequestTimeout,
     /// Could not connect to the upstream (refused, unreachable, connect timeout).
     UpstreamConnect,
     /// The upstream closed or reset the connection before a complete response.
@@ -58,9 +74,13 @@ impl ErrorKind {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadRequest => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UpstreamConnect | Self::UpstreamReset | Self::UpstreamBadResponse => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::Unauthenticated | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            Self::Forbidden | Self::CorsRejected => StatusCode::FORBIDDEN,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::UpstreamConnect | Self::UpstreamReset | Self::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::NoHealthyUpstream | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -74,6 +94,14 @@ impl ErrorKind {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BadRequest => "bad_request",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::Unauthenticated => "unauthenticated",
+            Self::InvalidCredentials => "invalid_credentials",
+            Self::Forbidden => "forbidden",
+            Self::CorsRejected => "cors_origin_not_allowed",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::UriTooLong => "uri_too_long",
+            Self::HeadersTooLarge => "headers_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::UpstreamConnect => "upstream_unavailable",
             Self::UpstreamReset => "upstream_reset",
             Self::UpstreamBadResponse => "bad_upstream_response",
@@ -87,9 +115,18 @@ impl ErrorKind {
     /// Where this kind of failure comes from.
     pub fn origin(self) -> Origin {
         match self {
-            Self::NotFound | Self::MethodNotAllowed | Self::BadRequest | Self::PayloadTooLarge => {
-                Origin::Downstream
-            }
+            Self::NotFound
+            | Self::MethodNotAllowed
+            | Self::BadRequest
+            | Self::PayloadTooLarge
+            | Self::Unauthenticated
+            | Self::InvalidCredentials
+            | Self::Forbidden
+            | Self::CorsRejected
+            | Self::UnsupportedMediaType
+            | Self::UriTooLong
+            | Self::HeadersTooLarge
+            | Self::RequestTimeout => Origin::Downstream,
             Self::UpstreamConnect
             | Self::UpstreamReset
             | Self::UpstreamBadResponse
@@ -111,34 +148,38 @@ impl ErrorKind {
 pub struct GatewayError {
     kind: ErrorKind,
     message: Cow<'static, str>,
-    allow: Option<HeaderValue>,
-    detail: Option<String>,
+    // Rare parts are boxed so `Result<_, GatewayError>` stays small on the hot path.
+    header: Option<Box<(HeaderName, HeaderValue)>>,
+    close: bool,
+    detail: Option<Box<str>>,
 }
 
 impl GatewayError {
     /// An error of `kind` with a client-facing message.
     pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            allow: None,
-            detail: None,
-        }
+        Self { kind, message: message.into(), header: None, close: false, detail: None }
     }
 
     /// A 405 carrying the `Allow` header value.
     pub fn method_not_allowed(allow: HeaderValue) -> Self {
-        let mut e = Self::new(
-            ErrorKind::MethodNotAllowed,
-            "method not allowed for this path",
-        );
-        e.allow = Some(allow);
-        e
+        Self::new(ErrorKind::MethodNotAllowed, "method not allowed for this path").with_header(header::ALLOW, allow)
+    }
+
+    /// Adds one response header (`Allow`, `WWW-Authenticate`, …).
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.header = Some(Box::new((name, value)));
+        self
+    }
+
+    /// Closes the client connection after the response (framing errors, smuggling attempts).
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     /// Attaches an internal detail (logged, never sent to the client).
     pub fn with_detail(mut self, detail: impl fmt::Display) -> Self {
-        self.detail = Some(detail.to_string());
+        self.detail = Some(detail.to_string().into_boxed_str());
         self
     }
 
@@ -154,21 +195,18 @@ impl GatewayError {
 
     /// The single mapping from error to HTTP response.
     pub fn into_response(self, request_id: &HeaderValue) -> Response<GatewayBody> {
-        let body = error_json(
-            self.kind.code(),
-            &self.message,
-            request_id.to_str().unwrap_or(""),
-        );
+        let body = error_json(self.kind.code(), &self.message, request_id.to_str().unwrap_or(""));
         let mut resp = Response::new(GatewayBody::full(body));
         *resp.status_mut() = self.kind.status();
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(allow) = self.allow {
-            h.insert(header::ALLOW, allow);
+        if let Some(hv) = self.header {
+            let (name, value) = *hv;
+            h.insert(name, value);
+        }
+        if self.close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
@@ -188,8 +226,7 @@ impl std::error::Error for GatewayError {}
 
 /// `{"error":{"code":…,"message":…,"request_id":…}}` with proper JSON string escaping.
 pub fn error_json(code: &str, message: &str, request_id: &str) -> Bytes {
-    let v =
-        serde_json::json!({"error": {"code": code, "message": message, "request_id": request_id}});
+    let v = serde_json::json!({"error": {"code": code, "message": message, "request_id": request_id}});
     Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
 }
 
@@ -201,8 +238,7 @@ mod tests {
     #[tokio::test]
     async fn maps_to_json_with_status_and_allow() {
         let rid = HeaderValue::from_static("abc");
-        let r =
-            GatewayError::method_not_allowed(HeaderValue::from_static("GET")).into_response(&rid);
+        let r = GatewayError::method_not_allowed(HeaderValue::from_static("GET")).into_response(&rid);
         assert_eq!(r.status(), 405);
         assert_eq!(r.headers()[header::ALLOW], "GET");
         let body = r.into_body().collect().await.unwrap().to_bytes();
@@ -213,9 +249,6 @@ mod tests {
         let r = t.into_response(&rid);
         assert_eq!(r.status(), 504);
         let body = r.into_body().collect().await.unwrap().to_bytes();
-        assert!(
-            !String::from_utf8_lossy(&body).contains("10.0.0.1"),
-            "detail leaked"
-        );
+        assert!(!String::from_utf8_lossy(&body).contains("10.0.0.1"), "detail leaked");
     }
 }

@@ -7,21 +7,27 @@
 //! Every exit goes through [`GatewayError::into_response`] or the upstream's response, gets the
 //! `X-Request-ID` header, and is observed when its body ends ([`crate::body::Observed`]).
 
-use crate::body::{Counted, GatewayBody, Observed};
+use crate::auth::Principal;
+use crate::body::{BodyFailure, BodyStats, GatewayBody, Observed, RequestBody, UpstreamBody};
 use crate::error::{ErrorKind, GatewayError, Origin};
 use crate::observe::{Metrics, RequestRecord};
+use crate::pipeline::cors::Cors;
+use crate::pipeline::validate;
 use crate::pipeline::{normalize, request_id};
 use crate::proxy::headers;
 use crate::router::Match;
+use crate::snapshot::Route;
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::Full;
 use hyper::body::Incoming;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// Route label for requests that matched no route.
@@ -85,11 +91,7 @@ impl Drop for Pending {
 }
 
 /// Serves one request. Never fails: every error becomes a JSON response.
-pub async fn handle(
-    shared: Arc<Shared>,
-    conn: ConnInfo,
-    req: Request<Incoming>,
-) -> Response<Observed> {
+pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>) -> Response<Observed> {
     let snapshot = shared.snapshot.load_full();
     let request_id = request_id::from_headers(req.headers());
     let access_log = snapshot.config.logging.access_log;
@@ -103,32 +105,33 @@ pub async fn handle(
         status: 0,
         upstream_us: None,
         client_ip: conn.peer.ip(),
-        bytes_in: Arc::new(AtomicU64::new(0)),
+        body: Arc::new(BodyStats::default()),
         bytes_out: 0,
         aborted: false,
         metrics: shared.metrics.clone(),
         access_log,
     }));
     let rec = pending.0.as_mut().expect("set above");
-    let mut resp = match serve(&shared, &snapshot, conn, req, &request_id, rec).await {
+    let origin = snapshot.cors.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
+    let mut preflight = false;
+    let mut resp = match serve(&shared, &snapshot, conn, req, &request_id, rec, &mut preflight).await {
         Ok(r) => r,
         Err(e) => {
+            let rid = request_id.to_str().unwrap_or("");
             match e.kind().origin() {
                 Origin::Upstream => {
-                    tracing::warn!(request_id = request_id.to_str().unwrap_or(""), route = &*rec.route, error = %e, "upstream failure");
+                    tracing::warn!(request_id = rid, route = &*rec.route, error = %e, "upstream failure")
                 }
-                Origin::Internal => {
-                    tracing::error!(request_id = request_id.to_str().unwrap_or(""), error = %e, "internal error");
-                }
-                Origin::Downstream => {
-                    tracing::debug!(request_id = request_id.to_str().unwrap_or(""), error = %e, "request refused");
-                }
+                Origin::Internal => tracing::error!(request_id = rid, error = %e, "internal error"),
+                Origin::Downstream => tracing::debug!(request_id = rid, error = %e, "request refused"),
             }
             e.into_response(&request_id)
         }
     };
-    resp.headers_mut()
-        .insert(&request_id::X_REQUEST_ID, request_id);
+    if let Some(cors) = &snapshot.cors {
+        cors.apply(origin.as_ref(), preflight, resp.headers_mut());
+    }
+    resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id);
     let mut rec = pending.0.take().expect("set above");
     rec.status = resp.status().as_u16();
     resp.map(|b| Observed::new(b, rec))
@@ -141,47 +144,60 @@ async fn serve(
     req: Request<Incoming>,
     request_id: &HeaderValue,
     rec: &mut RequestRecord,
+    preflight: &mut bool,
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let (mut parts, body) = req.into_parts();
     if let Some(resp) = own_endpoint(shared, snapshot, &parts, rec) {
         return resp;
     }
-    let path = normalize::normalize(parts.uri.path())
-        .map_err(|e| GatewayError::new(ErrorKind::BadRequest, e.0))?;
+    validate::check_limits(&parts, &snapshot.limits)?;
+    validate::check_framing(&parts.headers)?;
+    let path = normalize::normalize(parts.uri.path()).map_err(|e| GatewayError::new(ErrorKind::BadRequest, e.0))?;
+
+    // CORS preflight: answered here, for a path and method the table serves, without auth.
+    if let Some(cors) = &snapshot.cors
+        && Cors::is_preflight(&parts.method, &parts.headers)
+    {
+        *preflight = true;
+        let wanted = parts
+            .headers
+            .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|v| Method::from_bytes(v.as_bytes()).ok())
+            .ok_or_else(|| GatewayError::new(ErrorKind::BadRequest, "invalid Access-Control-Request-Method"))?;
+        return match snapshot.routes.lookup(&wanted, &path) {
+            Match::Found { route, .. } => {
+                rec.route = route.id.clone();
+                cors.preflight(&parts.headers)
+            }
+            Match::MethodNotAllowed { allow } => Err(GatewayError::method_not_allowed(allow.clone())),
+            Match::NotFound => Err(GatewayError::new(ErrorKind::NotFound, "no route for this path")),
+        };
+    }
+
     let route = match snapshot.routes.lookup(&parts.method, &path) {
         Match::Found { route, .. } => route.clone(),
-        Match::MethodNotAllowed { allow } => {
-            return Err(GatewayError::method_not_allowed(allow.clone()));
-        }
-        Match::NotFound => {
-            return Err(GatewayError::new(
-                ErrorKind::NotFound,
-                "no route for this path",
-            ));
-        }
+        Match::MethodNotAllowed { allow } => return Err(GatewayError::method_not_allowed(allow.clone())),
+        Match::NotFound => return Err(GatewayError::new(ErrorKind::NotFound, "no route for this path")),
     };
     rec.route = route.id.clone();
 
+    // Authentication and authorisation before anything about the body is believed.
+    let principal = if route.public { None } else { Some(authorize(shared, snapshot, &route, &parts.headers).await?) };
+
     if let Some(len) = parts.headers.get(header::CONTENT_LENGTH)
-        && len
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .is_some_and(|n| n > route.max_body)
+        && len.to_str().ok().and_then(|s| s.parse::<u64>().ok()).is_some_and(|n| n > route.max_body)
     {
-        return Err(GatewayError::new(
-            ErrorKind::PayloadTooLarge,
-            "request body is larger than this route allows",
-        ));
+        return Err(GatewayError::new(ErrorKind::PayloadTooLarge, "request body is larger than this route allows"));
     }
+    validate::check_required(&parts.headers, &route.required_headers)?;
+    let has_body = !body.is_end_stream();
+    validate::check_content_type(&parts.headers, has_body, &route.config.content_types)?;
 
     // HTTP/2 clients send `:authority` instead of `Host`.
-    let host = parts.headers.remove(header::HOST).or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let host = parts
+        .headers
+        .remove(header::HOST)
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     let upstream_path = route.rewrite(&path);
     let pq = match parts.uri.query() {
         Some(q) => PathAndQuery::try_from(format!("{upstream_path}?{q}")),
@@ -195,20 +211,113 @@ async fn serve(
     h.remove(header::EXPECT); // 100-continue is answered by this hop
     headers::set_forwarded(h, conn.peer.ip(), conn.tls, host);
     h.insert(&request_id::X_REQUEST_ID, request_id.clone());
+    set_principal(snapshot, h, principal.as_deref());
 
-    let body = Counted::new(body, rec.bytes_in.clone());
+    let guarded = RequestBody::new(body, rec.body.clone(), route.max_body, snapshot.body_idle);
+    let body = if route.config.json && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+        let bytes = guarded.read_all().await.map_err(body_error)?;
+        if bytes.is_empty() {
+            return Err(GatewayError::new(ErrorKind::BadRequest, "a JSON body is required"));
+        }
+        validate::check_json(&bytes, route.config.max_json_depth)?;
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        UpstreamBody::Full(Full::new(bytes))
+    } else {
+        UpstreamBody::Stream(guarded)
+    };
+
     let req = Request::from_parts(parts, body);
     let sent = Instant::now();
     let result = route.upstream.forward(req, route.timeout).await;
     rec.upstream_us = Some(sent.elapsed().as_micros() as u64);
-    let resp = result.inspect_err(|e| {
-        shared
-            .metrics
-            .upstream_error(&route.upstream.name, e.kind().code())
+    let resp = result.map_err(|e| match rec.body.failure() {
+        // The client's body broke the exchange, not the upstream.
+        BodyFailure::None => {
+            shared.metrics.upstream_error(&route.upstream.name, e.kind().code());
+            e
+        }
+        f => body_error(f),
     })?;
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, GatewayBody::Upstream(body)))
+}
+
+/// Authenticates for `route` and checks its roles: 401 (with `WWW-Authenticate`) or 403.
+async fn authorize(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    route: &Route,
+    headers: &http::HeaderMap,
+) -> Result<Arc<Principal>, GatewayError> {
+    let challenge = |error: Option<&str>| {
+        let v = match (route.auth.jwt, error) {
+            (true, None) => "Bearer realm=\"b25-gateway\"".to_string(),
+            (true, Some(e)) => format!("Bearer realm=\"b25-gateway\", error=\"{e}\""),
+            (false, _) => "ApiKey realm=\"b25-gateway\"".to_string(),
+        };
+        HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Bearer"))
+    };
+    match snapshot.auth.authenticate(headers, route.auth).await {
+        Ok(p) => {
+            shared.metrics.auth_attempt(p.method.as_str(), None);
+            if p.roles.intersects(route.allowed) {
+                Ok(p)
+            } else {
+                shared.metrics.auth_attempt(p.method.as_str(), Some("forbidden"));
+                Err(GatewayError::new(ErrorKind::Forbidden, "your roles do not allow this route"))
+            }
+        }
+        Err(f) if f.missing => {
+            shared.metrics.auth_attempt("none", Some(f.reason));
+            Err(GatewayError::new(ErrorKind::Unauthenticated, "authentication required")
+                .with_header(header::WWW_AUTHENTICATE, challenge(None)))
+        }
+        Err(f) => {
+            let method = if headers.contains_key(header::AUTHORIZATION) { "jwt" } else { "api_key" };
+            shared.metrics.auth_attempt(method, Some(f.reason));
+            Err(GatewayError::new(ErrorKind::InvalidCredentials, format!("credentials rejected: {}", f.reason))
+                .with_header(header::WWW_AUTHENTICATE, challenge(Some("invalid_token"))))
+        }
+    }
+}
+
+/// Removes client-sent principal headers and credentials the upstream must not see, then
+/// adds the authenticated principal.
+fn set_principal(snapshot: &Snapshot, h: &mut http::HeaderMap, principal: Option<&Principal>) {
+    let a = &snapshot.auth;
+    h.remove(&a.subject_header);
+    h.remove(&a.roles_header);
+    h.remove(&a.method_header);
+    if let Some(k) = a.api_key_header() {
+        h.remove(k);
+    }
+    if a.jwt.as_ref().is_some_and(|j| !j.forward_token) {
+        h.remove(header::AUTHORIZATION);
+    }
+    if let Some(p) = principal {
+        if let Some(v) = &p.subject_header {
+            h.insert(&a.subject_header, v.clone());
+        }
+        if let Some(v) = &p.roles_header {
+            h.insert(&a.roles_header, v.clone());
+        }
+        h.insert(&a.method_header, HeaderValue::from_static(p.method.as_str()));
+    }
+}
+
+fn body_error(f: BodyFailure) -> GatewayError {
+    match f {
+        BodyFailure::TooLarge => {
+            GatewayError::new(ErrorKind::PayloadTooLarge, "request body is larger than this route allows").closing()
+        }
+        BodyFailure::Idle => {
+            GatewayError::new(ErrorKind::RequestTimeout, "the request body stopped arriving").closing()
+        }
+        BodyFailure::Client | BodyFailure::None => {
+            GatewayError::new(ErrorKind::BadRequest, "invalid or incomplete request body").closing()
+        }
+    }
 }
 
 /// `/health`, `/health/liveness`, `/health/readiness`, `/version` on the main listener.
@@ -231,9 +340,7 @@ fn own_endpoint(
     };
     rec.route = shared.gateway.clone();
     if req.method != Method::GET && req.method != Method::HEAD {
-        return Some(Err(GatewayError::method_not_allowed(
-            HeaderValue::from_static("GET, HEAD"),
-        )));
+        return Some(Err(GatewayError::method_not_allowed(HeaderValue::from_static("GET, HEAD"))));
     }
     Some(Ok(resp))
 }
@@ -243,24 +350,14 @@ pub fn readiness(shared: &Shared) -> Response<GatewayBody> {
     if shared.is_ready() {
         json(StatusCode::OK, serde_json::json!({"status": "ready"}))
     } else {
-        let why = if shared.draining.load(Ordering::Acquire) {
-            "draining"
-        } else {
-            "starting"
-        };
-        json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": why}),
-        )
+        let why = if shared.draining.load(Ordering::Acquire) { "draining" } else { "starting" };
+        json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": why}))
     }
 }
 
 fn health(shared: &Shared, snapshot: &Snapshot) -> Response<GatewayBody> {
-    let services: serde_json::Map<String, serde_json::Value> = snapshot
-        .upstreams
-        .iter()
-        .map(|(n, u)| (n.clone(), u.health_json()))
-        .collect();
+    let services: serde_json::Map<String, serde_json::Value> =
+        snapshot.upstreams.iter().map(|(n, u)| (n.clone(), u.health_json())).collect();
     let all_up = services.values().all(|s| s["status"] == "healthy");
     let status = if shared.draining.load(Ordering::Acquire) {
         "draining"
@@ -269,28 +366,15 @@ fn health(shared: &Shared, snapshot: &Snapshot) -> Response<GatewayBody> {
     } else {
         "degraded"
     };
-    let code = if status == "draining" {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    json(
-        code,
-        serde_json::json!({"status": status, "services": services}),
-    )
+    let code = if status == "draining" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    json(code, serde_json::json!({"status": status, "services": services}))
 }
 
 /// A JSON response made by the gateway.
 pub fn json(status: StatusCode, v: serde_json::Value) -> Response<GatewayBody> {
-    let mut r = Response::new(GatewayBody::full(
-        serde_json::to_vec(&v).unwrap_or_default(),
-    ));
+    let mut r = Response::new(GatewayBody::full(serde_json::to_vec(&v).unwrap_or_default()));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }

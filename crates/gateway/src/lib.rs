@@ -7,6 +7,7 @@
 //! - [`server`]: listeners (TCP/TLS, HTTP/1.1 + HTTP/2), admin listener, graceful shutdown;
 //! - [`gateway`]: the request path, stage by stage, and the gateway's own endpoints;
 //! - [`pipeline`]: policies applied before routing (request id, path normalisation, …);
+//! - [`auth`]: JWT and API-key authentication, roles;
 //! - [`router`]: path templates → routes (matchit), 404/405;
 //! - [`proxy`]: upstream services: pooled clients, instance choice, health checks, headers;
 //! - [`body`]: response/request body wrappers (streaming, counting, observing);
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod body;
 pub mod config;
 pub mod error;

@@ -7,6 +7,8 @@ use anyhow::Context;
 use b25_gateway::config::{self, Config};
 use b25_gateway::server;
 use clap::{Parser, Subcommand};
+
+mod demo;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,20 +17,10 @@ use std::process::ExitCode;
 const EXIT_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(
-    name = "b25-gateway",
-    version,
-    about = "API gateway for the B25 trading system"
-)]
+#[command(name = "b25-gateway", version, about = "API gateway for the B25 trading system")]
 struct Cli {
     /// Config file (YAML).
-    #[arg(
-        long,
-        short,
-        global = true,
-        env = "B25_GATEWAY_CONFIG",
-        default_value = "config/gateway.yaml"
-    )]
+    #[arg(long, short, global = true, env = "B25_GATEWAY_CONFIG", default_value = "config/gateway.yaml")]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -47,10 +39,17 @@ enum Command {
         file: Option<PathBuf>,
     },
     /// Start simulated B25 services on the config's instance addresses plus the gateway, and
-    /// print ready-to-paste curl commands.
+    /// print ready-to-paste curl commands with demo credentials.
     Demo {
         /// Config file (same as --config).
         file: Option<PathBuf>,
+    },
+    /// Print the SHA-256 to put in `auth.api_keys.keys[].sha256` for a new API key. The key is
+    /// read from standard input (so it stays out of shell history and `ps`), or generated.
+    HashKey {
+        /// Generate a random key, print it and its hash.
+        #[arg(long)]
+        generate: bool,
     },
 }
 
@@ -61,19 +60,53 @@ fn main() -> ExitCode {
         Command::Check { file } => check(&or_default(file)),
         Command::Run { file } => serve(&or_default(file), false),
         Command::Demo { file } => serve(&or_default(file), true),
+        Command::HashKey { generate } => hash_key(generate),
     }
 }
 
-fn load(path: &Path) -> Result<Config, ExitCode> {
-    config::load(path).map_err(|e| {
+fn hash_key(generate: bool) -> ExitCode {
+    let key = if generate {
+        let mut b = [0u8; 24];
+        if aws_lc_rs::rand::fill(&mut b).is_err() {
+            eprintln!("no randomness available");
+            return ExitCode::FAILURE;
+        }
+        let k: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        println!("key:    b25_{k}");
+        format!("b25_{k}")
+    } else {
+        let mut line = String::new();
+        if std::io::stdin().read_line(&mut line).is_err() || line.trim().is_empty() {
+            eprintln!("usage: echo -n KEY | b25-gateway hash-key   (or: b25-gateway hash-key --generate)");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    let hash = b25_gateway::auth::apikey::hash_hex(&key);
+    if generate {
+        println!("sha256: {hash}");
+    } else {
+        println!("{hash}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn load(path: &Path, demo: bool) -> Result<Config, ExitCode> {
+    let result = if demo { config::load_with(path, &demo::env) } else { config::load(path) };
+    result.map_err(|e| {
         eprint!("{e}");
         ExitCode::from(EXIT_CONFIG)
     })
 }
 
 fn check(path: &Path) -> ExitCode {
-    match load(path) {
+    match load(path, false) {
         Ok(c) => {
+            // Deep checks too: PEM/JWKS files, CORS origins, the role hierarchy.
+            if let Err(errors) = b25_gateway::snapshot::Snapshot::build(c.clone()) {
+                eprint!("{}", config::ConfigErrors { file: path.display().to_string(), errors });
+                return ExitCode::from(EXIT_CONFIG);
+            }
             print!("{}", c.summary());
             println!("{}: configuration OK", path.display());
             ExitCode::SUCCESS
@@ -83,15 +116,15 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn serve(path: &Path, demo: bool) -> ExitCode {
-    let config = match load(path) {
+    let mut config = match load(path, demo) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if demo {
+        demo::add_api_key(&mut config);
+    }
     let _guard = b25_gateway::observe::init_logging(&config.logging);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -100,6 +133,12 @@ fn serve(path: &Path, demo: bool) -> ExitCode {
     };
     match rt.block_on(run(config, path, demo)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e)
+            if e.downcast_ref::<server::StartError>().is_some_and(|s| matches!(s, server::StartError::Config(_))) =>
+        {
+            eprint!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "gateway failed");
             eprintln!("b25-gateway: {e:#}");
@@ -109,15 +148,11 @@ fn serve(path: &Path, demo: bool) -> ExitCode {
 }
 
 async fn run(config: Config, path: &Path, demo: bool) -> anyhow::Result<()> {
-    let _sims = if demo {
-        start_sims(&config).await?
-    } else {
-        Vec::new()
-    };
+    let _sims = if demo { start_sims(&config).await? } else { Vec::new() };
     let handle = server::start(config.clone(), &path.display().to_string()).await?;
     if demo {
         handle.ready().await;
-        print_demo(&config, handle.addr(), handle.admin_addr());
+        demo::print(&config, handle.addr(), handle.admin_addr());
     }
     shutdown_signal().await;
     tracing::info!("shutdown signal received");
@@ -136,63 +171,19 @@ async fn start_sims(config: &Config) -> anyhow::Result<Vec<b25_sim::SimServer>> 
         for url in &svc.instances {
             let uri: http::Uri = url.parse().with_context(|| format!("demo: {url}"))?;
             let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
-            let host = if host == "localhost" {
-                "127.0.0.1"
-            } else {
-                host
-            };
+            let host = if host == "localhost" { "127.0.0.1" } else { host };
             let addr: SocketAddr = format!("{host}:{}", uri.port_u16().unwrap_or(80))
                 .parse()
                 .with_context(|| format!("demo: instance {url} must be an IP address"))?;
-            anyhow::ensure!(
-                addr.ip().is_loopback(),
-                "demo: instance {url} is not on loopback"
-            );
+            anyhow::ensure!(addr.ip().is_loopback(), "demo: instance {url} is not on loopback");
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("demo: cannot start simulated {name} on {addr}"))?;
-            let opts = b25_sim::SimOptions {
-                record: false,
-                ..Default::default()
-            };
+            let opts = b25_sim::SimOptions { record: false, ..Default::default() };
             sims.push(b25_sim::start_with(service, listener, opts).await?);
         }
     }
     Ok(sims)
-}
-
-fn print_demo(config: &Config, addr: SocketAddr, admin: Option<SocketAddr>) {
-    let host = if addr.ip().is_unspecified() {
-        format!("127.0.0.1:{}", addr.port())
-    } else {
-        addr.to_string()
-    };
-    let base = format!(
-        "{}://{host}",
-        if config.server.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        }
-    );
-    println!(
-        "\nb25-gateway demo is ready: {} simulated services behind {base}\n",
-        config.services.len()
-    );
-    println!("Try:");
-    println!("  curl -s {base}/health");
-    println!("  curl -s {base}/api/v1/market/ticker/BTCUSDT");
-    println!("  curl -s {base}/api/v1/market/orderbook/ETHUSDT");
-    println!(
-        "  curl -s -X POST {base}/api/v1/orders -H 'content-type: application/json' \\\n       -d '{{\"symbol\":\"BTCUSDT\",\"side\":\"buy\",\"quantity\":0.5,\"price\":65000}}'"
-    );
-    println!("  curl -s {base}/api/v1/orders/ord-1");
-    println!("  curl -s -X DELETE {base}/api/v1/orders/ord-1");
-    println!("  curl -s {base}/api/v1/account/balance");
-    if let Some(a) = admin {
-        println!("  curl -s http://{a}/metrics");
-    }
-    println!("\nCtrl-C stops it.\n");
 }
 
 async fn shutdown_signal() {

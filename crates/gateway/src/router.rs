@@ -54,9 +54,7 @@ pub struct RouteSpec<'a, T> {
 
 impl<T: Clone> RouteTable<T> {
     /// Builds the table, reporting every conflict (template or method) with its config path.
-    pub fn build<'a>(
-        specs: impl IntoIterator<Item = RouteSpec<'a, T>>,
-    ) -> Result<Self, Vec<ConfigError>> {
+    pub fn build<'a>(specs: impl IntoIterator<Item = RouteSpec<'a, T>>) -> Result<Self, Vec<ConfigError>> {
         let mut router = matchit::Router::new();
         let mut entries: Vec<PathEntry<T>> = Vec::new();
         // (entry index, route id per method) to name the first owner in conflict messages.
@@ -99,10 +97,7 @@ impl<T: Clone> RouteTable<T> {
                 if let Some((_, other)) = owners[idx].iter().find(|(om, _)| *om == m) {
                     errors.push(ConfigError::new(
                         format!("{}.methods", spec.config_path),
-                        format!(
-                            "{m} {} is already served by route {other:?} (conflicting routes)",
-                            spec.template
-                        ),
+                        format!("{m} {} is already served by route {other:?} (conflicting routes)", spec.template),
                     ));
                     continue;
                 }
@@ -115,8 +110,7 @@ impl<T: Clone> RouteTable<T> {
         }
         for e in &mut entries {
             let allow: Vec<&str> = e.methods.iter().map(|(m, _)| m.as_str()).collect();
-            e.allow =
-                HeaderValue::from_str(&allow.join(", ")).unwrap_or(HeaderValue::from_static(""));
+            e.allow = HeaderValue::from_str(&allow.join(", ")).unwrap_or(HeaderValue::from_static(""));
         }
         Ok(Self { router, entries })
     }
@@ -128,13 +122,8 @@ impl<T: Clone> RouteTable<T> {
         };
         let entry = &self.entries[*m.value];
         match entry.methods.iter().find(|(em, _)| em == method) {
-            Some((_, route)) => Match::Found {
-                route,
-                params: m.params,
-            },
-            None => Match::MethodNotAllowed {
-                allow: &entry.allow,
-            },
+            Some((_, route)) => Match::Found { route, params: m.params },
+            None => Match::MethodNotAllowed { allow: &entry.allow },
         }
     }
 }
@@ -144,13 +133,7 @@ mod tests {
     use super::*;
 
     fn spec<'a>(id: &'a str, t: &'a str, m: &[Method]) -> RouteSpec<'a, &'a str> {
-        RouteSpec {
-            config_path: format!("routes.{id}"),
-            id,
-            template: t,
-            methods: m.to_vec(),
-            value: id,
-        }
+        RouteSpec { config_path: format!("routes.{id}"), id, template: t, methods: m.to_vec(), value: id }
     }
 
     #[test]

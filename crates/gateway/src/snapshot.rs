@@ -4,9 +4,14 @@
 //! `Arc<Snapshot>` at its start and keeps it until it ends, so a reload (one `ArcSwap::store`)
 //! never changes a live request.
 
-use crate::config::{Config, ConfigError, RouteConfig};
+use crate::auth::roles::RoleSet;
+use crate::auth::{Authenticator, Methods};
+use crate::config::{AuthMethod, Config, ConfigError, RouteConfig};
+use crate::pipeline::cors::Cors;
+use crate::pipeline::validate::Limits;
 use crate::proxy::Upstream;
 use crate::router::{RouteSpec, RouteTable};
+use http::HeaderName;
 use http::Method;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +28,15 @@ pub struct Route {
     pub timeout: Duration,
     /// Largest request body.
     pub max_body: u64,
-    /// The route as configured (roles, cache, idempotency for later layers).
+    /// Reachable without credentials.
+    pub public: bool,
+    /// Principal roles that may use the route (resolved from the hierarchy).
+    pub allowed: RoleSet,
+    /// Authentication methods accepted.
+    pub auth: Methods,
+    /// Headers the request must carry.
+    pub required_headers: Vec<HeaderName>,
+    /// The route as configured (content types, cache, idempotency for later layers).
     pub config: RouteConfig,
 }
 
@@ -53,6 +66,14 @@ impl Route {
 pub struct Snapshot {
     /// The config it was built from.
     pub config: Arc<Config>,
+    /// Authentication and roles.
+    pub auth: Authenticator,
+    /// CORS policy, if configured.
+    pub cors: Option<Cors>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Client body idle timeout.
+    pub body_idle: Duration,
     /// Path templates → routes.
     pub routes: RouteTable<Arc<Route>>,
     /// Services by name (for `/health`).
@@ -72,13 +93,18 @@ impl Snapshot {
                 Err(e) => errors.push(ConfigError::new(format!("services.{name}"), e)),
             }
         }
+        let auth = Authenticator::new(&config.auth, &mut errors);
+        let cors = config.cors.as_ref().map(|c| Cors::new(c, &mut errors));
+        let l = &config.server.limits;
+        let limits = Limits {
+            max_uri: l.max_uri_length.bytes() as usize,
+            max_headers: l.max_headers,
+            max_header_bytes: l.max_header_bytes.bytes() as usize,
+        };
         let mut specs = Vec::new();
         for (i, r) in config.routes.iter().enumerate() {
             let Some(upstream) = upstreams.get(&r.service) else {
-                errors.push(ConfigError::new(
-                    format!("routes[{i}].service"),
-                    "unknown service",
-                ));
+                errors.push(ConfigError::new(format!("routes[{i}].service"), "unknown service"));
                 continue;
             };
             let route = Arc::new(Route {
@@ -86,13 +112,23 @@ impl Snapshot {
                 upstream: upstream.clone(),
                 timeout: config.route_timeout(r).get(),
                 max_body: r.max_body.unwrap_or(config.server.limits.max_body).bytes(),
+                public: r.public,
+                allowed: auth.roles.allowed_by(&r.roles),
+                auth: match &r.auth {
+                    Some(list) => Methods {
+                        jwt: list.contains(&AuthMethod::Jwt) && auth.jwt.is_some(),
+                        api_key: list.contains(&AuthMethod::ApiKey) && auth.api_key_header().is_some(),
+                    },
+                    None => auth.configured(),
+                },
+                required_headers: r
+                    .required_headers
+                    .iter()
+                    .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                    .collect(),
                 config: r.clone(),
             });
-            let methods = r
-                .methods
-                .iter()
-                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-                .collect();
+            let methods = r.methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect();
             specs.push((format!("routes[{i}]"), route, methods));
         }
         let routes = RouteTable::build(specs.iter().map(|(p, route, methods)| RouteSpec {
@@ -104,7 +140,11 @@ impl Snapshot {
         }));
         match routes {
             Ok(routes) if errors.is_empty() => Ok(Self {
+                body_idle: config.server.limits.body_idle_timeout.get(),
                 config: Arc::new(config),
+                auth,
+                cors,
+                limits,
                 routes,
                 upstreams,
             }),

@@ -7,9 +7,7 @@ use std::process::Command;
 const BASE_SERVICES: &str = "services:\n  orders: { instances: [\"http://127.0.0.1:9\"] }\n";
 
 fn parse(yaml: &str) -> Result<config::Config, ConfigErrors> {
-    config::parse(yaml, "t.yaml", &|n: &str| {
-        (n == "SET_VAR").then(|| "http://127.0.0.1:1".to_string())
-    })
+    config::parse(yaml, "t.yaml", &|n: &str| (n == "SET_VAR").then(|| "http://127.0.0.1:1".to_string()))
 }
 
 fn errors_of(yaml: &str) -> Vec<(String, String)> {
@@ -26,58 +24,35 @@ fn assert_error(yaml: &str, path: &str, needle: &str) {
 }
 
 fn route(extra: &str) -> String {
-    format!(
-        "routes:\n  - {{ id: r1, path: /a, methods: [GET], service: orders, public: true{extra} }}\n"
-    )
+    format!("routes:\n  - {{ id: r1, path: /a, methods: [GET], service: orders, public: true{extra} }}\n")
 }
 
 #[test]
 fn unknown_field() {
-    assert_error(
-        &format!("{BASE_SERVICES}{}", route(", colour: blue")),
-        "routes[0].colour",
-        "unknown field",
-    );
+    assert_error(&format!("{BASE_SERVICES}{}", route(", colour: blue")), "routes[0].colour", "unknown field");
     assert_error(
         &format!("server: {{ listne: \"x\" }}\n{BASE_SERVICES}{}", route("")),
         "server.listne",
         "unknown field",
     );
-    assert_error(
-        &format!("bogus: 1\n{BASE_SERVICES}{}", route("")),
-        "bogus",
-        "unknown field",
-    );
+    assert_error(&format!("bogus: 1\n{BASE_SERVICES}{}", route("")), "bogus", "unknown field");
 }
 
 #[test]
 fn bad_duration() {
-    assert_error(
-        &format!("{BASE_SERVICES}{}", route(", timeout: 5 parsecs")),
-        "routes[0].timeout",
-        "duration",
-    );
-    assert_error(
-        &format!("{BASE_SERVICES}{}", route(", timeout: 5")),
-        "routes[0].timeout",
-        "duration",
-    );
+    assert_error(&format!("{BASE_SERVICES}{}", route(", timeout: 5 parsecs")), "routes[0].timeout", "duration");
+    assert_error(&format!("{BASE_SERVICES}{}", route(", timeout: 5")), "routes[0].timeout", "duration");
 }
 
 #[test]
 fn bad_size() {
-    assert_error(
-        &format!("{BASE_SERVICES}{}", route(", max_body: 1 lots")),
-        "routes[0].max_body",
-        "size",
-    );
+    assert_error(&format!("{BASE_SERVICES}{}", route(", max_body: 1 lots")), "routes[0].max_body", "size");
 }
 
 #[test]
 fn unknown_service() {
-    let yaml = format!(
-        "{BASE_SERVICES}routes:\n  - {{ id: r1, path: /a, methods: [GET], service: ordrs, public: true }}\n"
-    );
+    let yaml =
+        format!("{BASE_SERVICES}routes:\n  - {{ id: r1, path: /a, methods: [GET], service: ordrs, public: true }}\n");
     assert_error(&yaml, "routes[0].service", "unknown service \"ordrs\"");
 }
 
@@ -91,17 +66,14 @@ fn duplicate_route_id() {
 
 #[test]
 fn unset_env_var() {
-    let yaml = "services:\n  orders: { instances: [\"${UNSET_VAR_FOR_TEST}\"] }\n".to_string()
-        + &route("");
+    let yaml = "services:\n  orders: { instances: [\"${UNSET_VAR_FOR_TEST}\"] }\n".to_string() + &route("");
     assert_error(&yaml, "services.orders.instances[0]", "UNSET_VAR_FOR_TEST");
     // With a default, or when set, it expands.
-    let ok = "services:\n  orders: { instances: [\"${UNSET_VAR_FOR_TEST:-http://127.0.0.1:2}\", \"${SET_VAR}\"] }\n".to_string()
+    let ok = "services:\n  orders: { instances: [\"${UNSET_VAR_FOR_TEST:-http://127.0.0.1:2}\", \"${SET_VAR}\"] }\n"
+        .to_string()
         + &route("");
     let c = parse(&ok).unwrap();
-    assert_eq!(
-        c.services["orders"].instances,
-        ["http://127.0.0.1:2", "http://127.0.0.1:1"]
-    );
+    assert_eq!(c.services["orders"].instances, ["http://127.0.0.1:2", "http://127.0.0.1:1"]);
 }
 
 #[test]
@@ -143,20 +115,18 @@ fn shipped_config_passes_check() {
         .current_dir(&root)
         .args(["check", "--config", "config/gateway.yaml"])
         .env_remove("B25_GATEWAY_CONFIG")
+        .env("B25_JWT_SECRET", "a-long-enough-secret-for-hs256-0123456789")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("routes (34)"), "{stdout}");
     assert!(stdout.contains("configuration OK"));
     // As in the issue and like `nginx -t`: the file may also be given positionally.
     let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway"))
         .current_dir(&root)
         .args(["check", "config/gateway.yaml"])
+        .env("B25_JWT_SECRET", "a-long-enough-secret-for-hs256-0123456789")
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -172,28 +142,14 @@ fn check_lists_every_error_with_file_and_path_and_exits_2() {
         "services:\n  orders: { instances: [\"http://127.0.0.1:9\"], timeout: soon }\nroutes:\n  - { id: a, path: /a, methods: [GET], service: nope, public: true }\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway"))
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway")).args(["check", "--config"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let f = file.display().to_string();
-    assert!(
-        stderr.contains(&format!("{f}: services.orders.timeout: ")),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains(&format!("{f}: routes[0].service: unknown service \"nope\"")),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("{f}: services.orders.timeout: ")), "{stderr}");
+    assert!(stderr.contains(&format!("{f}: routes[0].service: unknown service \"nope\"")), "{stderr}");
     // `run` refuses the same file the same way, before binding anything.
-    let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway"))
-        .args(["run", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway")).args(["run", "--config"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("routes[0].service"));
 }

@@ -19,9 +19,7 @@ const WAIT: Duration = Duration::from_secs(10);
 fn one_route(url: String, extra: &str) -> String {
     config_yaml(
         &[("up", url)],
-        &format!(
-            "  - {{ id: r, path: \"/r/{{x}}\", methods: [GET, POST], service: up, public: true{extra} }}\n"
-        ),
+        &format!("  - {{ id: r, path: \"/r/{{x}}\", methods: [GET, POST], service: up, public: true{extra} }}\n"),
     )
 }
 
@@ -43,13 +41,9 @@ async fn response_first_bytes_arrive_before_upstream_finishes() {
         async move {
             let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
             tokio::spawn(async move {
-                tx.send(Ok(Frame::data(Bytes::from_static(b"first-chunk;"))))
-                    .await
-                    .unwrap();
+                tx.send(Ok(Frame::data(Bytes::from_static(b"first-chunk;")))).await.unwrap();
                 release_rx.lock().await.recv().await;
-                tx.send(Ok(Frame::data(Bytes::from_static(b"rest"))))
-                    .await
-                    .unwrap();
+                tx.send(Ok(Frame::data(Bytes::from_static(b"rest")))).await.unwrap();
             });
             let body = StreamBody::new(tokio_stream(rx)).boxed();
             Response::new(body)
@@ -58,14 +52,8 @@ async fn response_first_bytes_arrive_before_upstream_finishes() {
     .await;
     let gw = TestGateway::start(&one_route(format!("http://{up}"), ""), &[]).await;
     let mut tx = h1(gw.addr()).await;
-    let req = Request::get("/r/1")
-        .header("host", "gw")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
-    let resp = tokio::time::timeout(WAIT, tx.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
+    let req = Request::get("/r/1").header("host", "gw").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let resp = tokio::time::timeout(WAIT, tx.send_request(req)).await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let first = tokio::time::timeout(WAIT, body.frame())
@@ -75,11 +63,7 @@ async fn response_first_bytes_arrive_before_upstream_finishes() {
         .unwrap();
     assert_eq!(first.into_data().unwrap(), "first-chunk;");
     release_tx.send(()).unwrap();
-    let rest = tokio::time::timeout(WAIT, body.collect())
-        .await
-        .unwrap()
-        .unwrap()
-        .to_bytes();
+    let rest = tokio::time::timeout(WAIT, body.collect()).await.unwrap().unwrap().to_bytes();
     assert_eq!(rest, "rest");
 }
 
@@ -105,47 +89,30 @@ async fn request_body_reaches_upstream_before_client_finishes() {
     let gw = TestGateway::start(&one_route(format!("http://{up}"), ""), &[]).await;
     let mut tx = h1(gw.addr()).await;
     let (body_tx, body_rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
-    let req = Request::post("/r/1")
-        .header("host", "gw")
-        .body(StreamBody::new(tokio_stream(body_rx)))
-        .unwrap();
+    let req = Request::post("/r/1").header("host", "gw").body(StreamBody::new(tokio_stream(body_rx))).unwrap();
     let resp = tokio::spawn(async move { tx.send_request(req).await });
-    body_tx
-        .send(Ok(Frame::data(Bytes::from_static(b"part-one;"))))
-        .await
-        .unwrap();
+    body_tx.send(Ok(Frame::data(Bytes::from_static(b"part-one;")))).await.unwrap();
     let seen = tokio::time::timeout(WAIT, seen_rx.recv())
         .await
         .expect("upstream got the first part while the client is still sending")
         .unwrap();
     assert_eq!(seen, "part-one;");
-    body_tx
-        .send(Ok(Frame::data(Bytes::from_static(b"part-two"))))
-        .await
-        .unwrap();
+    body_tx.send(Ok(Frame::data(Bytes::from_static(b"part-two")))).await.unwrap();
     drop(body_tx);
-    let resp = tokio::time::timeout(WAIT, resp)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let resp = tokio::time::timeout(WAIT, resp).await.unwrap().unwrap().unwrap();
     assert_eq!(resp.status(), 200);
     let echoed = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(echoed, "part-one;part-two");
 }
 
 /// An mpsc receiver as a `Stream` (no extra dependency).
-fn tokio_stream<T: Send + 'static>(
-    mut rx: mpsc::Receiver<T>,
-) -> impl futures_util::Stream<Item = T> + Send {
+fn tokio_stream<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> + Send {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_never_reach_upstream_and_xff_ends_with_peer() {
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let gw = TestGateway::start(&sim_route(sim.url()), &[]).await;
     // Raw bytes so nothing in a client library rewrites the headers.
     let mut s = TcpStream::connect(gw.addr()).await.unwrap();
@@ -158,34 +125,16 @@ async fn hop_by_hop_headers_never_reach_upstream_and_xff_ends_with_peer() {
     .await
     .unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.unwrap().unwrap();
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let rec = sim.requests().pop().unwrap();
-    for h in [
-        "connection",
-        "keep-alive",
-        "te",
-        "proxy-authorization",
-        "proxy-connection",
-        "x-hop-secret",
-        "upgrade",
-    ] {
-        assert!(
-            !rec.headers.contains_key(h),
-            "upstream saw {h}: {:?}",
-            rec.headers.get(h)
-        );
+    for h in ["connection", "keep-alive", "te", "proxy-authorization", "proxy-connection", "x-hop-secret", "upgrade"] {
+        assert!(!rec.headers.contains_key(h), "upstream saw {h}: {:?}", rec.headers.get(h));
     }
     assert_eq!(rec.headers["x-end-to-end"], "kept");
     let xff = rec.headers["x-forwarded-for"].to_str().unwrap();
-    assert_eq!(
-        xff, "203.0.113.9, 127.0.0.1",
-        "XFF must end with the real peer"
-    );
+    assert_eq!(xff, "203.0.113.9, 127.0.0.1", "XFF must end with the real peer");
     assert_eq!(rec.headers["x-forwarded-proto"], "http");
     assert_eq!(rec.headers["x-forwarded-host"], "gw.example");
 }
@@ -212,48 +161,24 @@ async fn hop_by_hop_headers_are_removed_from_responses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_is_kept_when_sane_and_replaced_otherwise() {
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let gw = TestGateway::start(&sim_route(sim.url()), &[]).await;
-    let r = send(
-        gw.addr(),
-        Method::GET,
-        "/api/v1/market/ticker/1",
-        &[("x-request-id", "client.id-42_ok")],
-        "",
-    )
-    .await;
+    let r = send(gw.addr(), Method::GET, "/api/v1/market/ticker/1", &[("x-request-id", "client.id-42_ok")], "").await;
     assert_eq!(r.headers["x-request-id"], "client.id-42_ok");
-    assert_eq!(
-        sim.requests().pop().unwrap().headers["x-request-id"],
-        "client.id-42_ok"
-    );
+    assert_eq!(sim.requests().pop().unwrap().headers["x-request-id"], "client.id-42_ok");
     let long = "a".repeat(129);
     for bad in ["has space", "semi;colon", "quote\"d", long.as_str()] {
-        let r = send(
-            gw.addr(),
-            Method::GET,
-            "/api/v1/market/ticker/1",
-            &[("x-request-id", bad)],
-            "",
-        )
-        .await;
+        let r = send(gw.addr(), Method::GET, "/api/v1/market/ticker/1", &[("x-request-id", bad)], "").await;
         let id = r.headers["x-request-id"].to_str().unwrap().to_string();
         assert_ne!(id, bad);
         assert_eq!(id.len(), 36, "a UUID replaces {bad:?}");
-        assert_eq!(
-            sim.requests().pop().unwrap().headers["x-request-id"],
-            id.as_str()
-        );
+        assert_eq!(sim.requests().pop().unwrap().headers["x-request-id"], id.as_str());
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_is_canonicalised_or_refused_before_matching() {
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let gw = TestGateway::start(&sim_route(sim.url()), &[]).await;
     let r = get(gw.addr(), "/api/v1/%6Darket/ticker/abc").await;
     assert_eq!(r.status, 200);
@@ -277,9 +202,7 @@ async fn path_is_canonicalised_or_refused_before_matching() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_strip_and_add_rewrite_the_upstream_path() {
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let routes = "  - { id: a, path: \"/ext/market/ticker/{s}\", methods: [GET], service: up, public: true, strip_prefix: /ext, add_prefix: /api/v1 }\n";
     let gw = TestGateway::start(&config_yaml(&[("up", sim.url())], routes), &[]).await;
     let r = get(gw.addr(), "/ext/market/ticker/BTC?d=1").await;
@@ -315,37 +238,23 @@ async fn client_disconnect_cancels_the_upstream_request() {
     .await;
     let gw = TestGateway::start(&one_route(format!("http://{up}"), ", timeout: 60s"), &[]).await;
     let mut s = TcpStream::connect(gw.addr()).await.unwrap();
-    s.write_all(b"GET /r/1 HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    tokio::time::timeout(WAIT, started_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    s.write_all(b"GET /r/1 HTTP/1.1\r\nHost: gw\r\n\r\n").await.unwrap();
+    tokio::time::timeout(WAIT, started_rx.recv()).await.unwrap().unwrap();
     drop(s);
     let rx = dropped_rx.lock().unwrap().take().unwrap();
-    let got = tokio::task::spawn_blocking(move || rx.recv_timeout(WAIT))
-        .await
-        .unwrap();
-    assert!(
-        got.is_ok(),
-        "the upstream request was not cancelled when the client left"
-    );
+    let got = tokio::task::spawn_blocking(move || rx.recv_timeout(WAIT)).await.unwrap();
+    assert!(got.is_ok(), "the upstream request was not cancelled when the client left");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_prior_knowledge_h2c() {
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let gw = TestGateway::start(&sim_route(sim.url()), &[]).await;
     let stream = TcpStream::connect(gw.addr()).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let req = Request::post(format!("http://{}/api/v1/market/ticker/7?a=b", gw.addr()))
         .body(http_body_util::Full::new(Bytes::from_static(b"h2-body")))
@@ -359,26 +268,17 @@ async fn http2_prior_knowledge_h2c() {
     assert_eq!(rec.uri.path(), "/api/v1/market/ticker/7");
     assert_eq!(rec.uri.query(), Some("a=b"));
     assert_eq!(rec.body, "h2-body");
-    assert_eq!(
-        rec.headers["x-forwarded-host"],
-        gw.addr().to_string().as_str()
-    );
+    assert_eq!(rec.headers["x-forwarded-host"], gw.addr().to_string().as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connection_is_closed_after_header_timeout() {
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let yaml = sim_route(sim.url()).replace(
-        "  shutdown_grace: 5s\n",
-        "  shutdown_grace: 5s\n  limits: { header_timeout: 300ms }\n",
-    );
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let yaml = sim_route(sim.url())
+        .replace("  shutdown_grace: 5s\n", "  shutdown_grace: 5s\n  limits: { header_timeout: 300ms }\n");
     let gw = TestGateway::start(&yaml, &[]).await;
     let mut s = TcpStream::connect(gw.addr()).await.unwrap();
-    s.write_all(b"GET /api/v1/market/ticker/A HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET /api/v1/market/ticker/A HTTP/1.1\r\nHost: gw\r\n\r\n").await.unwrap();
     let mut buf = vec![0u8; 64 * 1024];
     let n = s.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));

@@ -84,10 +84,7 @@ impl Gw {
     }
 
     fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(ok.success());
     }
 
@@ -112,26 +109,14 @@ impl Drop for Gw {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let mut gw = tokio::task::block_in_place(|| Gw::spawn(&sim.url(), "10s", "1s"));
     let addr = gw.addr;
     assert_eq!(get(addr, "/health/readiness").await.status, 200);
     let slow = tokio::spawn(async move {
-        send(
-            addr,
-            Method::GET,
-            "/api/v1/market/ticker/SLOW",
-            &[("x-sim-delay", "1500")],
-            "",
-        )
-        .await
+        send(addr, Method::GET, "/api/v1/market/ticker/SLOW", &[("x-sim-delay", "1500")], "").await
     });
-    assert!(
-        sim.wait_for_hits(1, Duration::from_secs(10)).await,
-        "slow request reached the upstream"
-    );
+    assert!(sim.wait_for_hits(1, Duration::from_secs(10)).await, "slow request reached the upstream");
     gw.sigterm();
     tokio::task::block_in_place(|| gw.wait_for("draining"));
     // Both listeners say 503 during the drain (the main one until shutdown_delay ends).
@@ -140,10 +125,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert_eq!(main_ready.json()["status"], "draining");
     assert_eq!(get(gw.admin, "/health/readiness").await.status, 503);
     let slow = slow.await.unwrap();
-    assert_eq!(
-        slow.status, 200,
-        "the in-flight request completes during the drain"
-    );
+    assert_eq!(slow.status, 200, "the in-flight request completes during the drain");
     assert_eq!(slow.json()["symbol"], "SLOW");
     // One JSON access line per request, with the fields operators grep for.
     let rid = slow.headers["x-request-id"].to_str().unwrap().to_string();
@@ -165,9 +147,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_still_running_at_the_deadline_are_cut_and_logged() {
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let mut gw = tokio::task::block_in_place(|| Gw::spawn(&sim.url(), "200ms", "0s"));
     let addr = gw.addr;
     let _stuck = tokio::spawn(async move {

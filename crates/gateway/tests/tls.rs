@@ -28,9 +28,7 @@ async fn tls_with_alpn_h2_and_http1() {
     let dir = temp_dir("tls");
     std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
-    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let yaml = config_yaml(
         &[("up", sim.url())],
         "  - { id: t, path: \"/api/v1/market/ticker/{s}\", methods: [GET], service: up, public: true }\n",
@@ -53,14 +51,9 @@ async fn tls_with_alpn_h2_and_http1() {
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut tx, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
-    let req = http::Request::get("https://localhost/api/v1/market/ticker/TLS")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+    let req = http::Request::get("https://localhost/api/v1/market/ticker/TLS").body(Empty::<Bytes>::new()).unwrap();
     let resp = tx.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), http::Version::HTTP_2);
@@ -71,14 +64,10 @@ async fn tls_with_alpn_h2_and_http1() {
 
     // HTTP/1.1 by ALPN.
     let tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-    let tls = client(der.clone(), &[b"http/1.1"])
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+    let tls =
+        client(der.clone(), &[b"http/1.1"]).connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
     let req = http::Request::get("/api/v1/market/ticker/ONE")
         .header("host", "localhost")
@@ -91,14 +80,9 @@ async fn tls_with_alpn_h2_and_http1() {
     // Plain text on the TLS port is refused, never proxied.
     let before = sim.hits();
     let plain = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(plain))
-        .await
-        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(plain)).await.unwrap();
     tokio::spawn(conn);
-    let req = http::Request::get("/api/v1/market/ticker/X")
-        .header("host", "x")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+    let req = http::Request::get("/api/v1/market/ticker/X").header("host", "x").body(Empty::<Bytes>::new()).unwrap();
     assert!(tx.send_request(req).await.is_err());
     assert_eq!(sim.hits(), before);
 }
@@ -113,9 +97,6 @@ async fn bad_tls_material_refuses_to_start() {
         dir.display()
     );
     let cfg = b25_gateway::config::parse(&yaml, "t.yaml", &|_: &str| None).unwrap();
-    let err = b25_gateway::server::start(cfg, "t.yaml")
-        .await
-        .err()
-        .expect("must refuse");
+    let err = b25_gateway::server::start(cfg, "t.yaml").await.err().expect("must refuse");
     assert!(err.to_string().contains("TLS"), "{err}");
 }

@@ -36,11 +36,7 @@ pub(crate) struct ChunkStream {
 impl SimBody {
     pub(crate) fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
-        if bytes.is_empty() {
-            Self::Full(None)
-        } else {
-            Self::Full(Some(bytes))
-        }
+        if bytes.is_empty() { Self::Full(None) } else { Self::Full(Some(bytes)) }
     }
 
     pub(crate) fn empty() -> Self {
@@ -50,12 +46,7 @@ impl SimBody {
     /// Streams `bytes` as `n` chunks (padding with trailing spaces when the body is shorter
     /// than `n` bytes, which keeps JSON valid) with `delay` between consecutive chunks.
     pub(crate) fn chunked(bytes: Bytes, n: usize, delay: Duration) -> Self {
-        Self::Chunks(ChunkStream {
-            chunks: split(bytes, n.max(1)),
-            delay,
-            fail: false,
-            pause: None,
-        })
+        Self::Chunks(ChunkStream { chunks: split(bytes, n.max(1)), delay, fail: false, pause: None })
     }
 
     /// Sends the first of `n` chunks (`n` at least 2), then fails the body so the server aborts
@@ -63,12 +54,7 @@ impl SimBody {
     pub(crate) fn truncated(bytes: Bytes, n: usize, delay: Duration) -> Self {
         let mut chunks = split(bytes, n.max(2));
         chunks.truncate(1);
-        Self::Chunks(ChunkStream {
-            chunks,
-            delay: delay.max(MID_BODY_PAUSE),
-            fail: true,
-            pause: None,
-        })
+        Self::Chunks(ChunkStream { chunks, delay: delay.max(MID_BODY_PAUSE), fail: true, pause: None })
     }
 
     /// Returns the complete body bytes if this is a full body.
@@ -102,10 +88,7 @@ impl Body for SimBody {
     type Data = Bytes;
     type Error = io::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Self::Chunks(s) => {

@@ -109,10 +109,7 @@ impl Service {
 
     /// Position of the service in [`Service::ALL`].
     fn index(self) -> usize {
-        Service::ALL
-            .iter()
-            .position(|s| *s == self)
-            .unwrap_or_default()
+        Service::ALL.iter().position(|s| *s == self).unwrap_or_default()
     }
 }
 
@@ -209,9 +206,7 @@ impl Knobs {
 
     /// Resets every request (not `/health`) in the given way; `None` disables.
     pub fn set_reset(&self, m: Option<ResetMode>) {
-        self.inner
-            .reset
-            .store(ResetMode::to_u8(m), Ordering::Relaxed);
+        self.inner.reset.store(ResetMode::to_u8(m), Ordering::Relaxed);
     }
 
     /// Status answered by `/health` (default 200). Statuses outside 200..=599 are ignored.
@@ -266,10 +261,7 @@ pub struct SimOptions {
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions {
-            ticker_interval: Duration::from_millis(100),
-            record: true,
-        }
+        SimOptions { ticker_interval: Duration::from_millis(100), record: true }
     }
 }
 
@@ -475,11 +467,7 @@ pub async fn start(service: Service, addr: SocketAddr) -> io::Result<SimServer> 
 }
 
 /// Starts `service` on an already bound listener.
-pub async fn start_with(
-    service: Service,
-    listener: TcpListener,
-    options: SimOptions,
-) -> io::Result<SimServer> {
+pub async fn start_with(service: Service, listener: TcpListener, options: SimOptions) -> io::Result<SimServer> {
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -495,12 +483,7 @@ pub async fn start_with(
         tasks: Arc::new(Tasks::default()),
     });
     let accept = tokio::spawn(accept_loop(listener, shared.clone()));
-    Ok(SimServer {
-        shared,
-        addr,
-        shutdown_tx,
-        accept: Some(accept),
-    })
+    Ok(SimServer { shared, addr, shutdown_tx, accept: Some(accept) })
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -525,10 +508,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let builder = builder.clone();
         shared.spawn(async move {
             let svc = service_fn(move |req| handle(conn_shared.clone(), peer, req));
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await
-            {
+            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
                 tracing::debug!(error = %e, %peer, "connection ended with error");
             }
         });
@@ -558,16 +538,11 @@ struct Directives {
 const MAX_CHUNKS: usize = 65_536;
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
 fn header_ms(headers: &HeaderMap, name: &str) -> Option<Duration> {
-    header_str(headers, name)
-        .and_then(|v| v.trim_end_matches("ms").parse::<u64>().ok())
-        .map(Duration::from_millis)
+    header_str(headers, name).and_then(|v| v.trim_end_matches("ms").parse::<u64>().ok()).map(Duration::from_millis)
 }
 
 impl Directives {
@@ -605,11 +580,7 @@ pub(crate) struct Reply {
 
 impl Reply {
     pub(crate) fn new(status: StatusCode, body: Value) -> Self {
-        Reply {
-            status,
-            body,
-            allow: None,
-        }
+        Reply { status, body, allow: None }
     }
 
     pub(crate) fn ok(body: Value) -> Self {
@@ -636,8 +607,7 @@ impl Reply {
         let body = serde_json::to_vec(&self.body).unwrap_or_default();
         let mut resp = json_response(service, self.status, SimBody::full(body));
         if let Some(allow) = self.allow {
-            resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         resp
     }
@@ -649,14 +619,8 @@ fn json_response(service: Service, status: StatusCode, body: SimBody) -> Respons
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(
-        X_SIM_SERVICE.clone(),
-        HeaderValue::from_static(service.name()),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(X_SIM_SERVICE.clone(), HeaderValue::from_static(service.name()));
     resp
 }
 
@@ -676,11 +640,8 @@ fn injected_error(service: Service, status: u16) -> Reply {
 fn echo_body(method: &Method, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Value {
     let mut map = serde_json::Map::new();
     for name in headers.keys() {
-        let values: Vec<String> = headers
-            .get_all(name)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect();
+        let values: Vec<String> =
+            headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
         map.insert(name.as_str().to_owned(), Value::String(values.join(", ")));
     }
     json!({
@@ -693,10 +654,7 @@ fn echo_body(method: &Method, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> V
 }
 
 fn reset_error() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionReset,
-        "b25-sim: injected reset before response",
-    )
+    io::Error::new(io::ErrorKind::ConnectionReset, "b25-sim: injected reset before response")
 }
 
 async fn handle(
@@ -710,21 +668,13 @@ async fn handle(
         shared.health_hits.fetch_add(1, Ordering::SeqCst);
         shared.hit_notify.notify_waiters();
         let status = StatusCode::from_u16(shared.knobs.health_status()).unwrap_or(StatusCode::OK);
-        let state = if status.is_success() {
-            "ok"
-        } else {
-            "unhealthy"
-        };
-        return Ok(Reply::new(
-            status,
-            json!({ "status": state, "service": service.name() }),
-        )
-        .into_response(service));
+        let state = if status.is_success() { "ok" } else { "unhealthy" };
+        return Ok(Reply::new(status, json!({ "status": state, "service": service.name() })).into_response(service));
     }
 
     let is_ws = service == Service::Dashboard && path.trim_end_matches('/') == "/ws";
-    let on_upgrade = (is_ws && ws::is_upgrade_request(req.method(), req.headers()))
-        .then(|| hyper::upgrade::on(&mut req));
+    let on_upgrade =
+        (is_ws && ws::is_upgrade_request(req.method(), req.headers())).then(|| hyper::upgrade::on(&mut req));
 
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
@@ -771,9 +721,7 @@ async fn handle(
     } else {
         let path = route_path(parts.uri.path());
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        shared
-            .state
-            .route(&parts.method, &segs, parts.uri.query(), &body)
+        shared.state.route(&parts.method, &segs, parts.uri.query(), &body)
     };
 
     let mut resp = reply.into_response(service);

@@ -58,21 +58,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let options = SimOptions {
-        ticker_interval: args.ticker_interval,
-        record: args.record && !args.no_record,
-    };
+    let options = SimOptions { ticker_interval: args.ticker_interval, record: args.record && !args.no_record };
 
     let mut servers = Vec::with_capacity(Service::ALL.len());
     for (i, service) in Service::ALL.into_iter().enumerate() {
-        let port = u16::try_from(i)
-            .ok()
-            .and_then(|i| args.base_port.checked_add(i))
-            .context("--base-port too high")?;
+        let port = u16::try_from(i).ok().and_then(|i| args.base_port.checked_add(i)).context("--base-port too high")?;
         let addr = SocketAddr::new(args.host, port);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {} on {addr}", service.name()))?;
+        let listener =
+            TcpListener::bind(addr).await.with_context(|| format!("binding {} on {addr}", service.name()))?;
         let server = b25_sim::start_with(service, listener, options.clone())
             .await
             .with_context(|| format!("starting {}", service.name()))?;

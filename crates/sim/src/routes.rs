@@ -40,45 +40,26 @@ fn round(x: f64) -> f64 {
 /// Base price of a symbol: known symbols use a realistic price, others a stable made-up one.
 fn base_price(symbol: &str) -> f64 {
     let upper = symbol.to_ascii_uppercase();
-    SYMBOLS
-        .iter()
-        .find(|(s, _)| *s == upper)
-        .map(|(_, p)| *p)
-        .unwrap_or_else(|| {
-            // FNV-1a, for a deterministic price per unknown symbol.
-            let h = upper.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
-            10.0 + (h % 100_000) as f64 / 100.0
-        })
+    SYMBOLS.iter().find(|(s, _)| *s == upper).map(|(_, p)| *p).unwrap_or_else(|| {
+        // FNV-1a, for a deterministic price per unknown symbol.
+        let h = upper.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        10.0 + (h % 100_000) as f64 / 100.0
+    })
 }
 
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+    query?.split('&').filter_map(|kv| kv.split_once('=').or(Some((kv, "")))).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
 fn limit(query: Option<&str>, default: usize, max: usize) -> usize {
-    query_param(query, "limit")
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(default)
-        .clamp(1, max)
+    query_param(query, "limit").and_then(|v| v.parse::<usize>().ok()).unwrap_or(default).clamp(1, max)
 }
 
 fn parse_object(body: &Bytes) -> Result<Map<String, Value>, Reply> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(Reply::error(
-            StatusCode::BAD_REQUEST,
-            "request body must be a JSON object",
-        )),
-        Err(e) => Err(Reply::error(
-            StatusCode::BAD_REQUEST,
-            format!("invalid JSON: {e}"),
-        )),
+        Ok(_) => Err(Reply::error(StatusCode::BAD_REQUEST, "request body must be a JSON object")),
+        Err(e) => Err(Reply::error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}"))),
     }
 }
 
@@ -158,23 +139,14 @@ impl State {
         if service == Service::Configuration {
             config.insert("trading.enabled".to_owned(), json!(true));
             config.insert("trading.max_order_size".to_owned(), json!(10.0));
-            config.insert(
-                "market_data.symbols".to_owned(),
-                json!(["BTCUSDT", "ETHUSDT", "SOLUSDT"]),
-            );
+            config.insert("market_data.symbols".to_owned(), json!(["BTCUSDT", "ETHUSDT", "SOLUSDT"]));
             config.insert("risk.check_interval_ms".to_owned(), json!(250));
         }
         State {
             service,
             seq: AtomicU64::new(0),
-            orders: Mutex::new(Orders {
-                next_id: 1,
-                ..Orders::default()
-            }),
-            strategies: Mutex::new(Strategies {
-                next_id: 3,
-                by_id: strategies,
-            }),
+            orders: Mutex::new(Orders { next_id: 1, ..Orders::default() }),
+            strategies: Mutex::new(Strategies { next_id: 3, by_id: strategies }),
             risk_limits: Mutex::new(risk_limits),
             emergency_stop: Mutex::new(None),
             config: Mutex::new(config),
@@ -194,13 +166,7 @@ impl State {
     }
 
     /// Routes a request (path split in non-empty segments, prefix already stripped).
-    pub(crate) fn route(
-        &self,
-        method: &Method,
-        segs: &[&str],
-        query: Option<&str>,
-        body: &Bytes,
-    ) -> Reply {
+    pub(crate) fn route(&self, method: &Method, segs: &[&str], query: Option<&str>, body: &Bytes) -> Reply {
         match self.service {
             Service::MarketData => self.market_data(method, segs, query),
             Service::OrderExecution => self.order_execution(method, segs, query, body),
@@ -216,11 +182,7 @@ impl State {
 
     fn market_data(&self, method: &Method, segs: &[&str], query: Option<&str>) -> Reply {
         let get_only = |f: &dyn Fn() -> Reply| {
-            if method == Method::GET {
-                f()
-            } else {
-                Reply::method_not_allowed("GET")
-            }
+            if method == Method::GET { f() } else { Reply::method_not_allowed("GET") }
         };
         match segs {
             ["market", "symbols"] => get_only(&|| {
@@ -248,15 +210,8 @@ impl State {
 
     fn orderbook(&self, symbol: &str, query: Option<&str>) -> Reply {
         let mid = self.jitter(base_price(symbol));
-        let tick = if mid < 10.0 {
-            0.0001
-        } else {
-            0.01 * (mid / 1000.0).ceil()
-        };
-        let depth = query_param(query, "depth")
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(10)
-            .clamp(1, 500);
+        let tick = if mid < 10.0 { 0.0001 } else { 0.01 * (mid / 1000.0).ceil() };
+        let depth = query_param(query, "depth").and_then(|v| v.parse::<usize>().ok()).unwrap_or(10).clamp(1, 500);
         let level = |i: usize, sign: f64| {
             let price = round(mid + sign * tick * (i as f64 + 1.0));
             let qty = round(0.05 + ((i * 37) % 17) as f64 * 0.125);
@@ -310,13 +265,7 @@ impl State {
 
     // ---------------------------------------------------------------- order-execution
 
-    fn order_execution(
-        &self,
-        method: &Method,
-        segs: &[&str],
-        query: Option<&str>,
-        body: &Bytes,
-    ) -> Reply {
+    fn order_execution(&self, method: &Method, segs: &[&str], query: Option<&str>, body: &Bytes) -> Reply {
         match segs {
             ["orders"] => match *method {
                 Method::POST => self.create_order(body),
@@ -328,9 +277,7 @@ impl State {
                     let active: Vec<Value> = orders
                         .by_id
                         .values()
-                        .filter(|o| {
-                            matches!(o["status"].as_str(), Some("open" | "partially_filled"))
-                        })
+                        .filter(|o| matches!(o["status"].as_str(), Some("open" | "partially_filled")))
                         .cloned()
                         .collect();
                     Reply::ok(list("orders", active))
@@ -341,8 +288,7 @@ impl State {
                 Method::GET => {
                     let n = limit(query, 100, MAX_ORDERS);
                     let orders = lock(&self.orders);
-                    let history: Vec<Value> =
-                        orders.by_id.values().rev().take(n).cloned().collect();
+                    let history: Vec<Value> = orders.by_id.values().rev().take(n).cloned().collect();
                     Reply::ok(list("orders", history))
                 }
                 _ => Reply::method_not_allowed("GET"),
@@ -374,9 +320,7 @@ impl State {
             _ => return missing("symbol"),
         };
         let side = match req.get("side").and_then(Value::as_str) {
-            Some(s) if s.eq_ignore_ascii_case("buy") || s.eq_ignore_ascii_case("sell") => {
-                s.to_ascii_lowercase()
-            }
+            Some(s) if s.eq_ignore_ascii_case("buy") || s.eq_ignore_ascii_case("sell") => s.to_ascii_lowercase(),
             Some(_) => {
                 return Reply::error(StatusCode::BAD_REQUEST, "side must be \"buy\" or \"sell\"");
             }
@@ -389,20 +333,10 @@ impl State {
             return missing("price");
         };
         if quantity <= 0.0 || price < 0.0 {
-            return Reply::error(
-                StatusCode::BAD_REQUEST,
-                "quantity must be positive and price non-negative",
-            );
+            return Reply::error(StatusCode::BAD_REQUEST, "quantity must be positive and price non-negative");
         }
-        let client_order_id = req
-            .get("client_order_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        let order_type = req
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or("limit")
-            .to_owned();
+        let client_order_id = req.get("client_order_id").and_then(Value::as_str).map(str::to_owned);
+        let order_type = req.get("type").and_then(Value::as_str).unwrap_or("limit").to_owned();
 
         let mut orders = lock(&self.orders);
         let n = orders.next_id;
@@ -440,19 +374,13 @@ impl State {
 
     fn with_order(&self, id: &str, f: impl FnOnce(&mut Value) -> Result<Value, Reply>) -> Reply {
         let mut orders = lock(&self.orders);
-        let order = id
-            .strip_prefix("ord-")
-            .and_then(|n| n.parse::<u64>().ok())
-            .and_then(|n| orders.by_id.get_mut(&n));
+        let order = id.strip_prefix("ord-").and_then(|n| n.parse::<u64>().ok()).and_then(|n| orders.by_id.get_mut(&n));
         match order {
             Some(o) => match f(o) {
                 Ok(v) => Reply::ok(v),
                 Err(r) => r,
             },
-            None => Reply::new(
-                StatusCode::NOT_FOUND,
-                json!({ "error": "order not found", "id": id }),
-            ),
+            None => Reply::new(StatusCode::NOT_FOUND, json!({ "error": "order not found", "id": id })),
         }
     }
 
@@ -501,8 +429,7 @@ impl State {
                     Err(r) => r,
                 },
                 Method::DELETE => {
-                    let removed =
-                        strategy_num(id).and_then(|n| lock(&self.strategies).by_id.remove(&n));
+                    let removed = strategy_num(id).and_then(|n| lock(&self.strategies).by_id.remove(&n));
                     match removed {
                         Some(_) => Reply::ok(json!({ "id": id, "deleted": true })),
                         None => strategy_not_found(id),
@@ -526,11 +453,7 @@ impl State {
             },
             ["strategies", id, action @ ("start" | "stop")] => match *method {
                 Method::POST => self.with_strategy(id, |s| {
-                    s["status"] = json!(if *action == "start" {
-                        "running"
-                    } else {
-                        "stopped"
-                    });
+                    s["status"] = json!(if *action == "start" { "running" } else { "stopped" });
                     s["updated_at"] = json!(now_ms());
                     Ok(s.clone())
                 }),
@@ -621,11 +544,7 @@ impl State {
             }),
             _ => return Reply::not_found(),
         };
-        if method == Method::GET {
-            Reply::ok(body)
-        } else {
-            Reply::method_not_allowed("GET")
-        }
+        if method == Method::GET { Reply::ok(body) } else { Reply::method_not_allowed("GET") }
     }
 
     // ---------------------------------------------------------------- risk-manager
@@ -687,8 +606,7 @@ impl State {
             ["config"] => match *method {
                 Method::GET => {
                     let config = lock(&self.config);
-                    let map: Map<String, Value> =
-                        config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                    let map: Map<String, Value> = config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
                     let count = map.len();
                     Reply::ok(json!({ "config": map, "count": count }))
                 }
@@ -720,10 +638,8 @@ impl State {
     fn dashboard(&self, method: &Method, segs: &[&str]) -> Reply {
         let body = match segs {
             ["dashboard", "status"] => {
-                let services: Map<String, Value> = Service::ALL
-                    .iter()
-                    .map(|s| (s.name().to_owned(), json!("healthy")))
-                    .collect();
+                let services: Map<String, Value> =
+                    Service::ALL.iter().map(|s| (s.name().to_owned(), json!("healthy"))).collect();
                 json!({ "status": "ok", "services": services, "timestamp": now_ms() })
             }
             ["dashboard", "summary"] => json!({
@@ -738,11 +654,7 @@ impl State {
             }),
             _ => return Reply::not_found(),
         };
-        if method == Method::GET {
-            Reply::ok(body)
-        } else {
-            Reply::method_not_allowed("GET")
-        }
+        if method == Method::GET { Reply::ok(body) } else { Reply::method_not_allowed("GET") }
     }
 }
 
@@ -752,10 +664,7 @@ fn missing(field: &str) -> Reply {
 
 fn amend(order: &mut Value, patch: &Map<String, Value>) -> Result<Value, Reply> {
     if order["status"] == "cancelled" {
-        return Err(Reply::new(
-            StatusCode::CONFLICT,
-            json!({ "error": "order is cancelled", "id": order["id"] }),
-        ));
+        return Err(Reply::new(StatusCode::CONFLICT, json!({ "error": "order is cancelled", "id": order["id"] })));
     }
     for field in ["quantity", "price"] {
         if let Some(v) = patch.get(field) {
@@ -789,17 +698,11 @@ fn strategy_num(id: &str) -> Option<u64> {
 }
 
 fn strategy_not_found(id: &str) -> Reply {
-    Reply::new(
-        StatusCode::NOT_FOUND,
-        json!({ "error": "strategy not found", "id": id }),
-    )
+    Reply::new(StatusCode::NOT_FOUND, json!({ "error": "strategy not found", "id": id }))
 }
 
 fn config_not_found(key: &str) -> Reply {
-    Reply::new(
-        StatusCode::NOT_FOUND,
-        json!({ "error": "config key not found", "key": key }),
-    )
+    Reply::new(StatusCode::NOT_FOUND, json!({ "error": "config key not found", "key": key }))
 }
 
 #[cfg(test)]
@@ -807,9 +710,7 @@ mod tests {
     use super::*;
 
     fn call(state: &State, method: Method, path: &str, body: &str) -> Reply {
-        let (path, query) = path
-            .split_once('?')
-            .map_or((path, None), |(p, q)| (p, Some(q)));
+        let (path, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
         let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         state.route(&method, &segs, query, &Bytes::from(body.to_owned()))
     }
@@ -847,14 +748,8 @@ mod tests {
         assert_eq!(r.body["count"], 1);
         let r = call(&s, Method::GET, "/orders/history?limit=1", "");
         assert_eq!(r.body["orders"][0]["id"], "ord-2");
-        assert_eq!(
-            call(&s, Method::GET, "/orders/ord-99", "").status,
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            call(&s, Method::PUT, "/orders", "").status,
-            StatusCode::METHOD_NOT_ALLOWED
-        );
+        assert_eq!(call(&s, Method::GET, "/orders/ord-99", "").status, StatusCode::NOT_FOUND);
+        assert_eq!(call(&s, Method::PUT, "/orders", "").status, StatusCode::METHOD_NOT_ALLOWED);
     }
 
     #[test]
@@ -880,12 +775,7 @@ mod tests {
     fn orders_are_bounded() {
         let s = State::new(Service::OrderExecution);
         for _ in 0..MAX_ORDERS + 5 {
-            call(
-                &s,
-                Method::POST,
-                "/orders",
-                r#"{"symbol":"X","side":"buy","quantity":1,"price":1}"#,
-            );
+            call(&s, Method::POST, "/orders", r#"{"symbol":"X","side":"buy","quantity":1,"price":1}"#);
         }
         let orders = s.orders();
         assert_eq!(orders.len(), MAX_ORDERS);
@@ -895,11 +785,7 @@ mod tests {
     #[test]
     fn market_data_echoes_symbol() {
         let s = State::new(Service::MarketData);
-        for path in [
-            "/market/orderbook/ETHUSDT",
-            "/market/trades/ETHUSDT",
-            "/market/ticker/ETHUSDT",
-        ] {
+        for path in ["/market/orderbook/ETHUSDT", "/market/trades/ETHUSDT", "/market/ticker/ETHUSDT"] {
             let r = call(&s, Method::GET, path, "");
             assert_eq!(r.status, StatusCode::OK);
             assert_eq!(r.body["symbol"], "ETHUSDT");
@@ -907,25 +793,14 @@ mod tests {
         let r = call(&s, Method::GET, "/market/ticker/ETHUSDT", "");
         let p = r.body["last_price"].as_f64().unwrap();
         assert!((3000.0..3400.0).contains(&p));
-        assert_eq!(
-            call(&s, Method::POST, "/market/symbols", "").status,
-            StatusCode::METHOD_NOT_ALLOWED
-        );
-        assert_eq!(
-            call(&s, Method::GET, "/market/nope", "").status,
-            StatusCode::NOT_FOUND
-        );
+        assert_eq!(call(&s, Method::POST, "/market/symbols", "").status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(call(&s, Method::GET, "/market/nope", "").status, StatusCode::NOT_FOUND);
     }
 
     #[test]
     fn strategies_lifecycle() {
         let s = State::new(Service::StrategyEngine);
-        let r = call(
-            &s,
-            Method::POST,
-            "/strategies",
-            r#"{"name":"x","id":"evil"}"#,
-        );
+        let r = call(&s, Method::POST, "/strategies", r#"{"name":"x","id":"evil"}"#);
         assert_eq!(r.status, StatusCode::CREATED);
         assert_eq!(r.body["id"], "strat-3");
         assert_eq!(r.body["name"], "x");
@@ -933,21 +808,13 @@ mod tests {
         assert_eq!(r.body["status"], "running");
         let r = call(&s, Method::GET, "/strategies/strat-3/status", "");
         assert_eq!(r.body["status"], "running");
-        let r = call(
-            &s,
-            Method::PUT,
-            "/strategies/strat-3",
-            r#"{"params":{"a":1}}"#,
-        );
+        let r = call(&s, Method::PUT, "/strategies/strat-3", r#"{"params":{"a":1}}"#);
         assert_eq!(r.body["params"]["a"], 1);
         let r = call(&s, Method::POST, "/strategies/strat-3/stop", "");
         assert_eq!(r.body["status"], "stopped");
         let r = call(&s, Method::DELETE, "/strategies/strat-3", "");
         assert_eq!(r.body["deleted"], true);
-        assert_eq!(
-            call(&s, Method::GET, "/strategies/strat-3", "").status,
-            StatusCode::NOT_FOUND
-        );
+        assert_eq!(call(&s, Method::GET, "/strategies/strat-3", "").status, StatusCode::NOT_FOUND);
         assert_eq!(call(&s, Method::GET, "/strategies", "").body["count"], 2);
     }
 
@@ -956,70 +823,35 @@ mod tests {
         let c = State::new(Service::Configuration);
         let r = call(&c, Method::PUT, "/config/foo", r#"{"a":1}"#);
         assert_eq!(r.body["value"]["a"], 1);
-        assert_eq!(
-            call(&c, Method::GET, "/config/foo", "").body["value"]["a"],
-            1
-        );
-        assert_eq!(
-            call(&c, Method::DELETE, "/config/foo", "").status,
-            StatusCode::OK
-        );
-        assert_eq!(
-            call(&c, Method::GET, "/config/foo", "").status,
-            StatusCode::NOT_FOUND
-        );
+        assert_eq!(call(&c, Method::GET, "/config/foo", "").body["value"]["a"], 1);
+        assert_eq!(call(&c, Method::DELETE, "/config/foo", "").status, StatusCode::OK);
+        assert_eq!(call(&c, Method::GET, "/config/foo", "").status, StatusCode::NOT_FOUND);
 
         let r = State::new(Service::RiskManager);
         let resp = call(&r, Method::PUT, "/risk/limits", r#"{"max_leverage":2}"#);
         assert_eq!(resp.body["max_leverage"], 2);
-        assert_eq!(
-            call(&r, Method::GET, "/risk/status", "").body["status"],
-            "normal"
-        );
+        assert_eq!(call(&r, Method::GET, "/risk/status", "").body["status"], "normal");
         call(&r, Method::POST, "/risk/emergency-stop", "");
-        assert_eq!(
-            call(&r, Method::GET, "/risk/status", "").body["status"],
-            "emergency_stop"
-        );
+        assert_eq!(call(&r, Method::GET, "/risk/status", "").body["status"], "emergency_stop");
     }
 
     #[test]
     fn every_table_route_answers() {
         let table: [(Service, Method, &str); 31] = [
             (Service::MarketData, Method::GET, "/market/symbols"),
-            (
-                Service::MarketData,
-                Method::GET,
-                "/market/orderbook/BTCUSDT",
-            ),
+            (Service::MarketData, Method::GET, "/market/orderbook/BTCUSDT"),
             (Service::MarketData, Method::GET, "/market/trades/BTCUSDT"),
             (Service::MarketData, Method::GET, "/market/ticker/BTCUSDT"),
             (Service::OrderExecution, Method::GET, "/orders/active"),
             (Service::OrderExecution, Method::GET, "/orders/history"),
             (Service::StrategyEngine, Method::GET, "/strategies"),
             (Service::StrategyEngine, Method::GET, "/strategies/strat-1"),
-            (
-                Service::StrategyEngine,
-                Method::GET,
-                "/strategies/strat-1/status",
-            ),
+            (Service::StrategyEngine, Method::GET, "/strategies/strat-1/status"),
             (Service::StrategyEngine, Method::POST, "/strategies"),
             (Service::StrategyEngine, Method::PUT, "/strategies/strat-1"),
-            (
-                Service::StrategyEngine,
-                Method::POST,
-                "/strategies/strat-1/start",
-            ),
-            (
-                Service::StrategyEngine,
-                Method::POST,
-                "/strategies/strat-1/stop",
-            ),
-            (
-                Service::StrategyEngine,
-                Method::DELETE,
-                "/strategies/strat-2",
-            ),
+            (Service::StrategyEngine, Method::POST, "/strategies/strat-1/start"),
+            (Service::StrategyEngine, Method::POST, "/strategies/strat-1/stop"),
+            (Service::StrategyEngine, Method::DELETE, "/strategies/strat-2"),
             (Service::AccountMonitor, Method::GET, "/account/balance"),
             (Service::AccountMonitor, Method::GET, "/account/positions"),
             (Service::AccountMonitor, Method::GET, "/account/pnl"),
@@ -1030,17 +862,9 @@ mod tests {
             (Service::RiskManager, Method::PUT, "/risk/limits"),
             (Service::RiskManager, Method::POST, "/risk/emergency-stop"),
             (Service::Configuration, Method::GET, "/config"),
-            (
-                Service::Configuration,
-                Method::GET,
-                "/config/trading.enabled",
-            ),
+            (Service::Configuration, Method::GET, "/config/trading.enabled"),
             (Service::Configuration, Method::PUT, "/config/x"),
-            (
-                Service::Configuration,
-                Method::DELETE,
-                "/config/trading.enabled",
-            ),
+            (Service::Configuration, Method::DELETE, "/config/trading.enabled"),
             (Service::Dashboard, Method::GET, "/dashboard/status"),
             (Service::Dashboard, Method::GET, "/dashboard/summary"),
             (Service::OrderExecution, Method::GET, "/nope"),
@@ -1052,11 +876,7 @@ mod tests {
             match i {
                 29 => assert_eq!(r.status, StatusCode::NOT_FOUND),
                 30 => assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED),
-                _ => assert!(
-                    r.status.is_success(),
-                    "{service:?} {method} {path}: {}",
-                    r.status
-                ),
+                _ => assert!(r.status.is_success(), "{service:?} {method} {path}: {}", r.status),
             }
         }
     }

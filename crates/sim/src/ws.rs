@@ -18,11 +18,10 @@ use crate::body::SimBody;
 use crate::{Reply, Shared, X_SIM_SERVICE};
 
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-            .unwrap_or(false)
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| v.to_str().map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))).unwrap_or(false))
 }
 
 /// Whether the request is a valid HTTP/1.1 WebSocket upgrade request.
@@ -31,9 +30,7 @@ pub(crate) fn is_upgrade_request(method: &Method, headers: &HeaderMap) -> bool {
         && has_token(headers, header::CONNECTION, "upgrade")
         && has_token(headers, header::UPGRADE, "websocket")
         && headers.contains_key(header::SEC_WEBSOCKET_KEY)
-        && headers
-            .get(header::SEC_WEBSOCKET_VERSION)
-            .is_some_and(|v| v.as_bytes() == b"13")
+        && headers.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v.as_bytes() == b"13")
 }
 
 /// `426 Upgrade Required` for a plain GET of the WebSocket endpoint.
@@ -42,22 +39,13 @@ pub(crate) fn upgrade_required() -> Reply {
 }
 
 /// Answers `101 Switching Protocols` and spawns the WebSocket session.
-pub(crate) fn accept(
-    shared: &std::sync::Arc<Shared>,
-    headers: &HeaderMap,
-    on_upgrade: OnUpgrade,
-) -> Response<SimBody> {
-    let key = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| derive_accept_key(k.as_bytes()))
-        .unwrap_or_default();
+pub(crate) fn accept(shared: &std::sync::Arc<Shared>, headers: &HeaderMap, on_upgrade: OnUpgrade) -> Response<SimBody> {
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes())).unwrap_or_default();
     let interval = shared.ticker_interval;
     shared.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
-                        .await;
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
                 session(ws, interval).await;
             }
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
@@ -72,10 +60,7 @@ pub(crate) fn accept(
     if let Ok(v) = HeaderValue::from_str(&key) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
-    h.insert(
-        X_SIM_SERVICE.clone(),
-        HeaderValue::from_static(crate::Service::Dashboard.name()),
-    );
+    h.insert(X_SIM_SERVICE.clone(), HeaderValue::from_static(crate::Service::Dashboard.name()));
     resp
 }
 

@@ -19,34 +19,21 @@ use tokio_tungstenite::tungstenite::Message;
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn sim(service: Service) -> SimServer {
-    b25_sim::start(service, "127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("start sim")
+    b25_sim::start(service, "127.0.0.1:0".parse().unwrap()).await.expect("start sim")
 }
 
 /// Opens a fresh HTTP/1.1 connection.
 async fn connect(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
     let stream = TcpStream::connect(addr).await.expect("connect");
-    let (sender, conn) = http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.expect("handshake");
     tokio::spawn(async move {
         let _ = conn.await;
     });
     sender
 }
 
-fn build(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Request<Full<Bytes>> {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
+fn build(addr: SocketAddr, method: Method, path: &str, headers: &[(&str, &str)], body: &str) -> Request<Full<Bytes>> {
+    let mut req = Request::builder().method(method).uri(path).header("host", addr.to_string());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -62,9 +49,7 @@ async fn send(
     body: &str,
 ) -> Result<http::Response<Incoming>, hyper::Error> {
     let mut sender = connect(addr).await;
-    sender
-        .send_request(build(addr, method, path, headers, body))
-        .await
+    sender.send_request(build(addr, method, path, headers, body)).await
 }
 
 /// Sends one request and returns status, headers and the JSON body.
@@ -75,9 +60,7 @@ async fn call(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (StatusCode, HeaderMap, Value) {
-    let resp = send(addr, method, path, headers, body)
-        .await
-        .expect("response");
+    let resp = send(addr, method, path, headers, body).await.expect("response");
     let (parts, body) = resp.into_parts();
     let bytes = body.collect().await.expect("body").to_bytes();
     let json = serde_json::from_slice(&bytes)
@@ -122,14 +105,8 @@ async fn order_create_get_cancel() {
     let server = sim(Service::OrderExecution).await;
     let addr = server.addr();
     let order = r#"{"symbol":"BTCUSDT","side":"buy","quantity":0.5,"price":65000.5,"client_order_id":"c-1"}"#;
-    let (status, headers, created) = call(
-        addr,
-        Method::POST,
-        "/api/v1/orders",
-        &[("content-type", "application/json")],
-        order,
-    )
-    .await;
+    let (status, headers, created) =
+        call(addr, Method::POST, "/api/v1/orders", &[("content-type", "application/json")], order).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(headers["x-sim-service"], "order-execution");
     assert_eq!(created["id"], "ord-1");
@@ -143,14 +120,7 @@ async fn order_create_get_cancel() {
     let (_, active) = get(addr, "/orders/active").await;
     assert_eq!(active["count"], 1);
 
-    let (status, _, patched) = call(
-        addr,
-        Method::PATCH,
-        "/api/v1/orders/ord-1",
-        &[],
-        r#"{"price":64000}"#,
-    )
-    .await;
+    let (status, _, patched) = call(addr, Method::PATCH, "/api/v1/orders/ord-1", &[], r#"{"price":64000}"#).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(patched["price"], 64000.0);
     assert_eq!(patched["quantity"], 0.5);
@@ -177,14 +147,8 @@ async fn order_create_get_cancel() {
     let (status, _, err) = call(addr, Method::POST, "/api/v1/orders", &[], "{nope").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(err["error"].is_string());
-    let (status, _, err) = call(
-        addr,
-        Method::POST,
-        "/api/v1/orders",
-        &[],
-        r#"{"symbol":"BTCUSDT","side":"buy","price":1}"#,
-    )
-    .await;
+    let (status, _, err) =
+        call(addr, Method::POST, "/api/v1/orders", &[], r#"{"symbol":"BTCUSDT","side":"buy","price":1}"#).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(err["error"], "missing field: quantity");
     let (status, err) = get(addr, "/api/v1/orders/ord-42").await;
@@ -212,30 +176,15 @@ async fn routes_prefix_404_405() {
     let (status, body) = get(md.addr(), "/api/v1/orders/active").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body, json!({ "error": "not found" }));
-    let (status, headers, _) =
-        call(md.addr(), Method::DELETE, "/api/v1/market/symbols", &[], "").await;
+    let (status, headers, _) = call(md.addr(), Method::DELETE, "/api/v1/market/symbols", &[], "").await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(headers["allow"], "GET");
 
     let risk = sim(Service::RiskManager).await;
-    let (status, _, limits) = call(
-        risk.addr(),
-        Method::PUT,
-        "/api/v1/risk/limits",
-        &[],
-        r#"{"max_leverage":3}"#,
-    )
-    .await;
+    let (status, _, limits) = call(risk.addr(), Method::PUT, "/api/v1/risk/limits", &[], r#"{"max_leverage":3}"#).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(limits["max_leverage"], 3);
-    let (status, _, stop) = call(
-        risk.addr(),
-        Method::POST,
-        "/api/v1/risk/emergency-stop",
-        &[],
-        "",
-    )
-    .await;
+    let (status, _, stop) = call(risk.addr(), Method::POST, "/api/v1/risk/emergency-stop", &[], "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(stop["activated"], true);
     let (_, st) = get(risk.addr(), "/api/v1/risk/status").await;
@@ -246,14 +195,8 @@ async fn routes_prefix_404_405() {
 async fn status_knobs() {
     let server = sim(Service::AccountMonitor).await;
     let addr = server.addr();
-    let (status, headers, body) = call(
-        addr,
-        Method::GET,
-        "/api/v1/account/balance",
-        &[("x-sim-status", "503")],
-        "",
-    )
-    .await;
+    let (status, headers, body) =
+        call(addr, Method::GET, "/api/v1/account/balance", &[("x-sim-status", "503")], "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["content-type"], "application/json");
     assert_eq!(body["status"], 503);
@@ -263,14 +206,7 @@ async fn status_knobs() {
     let (status, _) = get(addr, "/api/v1/account/pnl").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     // The header overrides the service-wide knob.
-    let (status, _, _) = call(
-        addr,
-        Method::GET,
-        "/api/v1/account/pnl",
-        &[("x-sim-status", "429")],
-        "",
-    )
-    .await;
+    let (status, _, _) = call(addr, Method::GET, "/api/v1/account/pnl", &[("x-sim-status", "429")], "").await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     server.knobs().set_error_status(None);
     let (status, body) = get(addr, "/api/v1/account/pnl").await;
@@ -284,14 +220,7 @@ async fn delay_knobs() {
     let server = sim(Service::Configuration).await;
     let addr = server.addr();
     let start = Instant::now();
-    let (status, _, _) = call(
-        addr,
-        Method::GET,
-        "/api/v1/config",
-        &[("x-sim-delay", "150")],
-        "",
-    )
-    .await;
+    let (status, _, _) = call(addr, Method::GET, "/api/v1/config", &[("x-sim-delay", "150")], "").await;
     assert_eq!(status, StatusCode::OK);
     assert!(start.elapsed() >= Duration::from_millis(150));
 
@@ -301,14 +230,7 @@ async fn delay_knobs() {
     assert_eq!(status, StatusCode::OK);
     assert!(start.elapsed() >= Duration::from_millis(120));
     // The header overrides the knob (0 = no delay); just check it still answers.
-    let (status, _, _) = call(
-        addr,
-        Method::GET,
-        "/api/v1/config",
-        &[("x-sim-delay", "0")],
-        "",
-    )
-    .await;
+    let (status, _, _) = call(addr, Method::GET, "/api/v1/config", &[("x-sim-delay", "0")], "").await;
     assert_eq!(status, StatusCode::OK);
 }
 
@@ -317,18 +239,8 @@ async fn reset_before_response() {
     let server = sim(Service::OrderExecution).await;
     let addr = server.addr();
     let body = r#"{"symbol":"BTCUSDT","side":"sell","quantity":1,"price":2}"#;
-    let result = send(
-        addr,
-        Method::POST,
-        "/api/v1/orders",
-        &[("x-sim-reset", "before-response")],
-        body,
-    )
-    .await;
-    assert!(
-        result.is_err(),
-        "expected a connection error, got {result:?}"
-    );
+    let result = send(addr, Method::POST, "/api/v1/orders", &[("x-sim-reset", "before-response")], body).await;
+    assert!(result.is_err(), "expected a connection error, got {result:?}");
     // The request was read completely and recorded before the reset.
     assert!(server.wait_for_hits(1, WAIT).await);
     let recorded = server.requests();
@@ -336,20 +248,9 @@ async fn reset_before_response() {
     assert_eq!(recorded[0].body, Bytes::from(body));
 
     server.knobs().set_reset(Some(ResetMode::BeforeResponse));
-    assert!(
-        send(addr, Method::GET, "/orders/active", &[], "")
-            .await
-            .is_err()
-    );
+    assert!(send(addr, Method::GET, "/orders/active", &[], "").await.is_err());
     // Per-request override of the service-wide reset.
-    let (status, _, _) = call(
-        addr,
-        Method::GET,
-        "/orders/active",
-        &[("x-sim-reset", "none")],
-        "",
-    )
-    .await;
+    let (status, _, _) = call(addr, Method::GET, "/orders/active", &[("x-sim-reset", "none")], "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(server.hits(), 3);
 }
@@ -374,30 +275,19 @@ async fn read_frames(mut body: Incoming) -> (Vec<Bytes>, bool) {
 async fn reset_mid_body() {
     let server = sim(Service::Dashboard).await;
     let addr = server.addr();
-    let resp = send(
-        addr,
-        Method::GET,
-        "/api/v1/dashboard/summary",
-        &[("x-sim-reset", "mid-body")],
-        "",
-    )
-    .await
-    .expect("headers arrive");
+    let resp = send(addr, Method::GET, "/api/v1/dashboard/summary", &[("x-sim-reset", "mid-body")], "")
+        .await
+        .expect("headers arrive");
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.headers().get("content-length").is_none());
     let (chunks, failed) = read_frames(resp.into_body()).await;
     assert!(failed, "body must end with an error");
     let received: Vec<u8> = chunks.concat();
     assert!(!received.is_empty(), "a first chunk is sent");
-    assert!(
-        serde_json::from_slice::<Value>(&received).is_err(),
-        "body is truncated"
-    );
+    assert!(serde_json::from_slice::<Value>(&received).is_err(), "body is truncated");
 
     server.knobs().set_reset(Some(ResetMode::MidBody));
-    let resp = send(addr, Method::GET, "/api/v1/dashboard/status", &[], "")
-        .await
-        .unwrap();
+    let resp = send(addr, Method::GET, "/api/v1/dashboard/status", &[], "").await.unwrap();
     let (_, failed) = read_frames(resp.into_body()).await;
     assert!(failed);
 }
@@ -463,14 +353,8 @@ async fn recording_and_echo() {
     assert!(r.peer.ip().is_loopback());
     assert_eq!(recorded[1].method, Method::GET);
 
-    let (status, _, echo) = call(
-        addr,
-        Method::POST,
-        "/api/v1/anything?q=1",
-        &[("x-sim-echo", "1"), ("x-trace", "t-1")],
-        "hello",
-    )
-    .await;
+    let (status, _, echo) =
+        call(addr, Method::POST, "/api/v1/anything?q=1", &[("x-sim-echo", "1"), ("x-trace", "t-1")], "hello").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(echo["method"], "POST");
     assert_eq!(echo["path"], "/api/v1/anything");
@@ -507,9 +391,8 @@ async fn wait_for_hits_is_notified() {
 #[tokio::test]
 async fn h2c_prior_knowledge() {
     let server = sim(Service::MarketData).await;
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
+    let client =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
     let uri = format!("{}/api/v1/market/symbols", server.url());
     let resp = client.get(uri.parse().unwrap()).await.expect("h2 response");
     assert_eq!(resp.version(), http::Version::HTTP_2);
@@ -523,13 +406,8 @@ async fn h2c_prior_knowledge() {
 #[tokio::test]
 async fn websocket_ticker_and_echo() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let options = SimOptions {
-        ticker_interval: Duration::from_millis(20),
-        ..SimOptions::default()
-    };
-    let server = b25_sim::start_with(Service::Dashboard, listener, options)
-        .await
-        .unwrap();
+    let options = SimOptions { ticker_interval: Duration::from_millis(20), ..SimOptions::default() };
+    let server = b25_sim::start_with(Service::Dashboard, listener, options).await.unwrap();
     let addr = server.addr();
 
     // Plain GET is refused with 426.
@@ -538,9 +416,8 @@ async fn websocket_ticker_and_echo() {
 
     for path in ["/ws", "/api/v1/ws"] {
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream)
-            .await
-            .expect("websocket handshake");
+        let (mut ws, resp) =
+            tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream).await.expect("websocket handshake");
         assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
         assert_eq!(resp.headers()["x-sim-service"], "dashboard");
 
@@ -559,9 +436,7 @@ async fn websocket_ticker_and_echo() {
         // Echo (in order), interleaved with tickers; ping gets a pong.
         ws.send(Message::text("hello")).await.unwrap();
         ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
-        ws.send(Message::Ping(Bytes::from_static(b"p")))
-            .await
-            .unwrap();
+        ws.send(Message::Ping(Bytes::from_static(b"p"))).await.unwrap();
         let mut echoes = Vec::new();
         let mut pong = false;
         while echoes.len() < 2 || !pong {
@@ -593,10 +468,7 @@ async fn shutdown_closes_everything() {
     let server = sim(Service::RiskManager).await;
     let addr = server.addr();
     let mut keepalive = connect(addr).await;
-    let resp = keepalive
-        .send_request(build(addr, Method::GET, "/api/v1/risk/limits", &[], ""))
-        .await
-        .unwrap();
+    let resp = keepalive.send_request(build(addr, Method::GET, "/api/v1/risk/limits", &[], "")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     resp.into_body().collect().await.unwrap();
 
@@ -604,8 +476,6 @@ async fn shutdown_closes_everything() {
     assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
     // The idle keep-alive connection was closed too.
     let _ = keepalive.ready().await;
-    let result = keepalive
-        .send_request(build(addr, Method::GET, "/api/v1/risk/limits", &[], ""))
-        .await;
+    let result = keepalive.send_request(build(addr, Method::GET, "/api/v1/risk/limits", &[], "")).await;
     assert!(result.is_err());
 }

@@ -29,12 +29,7 @@ impl<F: Fn(&str) -> Option<String>> Env for F {
 }
 
 /// Expands every string in `value` in place; returns every error found (not just the first).
-pub fn expand_tree(
-    value: &mut Value,
-    path: &mut String,
-    env: &dyn Env,
-    errors: &mut Vec<ConfigError>,
-) {
+pub fn expand_tree(value: &mut Value, path: &mut String, env: &dyn Env, errors: &mut Vec<ConfigError>) {
     match value {
         Value::String(s) if s.contains('$') => match expand_str(s, env) {
             Ok(out) => *s = out,
@@ -111,11 +106,7 @@ pub fn expand_str(input: &str, env: &dyn Env) -> Result<String, Vec<String>> {
         }
     }
     out.push_str(rest);
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
 }
 
 #[cfg(test)]
@@ -132,10 +123,7 @@ mod tests {
 
     #[test]
     fn expands() {
-        assert_eq!(
-            expand_str("http://${HOST}:80", &env).unwrap(),
-            "http://10.0.0.1:80"
-        );
+        assert_eq!(expand_str("http://${HOST}:80", &env).unwrap(), "http://10.0.0.1:80");
         assert_eq!(expand_str("${NOPE:-x}", &env).unwrap(), "x");
         assert_eq!(expand_str("${EMPTY:-d}", &env).unwrap(), "d");
         assert_eq!(expand_str("$$HOME $x", &env).unwrap(), "$HOME $x");
@@ -147,8 +135,7 @@ mod tests {
 
     #[test]
     fn tree_errors_name_the_path() {
-        let mut v: Value =
-            serde_json::json!({"routes": [{"service": "a"}, {"service": "${MISSING}"}]});
+        let mut v: Value = serde_json::json!({"routes": [{"service": "a"}, {"service": "${MISSING}"}]});
         let mut errors = Vec::new();
         expand_tree(&mut v, &mut String::new(), &env, &mut errors);
         assert_eq!(errors.len(), 1);

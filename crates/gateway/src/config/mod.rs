@@ -12,9 +12,11 @@
 //! Defaults are `DEFAULT_*` constants with a comment on why that value.
 
 pub mod expand;
+pub mod security;
 pub mod units;
 mod validate;
 
+pub use security::{AuthConfig, AuthMethod, CorsConfig, Secret};
 pub use units::{ByteSize, HumanDuration};
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +39,10 @@ pub const DEFAULT_MAX_BODY: ByteSize = ByteSize::mib(1);
 pub const DEFAULT_MAX_HEADER_BYTES: ByteSize = ByteSize::kib(16);
 /// Maximum number of request headers (hyper's own default is 100).
 pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Longest request target; 8 KiB is what nginx and most CDNs accept.
+pub const DEFAULT_MAX_URI_LENGTH: ByteSize = ByteSize::kib(8);
+/// A client that stops sending its body for this long is dropped (slow-body protection).
+pub const DEFAULT_BODY_IDLE_TIMEOUT: HumanDuration = HumanDuration::from_secs(10);
 /// A client must finish sending its headers within this time (slowloris protection).
 pub const DEFAULT_HEADER_TIMEOUT: HumanDuration = HumanDuration::from_secs(10);
 /// Upstream response-header timeout when neither route nor service sets one.
@@ -69,6 +75,12 @@ pub struct Config {
     /// Log level and access log.
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// Authentication and roles.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Cross-origin resource sharing; absent means no CORS headers and no preflights.
+    #[serde(default)]
+    pub cors: Option<CorsConfig>,
     /// Upstream services by name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// The route table.
@@ -130,8 +142,12 @@ pub struct LimitsConfig {
     pub max_body: ByteSize,
     /// Largest request header block.
     pub max_header_bytes: ByteSize,
-    /// Most request headers.
+    /// Most request headers (431 above).
     pub max_headers: usize,
+    /// Longest request target (path and query) accepted (414 above).
+    pub max_uri_length: ByteSize,
+    /// A request body that sends nothing for this long is abandoned (408).
+    pub body_idle_timeout: HumanDuration,
     /// Time allowed to receive the request headers. For HTTP/1 it also bounds how long an
     /// idle keep-alive connection may wait for its next request (hyper starts the header timer
     /// when it begins waiting for a request head).
@@ -144,6 +160,8 @@ impl Default for LimitsConfig {
             max_body: DEFAULT_MAX_BODY,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
+            max_uri_length: DEFAULT_MAX_URI_LENGTH,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
         }
     }
@@ -163,11 +181,7 @@ pub struct LoggingConfig {
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-            access_log: true,
-            format: LogFormat::Json,
-        }
+        Self { level: "info".into(), access_log: true, format: LogFormat::Json }
     }
 }
 
@@ -288,6 +302,30 @@ pub struct RouteConfig {
     /// The route is a WebSocket endpoint.
     #[serde(default)]
     pub websocket: bool,
+    /// Authentication methods accepted (default: every configured method).
+    #[serde(default)]
+    pub auth: Option<Vec<AuthMethod>>,
+    /// Accepted request `Content-Type`s (media type only, parameters ignored); requests with
+    /// a body and another type get 415. Empty: any.
+    #[serde(default)]
+    pub content_types: Vec<String>,
+    /// Headers a request must carry (400 otherwise).
+    #[serde(default)]
+    pub required_headers: Vec<String>,
+    /// The body must be well-formed JSON within `max_json_depth` (400 otherwise); the body is
+    /// then read whole (bounded by `max_body`) before anything is sent upstream.
+    #[serde(default)]
+    pub json: bool,
+    /// Deepest JSON nesting accepted on `json` routes.
+    #[serde(default = "default_json_depth")]
+    pub max_json_depth: usize,
+}
+
+/// Nesting depth for `json: true` routes: orders are 2–3 levels deep.
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 32;
+
+fn default_json_depth() -> usize {
+    DEFAULT_MAX_JSON_DEPTH
 }
 
 /// `routes[].cache:`.
@@ -340,20 +378,13 @@ pub struct ConfigError {
 impl ConfigError {
     /// A problem at `path`.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-        }
+        Self { path: path.into(), message: message.into() }
     }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
+        if self.path.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.path, self.message) }
     }
 }
 
@@ -369,12 +400,7 @@ pub struct ConfigErrors {
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.errors.len();
-        writeln!(
-            f,
-            "{}: {n} configuration error{}",
-            self.file,
-            if n == 1 { "" } else { "s" }
-        )?;
+        writeln!(f, "{}: {n} configuration error{}", self.file, if n == 1 { "" } else { "s" })?;
         for e in &self.errors {
             writeln!(f, "{}: {e}", self.file)?;
         }
@@ -386,22 +412,24 @@ impl std::error::Error for ConfigErrors {}
 
 /// Reads, expands, parses and validates a config file from the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, &expand::ProcessEnv)
+}
+
+/// [`load`] with another source of `${VAR}` values (the demo supplies its own secrets).
+pub fn load_with(path: &Path, env: &dyn expand::Env) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         file: file.clone(),
         errors: vec![ConfigError::new("", format!("cannot read file: {e}"))],
     })?;
-    parse(&text, &file, &expand::ProcessEnv)
+    parse(&text, &file, env)
 }
 
 /// Parses and validates config text; `file` is only used in messages.
 pub fn parse(text: &str, file: &str, env: &dyn expand::Env) -> Result<Config, ConfigErrors> {
-    let fail = |errors| ConfigErrors {
-        file: file.to_string(),
-        errors,
-    };
-    let mut tree: Value = serde_saphyr::from_str(text)
-        .map_err(|e| fail(vec![ConfigError::new("", format!("invalid YAML: {e}"))]))?;
+    let fail = |errors| ConfigErrors { file: file.to_string(), errors };
+    let mut tree: Value =
+        serde_saphyr::from_str(text).map_err(|e| fail(vec![ConfigError::new("", format!("invalid YAML: {e}"))]))?;
     let mut errors = Vec::new();
     expand::expand_tree(&mut tree, &mut String::new(), env, &mut errors);
     let config = deserialize_config(tree, &mut errors);
@@ -414,18 +442,17 @@ pub fn parse(text: &str, file: &str, env: &dyn expand::Env) -> Result<Config, Co
 /// Deserializes section by section so that all structural errors are collected.
 fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Config> {
     let Value::Object(mut root) = tree else {
-        errors.push(ConfigError::new(
-            "",
-            "the document must be a mapping with services and routes",
-        ));
+        errors.push(ConfigError::new("", "the document must be a mapping with services and routes"));
         return None;
     };
-    const KNOWN: [&str; 4] = ["server", "logging", "services", "routes"];
+    const KNOWN: [&str; 6] = ["server", "logging", "auth", "cors", "services", "routes"];
     for key in root.keys() {
         if !KNOWN.contains(&key.as_str()) {
             errors.push(ConfigError::new(
                 key.clone(),
-                format!("unknown field `{key}`, expected one of `server`, `logging`, `services`, `routes`"),
+                format!(
+                    "unknown field `{key}`, expected one of `server`, `logging`, `auth`, `cors`, `services`, `routes`"
+                ),
             ));
         }
     }
@@ -443,6 +470,17 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         Some(v) => section::<LoggingConfig>(v, "logging", errors).unwrap_or_default(),
         None => LoggingConfig::default(),
     };
+    let auth = match root.remove("auth") {
+        Some(v) => section::<AuthConfig>(v, "auth", errors).unwrap_or_else(|| {
+            broken.auth = true;
+            AuthConfig::default()
+        }),
+        None => AuthConfig::default(),
+    };
+    let cors = match root.remove("cors") {
+        Some(Value::Null) | None => None,
+        Some(v) => section::<CorsConfig>(v, "cors", errors),
+    };
     let mut services = BTreeMap::new();
     match root.remove("services") {
         Some(Value::Object(map)) => {
@@ -455,14 +493,8 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
                 }
             }
         }
-        Some(_) => errors.push(ConfigError::new(
-            "services",
-            "must be a mapping of service name to service",
-        )),
-        None => errors.push(ConfigError::new(
-            "services",
-            "missing: at least one service is required",
-        )),
+        Some(_) => errors.push(ConfigError::new("services", "must be a mapping of service name to service")),
+        None => errors.push(ConfigError::new("services", "missing: at least one service is required")),
     }
     let mut routes = Vec::new();
     match root.remove("routes") {
@@ -478,28 +510,16 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
             }
         }
         Some(_) => errors.push(ConfigError::new("routes", "must be a list of routes")),
-        None => errors.push(ConfigError::new(
-            "routes",
-            "missing: at least one route is required",
-        )),
+        None => errors.push(ConfigError::new("routes", "missing: at least one route is required")),
     }
-    let config = Config {
-        server,
-        logging,
-        services,
-        routes,
-    };
+    let config = Config { server, logging, auth, cors, services, routes };
     validate::validate(&config, &broken, errors);
     Some(config)
 }
 
 /// Deserializes one section; on error records it, removes the offending key and tries again so
 /// every unknown field and bad value of the section is reported.
-fn section<T: serde::de::DeserializeOwned>(
-    mut value: Value,
-    prefix: &str,
-    errors: &mut Vec<ConfigError>,
-) -> Option<T> {
+fn section<T: serde::de::DeserializeOwned>(mut value: Value, prefix: &str, errors: &mut Vec<ConfigError>) -> Option<T> {
     let mut reported: Vec<String> = Vec::new();
     // Each round removes one key, so the loop ends; the cap guards against surprises.
     for _ in 0..64 {
@@ -512,15 +532,10 @@ fn section<T: serde::de::DeserializeOwned>(
                 // An error on a parent of something already reported is a consequence of the
                 // removal (e.g. "missing field"); do not report it twice.
                 let cascade = reported.iter().any(|r| {
-                    r.len() > path.len()
-                        && r.starts_with(&path)
-                        && matches!(r.as_bytes()[path.len()], b'.' | b'[')
+                    r.len() > path.len() && r.starts_with(&path) && matches!(r.as_bytes()[path.len()], b'.' | b'[')
                 });
                 if !cascade {
-                    errors.push(ConfigError::new(
-                        path.clone(),
-                        clean_message(&e.inner().to_string()),
-                    ));
+                    errors.push(ConfigError::new(path.clone(), clean_message(&e.inner().to_string())));
                 }
                 if cascade || !remove_at(&mut value, &segments) {
                     return None;
@@ -594,11 +609,7 @@ impl Config {
     pub fn summary(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let tls = if self.server.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
+        let tls = if self.server.tls.is_some() { "https" } else { "http" };
         let _ = writeln!(out, "listeners:");
         let _ = writeln!(out, "  main   {tls}://{}", self.server.listen);
         if !self.server.admin_listen.is_empty() {
@@ -606,23 +617,11 @@ impl Config {
         }
         let _ = writeln!(out, "services ({}):", self.services.len());
         for (name, s) in &self.services {
-            let _ = writeln!(
-                out,
-                "  {name:<18} {} (timeout {})",
-                s.instances.join(", "),
-                s.timeout
-            );
+            let _ = writeln!(out, "  {name:<18} {} (timeout {})", s.instances.join(", "), s.timeout);
         }
         let _ = writeln!(out, "routes ({}):", self.routes.len());
         for r in &self.routes {
-            let _ = writeln!(
-                out,
-                "  {:<26} {:<16} {:<44} -> {}",
-                r.id,
-                r.methods.join(","),
-                r.path,
-                r.service
-            );
+            let _ = writeln!(out, "  {:<26} {:<16} {:<44} -> {}", r.id, r.methods.join(","), r.path, r.service);
         }
         out
     }

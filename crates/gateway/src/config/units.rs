@@ -34,13 +34,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("invalid duration {s:?}: a unit is required (us, ms, s, m, h)"))?;
     let (num, unit) = s.split_at(split);
     if num.is_empty() {
-        return Err(format!(
-            "invalid duration {s:?}: expected a number followed by a unit"
-        ));
+        return Err(format!("invalid duration {s:?}: expected a number followed by a unit"));
     }
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: {num:?} is not a number"))?;
+    let value: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: {num:?} is not a number"))?;
     let nanos_per_unit: f64 = match unit.trim() {
         "ns" => 1.0,
         "us" | "µs" => 1e3,
@@ -49,9 +45,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" | "min" => 60e9,
         "h" => 3600e9,
         other => {
-            return Err(format!(
-                "invalid duration {s:?}: unknown unit {other:?} (use us, ms, s, m or h)"
-            ));
+            return Err(format!("invalid duration {s:?}: unknown unit {other:?} (use us, ms, s, m or h)"));
         }
     };
     let nanos = value * nanos_per_unit;
@@ -135,13 +129,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     if num.is_empty() {
-        return Err(format!(
-            "invalid size {s:?}: expected a number followed by a unit"
-        ));
+        return Err(format!("invalid size {s:?}: expected a number followed by a unit"));
     }
-    let value: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: {num:?} is not a number"))?;
+    let value: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: {num:?} is not a number"))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KB" | "kB" => 1_000,
@@ -151,14 +141,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
         other => {
-            return Err(format!(
-                "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB or GB)"
-            ));
+            return Err(format!("invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB or GB)"));
         }
     };
-    value
-        .checked_mul(mult)
-        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+    value.checked_mul(mult).ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
 /// Formats a size with the largest exact binary unit.
@@ -192,9 +178,7 @@ impl<'de> Deserialize<'de> for ByteSize {
                 Ok(ByteSize(v))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom("a size cannot be negative"))
+                u64::try_from(v).map(ByteSize).map_err(|_| E::custom("a size cannot be negative"))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
                 parse_size(v).map(ByteSize).map_err(E::custom)

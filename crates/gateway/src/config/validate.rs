@@ -1,20 +1,14 @@
 //! Semantic validation: everything that parses but cannot work. Collects every problem.
 
-use super::{Config, ConfigError, RouteConfig};
+use super::security::MIN_HS_SECRET_BYTES;
+use super::{AuthMethod, Config, ConfigError, RouteConfig};
 use crate::router::{RouteSpec, RouteTable};
 use http::Method;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-/// The roles the RBAC layer knows (admin ⊃ operator ⊃ viewer).
-pub const KNOWN_ROLES: [&str; 3] = ["admin", "operator", "viewer"];
 /// Paths the gateway answers itself on the main listener.
-pub const RESERVED_PATHS: [&str; 4] = [
-    "/health",
-    "/health/liveness",
-    "/health/readiness",
-    "/version",
-];
+pub const RESERVED_PATHS: [&str; 4] = ["/health", "/health/liveness", "/health/readiness", "/version"];
 /// hyper refuses HTTP/1 read buffers smaller than this.
 const MIN_HEADER_BYTES: u64 = 8192;
 
@@ -23,6 +17,8 @@ const MIN_HEADER_BYTES: u64 = 8192;
 pub(super) struct Broken {
     /// `server` failed and was replaced by its default.
     pub server: bool,
+    /// `auth` failed and was replaced by its default.
+    pub auth: bool,
     /// Services left out.
     pub services: Vec<String>,
     /// Some routes were left out.
@@ -43,54 +39,30 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
     // server
     let s = &c.server;
     if !broken.server && s.listen.parse::<SocketAddr>().is_err() {
-        err(
-            "server.listen".into(),
-            format!("{:?} is not an address such as 0.0.0.0:8080", s.listen),
-        );
+        err("server.listen".into(), format!("{:?} is not an address such as 0.0.0.0:8080", s.listen));
     }
     if !s.admin_listen.is_empty() {
         if s.admin_listen.parse::<SocketAddr>().is_err() {
-            err(
-                "server.admin_listen".into(),
-                format!(
-                    "{:?} is not an address such as 127.0.0.1:9901",
-                    s.admin_listen
-                ),
-            );
+            err("server.admin_listen".into(), format!("{:?} is not an address such as 127.0.0.1:9901", s.admin_listen));
         } else if s.admin_listen == s.listen && !s.listen.ends_with(":0") {
-            err(
-                "server.admin_listen".into(),
-                "must differ from server.listen".into(),
-            );
+            err("server.admin_listen".into(), "must differ from server.listen".into());
         }
     }
     if let Some(tls) = &s.tls {
         for (field, p) in [("cert", &tls.cert), ("key", &tls.key)] {
             if let Err(e) = std::fs::metadata(p) {
-                err(
-                    format!("server.tls.{field}"),
-                    format!("cannot read {}: {e}", p.display()),
-                );
+                err(format!("server.tls.{field}"), format!("cannot read {}: {e}", p.display()));
             }
         }
     }
     if s.limits.max_header_bytes.bytes() < MIN_HEADER_BYTES {
-        err(
-            "server.limits.max_header_bytes".into(),
-            "must be at least 8KiB".into(),
-        );
+        err("server.limits.max_header_bytes".into(), "must be at least 8KiB".into());
     }
     if s.limits.max_headers == 0 {
-        err(
-            "server.limits.max_headers".into(),
-            "must be at least 1".into(),
-        );
+        err("server.limits.max_headers".into(), "must be at least 1".into());
     }
     if s.limits.header_timeout.get().is_zero() {
-        err(
-            "server.limits.header_timeout".into(),
-            "must be greater than 0".into(),
-        );
+        err("server.limits.header_timeout".into(), "must be greater than 0".into());
     }
     for (i, cidr) in s.trusted_proxies.iter().enumerate() {
         if let Err(e) = crate::net::Cidr::parse(cidr) {
@@ -100,41 +72,25 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
     if !["error", "warn", "info", "debug", "trace", "off"].contains(&c.logging.level.as_str()) {
         err(
             "logging.level".into(),
-            format!(
-                "unknown level {:?} (error, warn, info, debug, trace, off)",
-                c.logging.level
-            ),
+            format!("unknown level {:?} (error, warn, info, debug, trace, off)", c.logging.level),
         );
     }
 
     // services
     for (name, svc) in &c.services {
         let p = format!("services.{name}");
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-        {
-            err(
-                p.clone(),
-                "service names use only letters, digits, '-' and '_'".into(),
-            );
+        if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_') {
+            err(p.clone(), "service names use only letters, digits, '-' and '_'".into());
         }
         if svc.instances.is_empty() {
-            err(
-                format!("{p}.instances"),
-                "at least one instance is required".into(),
-            );
+            err(format!("{p}.instances"), "at least one instance is required".into());
         }
         for (i, url) in svc.instances.iter().enumerate() {
             if let Err(e) = crate::proxy::Instance::parse(url) {
                 err(format!("{p}.instances[{i}]"), e);
             }
         }
-        for (field, d) in [
-            ("timeout", svc.timeout),
-            ("connect_timeout", svc.connect_timeout),
-        ] {
+        for (field, d) in [("timeout", svc.timeout), ("connect_timeout", svc.connect_timeout)] {
             if d.get().is_zero() {
                 err(format!("{p}.{field}"), "must be greater than 0".into());
             }
@@ -142,37 +98,27 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
         let hc = &svc.health_check;
         if hc.enabled {
             if !hc.path.starts_with('/') {
-                err(
-                    format!("{p}.health_check.path"),
-                    "must start with '/'".into(),
-                );
+                err(format!("{p}.health_check.path"), "must start with '/'".into());
             }
             if hc.interval.get().is_zero() {
-                err(
-                    format!("{p}.health_check.interval"),
-                    "must be greater than 0".into(),
-                );
+                err(format!("{p}.health_check.interval"), "must be greater than 0".into());
             }
             if hc.timeout.get().is_zero() {
-                err(
-                    format!("{p}.health_check.timeout"),
-                    "must be greater than 0".into(),
-                );
+                err(format!("{p}.health_check.timeout"), "must be greater than 0".into());
             }
             if hc.healthy_threshold == 0 {
-                err(
-                    format!("{p}.health_check.healthy_threshold"),
-                    "must be at least 1".into(),
-                );
+                err(format!("{p}.health_check.healthy_threshold"), "must be at least 1".into());
             }
             if hc.unhealthy_threshold == 0 {
-                err(
-                    format!("{p}.health_check.unhealthy_threshold"),
-                    "must be at least 1".into(),
-                );
+                err(format!("{p}.health_check.unhealthy_threshold"), "must be at least 1".into());
             }
         }
     }
+
+    validate_auth(c, &mut err);
+    let jwt_on = c.auth.jwt.is_some();
+    let keys_on = c.auth.api_keys.is_some();
+    let known_roles = c.auth.roles.keys().cloned().collect::<Vec<_>>().join(", ");
 
     // routes
     let mut ids: HashMap<&str, usize> = HashMap::new();
@@ -180,36 +126,15 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
     for (k, r) in c.routes.iter().enumerate() {
         let i = broken.route_index.get(k).copied().unwrap_or(k);
         let p = format!("routes[{i}]");
-        if r.id.is_empty()
-            || !r
-                .id
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
-        {
-            err(
-                format!("{p}.id"),
-                format!("{:?}: ids use only letters, digits, '-', '_' and '.'", r.id),
-            );
+        if r.id.is_empty() || !r.id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+            err(format!("{p}.id"), format!("{:?}: ids use only letters, digits, '-', '_' and '.'", r.id));
         }
         if let Some(first) = ids.insert(&r.id, i) {
-            err(
-                format!("{p}.id"),
-                format!(
-                    "duplicate route id {:?} (first used by routes[{first}])",
-                    r.id
-                ),
-            );
+            err(format!("{p}.id"), format!("duplicate route id {:?} (first used by routes[{first}])", r.id));
         }
         if !c.services.contains_key(&r.service) && !broken.services.contains(&r.service) {
             let known: Vec<&str> = c.services.keys().map(String::as_str).collect();
-            err(
-                format!("{p}.service"),
-                format!(
-                    "unknown service {:?} (known: {})",
-                    r.service,
-                    known.join(", ")
-                ),
-            );
+            err(format!("{p}.service"), format!("unknown service {:?} (known: {})", r.service, known.join(", ")));
         }
         let path_ok = validate_template(r, &p, &mut err);
         let methods = validate_methods(r, &p, &mut err);
@@ -218,19 +143,13 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
         {
             err(
                 format!("{p}.strip_prefix"),
-                format!(
-                    "{prefix:?} must start with '/' and be a prefix of the path {:?}",
-                    r.path
-                ),
+                format!("{prefix:?} must start with '/' and be a prefix of the path {:?}", r.path),
             );
         }
         if let Some(prefix) = &r.add_prefix
             && (!prefix.starts_with('/') || prefix.contains(['?', '#', '{']))
         {
-            err(
-                format!("{p}.add_prefix"),
-                format!("{prefix:?} must be a plain path starting with '/'"),
-            );
+            err(format!("{p}.add_prefix"), format!("{prefix:?} must be a plain path starting with '/'"));
         }
         if let Some(t) = r.timeout
             && t.get().is_zero()
@@ -238,50 +157,68 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
             err(format!("{p}.timeout"), "must be greater than 0".into());
         }
         for (j, role) in r.roles.iter().enumerate() {
-            if !KNOWN_ROLES.contains(&role.as_str()) {
-                err(
-                    format!("{p}.roles[{j}]"),
-                    format!("unknown role {role:?} (admin, operator, viewer)"),
-                );
+            if !c.auth.roles.contains_key(role) {
+                err(format!("{p}.roles[{j}]"), format!("unknown role {role:?} (known: {known_roles})"));
             }
         }
-        if r.roles.is_empty() && !r.public {
-            err(
-                format!("{p}.roles"),
-                "a route needs roles, or `public: true` to be reachable without them".into(),
-            );
+        if r.public && !r.roles.is_empty() {
+            err(format!("{p}.public"), "a public route cannot also list roles".into());
         }
-        if r.cache.is_some()
-            && methods
-                .iter()
-                .any(|m| m != Method::GET && m != Method::HEAD)
-        {
-            err(
-                format!("{p}.cache"),
-                "only GET and HEAD routes can be cached".into(),
-            );
+        if r.roles.is_empty() && !r.public {
+            err(format!("{p}.roles"), "a route needs roles, or `public: true` to be reachable without them".into());
+        }
+        if !r.public {
+            let accepted = r.auth.clone().unwrap_or_else(|| {
+                let mut v = Vec::new();
+                if jwt_on {
+                    v.push(AuthMethod::Jwt);
+                }
+                if keys_on {
+                    v.push(AuthMethod::ApiKey);
+                }
+                v
+            });
+            if accepted.is_empty() && !broken.auth {
+                err(
+                    format!("{p}.roles"),
+                    "the route needs authentication but auth.jwt and auth.api_keys are both absent".into(),
+                );
+            }
+            for (j, m) in accepted.iter().enumerate() {
+                let on = match m {
+                    AuthMethod::Jwt => jwt_on,
+                    AuthMethod::ApiKey => keys_on,
+                };
+                if r.auth.is_some() && !on && !broken.auth {
+                    err(format!("{p}.auth[{j}]"), format!("{} is not configured in auth", m.as_str()));
+                }
+            }
+        }
+        for (j, h) in r.required_headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                err(format!("{p}.required_headers[{j}]"), format!("{h:?} is not a header name"));
+            }
+        }
+        if r.json && r.max_json_depth == 0 {
+            err(format!("{p}.max_json_depth"), "must be at least 1".into());
+        }
+        if r.cache.is_some() && methods.iter().any(|m| m != Method::GET && m != Method::HEAD) {
+            err(format!("{p}.cache"), "only GET and HEAD routes can be cached".into());
         }
         if r.websocket && methods.iter().any(|m| m != Method::GET) {
-            err(
-                format!("{p}.methods"),
-                "a websocket route accepts only GET".into(),
-            );
+            err(format!("{p}.methods"), "a websocket route accepts only GET".into());
         }
         if path_ok && !methods.is_empty() {
             specs.push((p, r, methods));
         }
     }
-    let table = RouteTable::build(
-        specs
-            .into_iter()
-            .map(|(config_path, r, methods)| RouteSpec {
-                config_path,
-                id: &r.id,
-                template: &r.path,
-                methods,
-                value: (),
-            }),
-    );
+    let table = RouteTable::build(specs.into_iter().map(|(config_path, r, methods)| RouteSpec {
+        config_path,
+        id: &r.id,
+        template: &r.path,
+        methods,
+        value: (),
+    }));
     if let Err(errs) = table {
         errors.extend(errs.into_iter().filter(|e| !seen.contains(&e.path)));
     }
@@ -289,31 +226,19 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
 
 fn validate_template(r: &RouteConfig, p: &str, err: &mut impl FnMut(String, String)) -> bool {
     if !r.path.starts_with('/') {
-        err(
-            format!("{p}.path"),
-            format!("{:?} must start with '/'", r.path),
-        );
+        err(format!("{p}.path"), format!("{:?} must start with '/'", r.path));
         return false;
     }
     if r.path.contains(['?', '#', '%', '\\', ' ']) || r.path.contains("//") {
-        err(
-            format!("{p}.path"),
-            format!("{:?} must be a plain path template", r.path),
-        );
+        err(format!("{p}.path"), format!("{:?} must be a plain path template", r.path));
         return false;
     }
     if r.path.split('/').any(|seg| seg == "." || seg == "..") {
-        err(
-            format!("{p}.path"),
-            format!("{:?} must not contain '.' or '..' segments", r.path),
-        );
+        err(format!("{p}.path"), format!("{:?} must not contain '.' or '..' segments", r.path));
         return false;
     }
     if RESERVED_PATHS.contains(&r.path.as_str()) {
-        err(
-            format!("{p}.path"),
-            format!("{:?} is reserved for the gateway's own endpoint", r.path),
-        );
+        err(format!("{p}.path"), format!("{:?} is reserved for the gateway's own endpoint", r.path));
         return false;
     }
     true
@@ -321,22 +246,13 @@ fn validate_template(r: &RouteConfig, p: &str, err: &mut impl FnMut(String, Stri
 
 fn validate_methods(r: &RouteConfig, p: &str, err: &mut impl FnMut(String, String)) -> Vec<Method> {
     if r.methods.is_empty() {
-        err(
-            format!("{p}.methods"),
-            "at least one method is required".into(),
-        );
+        err(format!("{p}.methods"), "at least one method is required".into());
     }
     let mut out: Vec<Method> = Vec::new();
     for (j, m) in r.methods.iter().enumerate() {
         const KNOWN: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
         if !KNOWN.contains(&m.as_str()) {
-            err(
-                format!("{p}.methods[{j}]"),
-                format!(
-                    "unknown method {m:?} (use upper case: {})",
-                    KNOWN.join(", ")
-                ),
-            );
+            err(format!("{p}.methods[{j}]"), format!("unknown method {m:?} (use upper case: {})", KNOWN.join(", ")));
             continue;
         }
         let method = Method::from_bytes(m.as_bytes()).expect("known method");
@@ -347,4 +263,85 @@ fn validate_methods(r: &RouteConfig, p: &str, err: &mut impl FnMut(String, Strin
         out.push(method);
     }
     out
+}
+
+fn validate_auth(c: &Config, err: &mut impl FnMut(String, String)) {
+    if let Some(jwt) = &c.auth.jwt {
+        if jwt.issuers.is_empty() {
+            err("auth.jwt.issuers".into(), "at least one issuer is required".into());
+        }
+        if jwt.leeway.get() > std::time::Duration::from_secs(300) {
+            err("auth.jwt.leeway".into(), "more than 5m of clock skew is not accepted".into());
+        }
+        for (i, iss) in jwt.issuers.iter().enumerate() {
+            let p = format!("auth.jwt.issuers[{i}]");
+            if iss.issuer.is_empty() {
+                err(format!("{p}.issuer"), "must not be empty".into());
+            }
+            if iss.audiences.is_empty() {
+                err(format!("{p}.audiences"), "at least one audience is required (aud is always checked)".into());
+            }
+            if iss.algorithms.is_empty() {
+                err(format!("{p}.algorithms"), "an explicit algorithm allow-list is required".into());
+            }
+            let mut families = Vec::new();
+            for (j, a) in iss.algorithms.iter().enumerate() {
+                match crate::auth::jwt::parse_algorithm(a) {
+                    Ok(alg) => families.push(alg.family()),
+                    Err(e) => err(format!("{p}.algorithms[{j}]"), e),
+                }
+            }
+            let sources =
+                [iss.secret.is_some(), iss.public_key_file.is_some(), iss.jwks_file.is_some(), iss.jwks_url.is_some()];
+            if sources.iter().filter(|x| **x).count() != 1 {
+                err(p.clone(), "exactly one of secret, public_key_file, jwks_file, jwks_url is required".into());
+            }
+            let has_hs = families.contains(&jsonwebtoken::AlgorithmFamily::Hmac);
+            if let Some(secret) = &iss.secret {
+                if secret.expose().len() < MIN_HS_SECRET_BYTES {
+                    err(format!("{p}.secret"), format!("an HS secret must be at least {MIN_HS_SECRET_BYTES} bytes"));
+                }
+                if families.iter().any(|f| *f != jsonwebtoken::AlgorithmFamily::Hmac) {
+                    err(format!("{p}.algorithms"), "a secret only verifies HS256/HS384/HS512".into());
+                }
+            } else if has_hs {
+                err(
+                    format!("{p}.algorithms"),
+                    "HS algorithms need a secret; with public keys they would allow HS/RS confusion".into(),
+                );
+            }
+            for (field, path) in [("public_key_file", &iss.public_key_file), ("jwks_file", &iss.jwks_file)] {
+                if let Some(path) = path
+                    && let Err(e) = std::fs::metadata(path)
+                {
+                    err(format!("{p}.{field}"), format!("cannot read {}: {e}", path.display()));
+                }
+            }
+            if let Some(url) = &iss.jwks_url
+                && !url.starts_with("http://")
+            {
+                err(
+                    format!("{p}.jwks_url"),
+                    "only http:// JWKS URLs are supported (use a local sidecar or jwks_file)".into(),
+                );
+            }
+        }
+    }
+    if let Some(ak) = &c.auth.api_keys {
+        let mut ids = std::collections::HashSet::new();
+        for (i, k) in ak.keys.iter().enumerate() {
+            let p = format!("auth.api_keys.keys[{i}]");
+            if !ids.insert(&k.id) {
+                err(format!("{p}.id"), format!("duplicate key id {:?}", k.id));
+            }
+            if let Err(e) = crate::auth::apikey::parse_hash(&k.sha256) {
+                err(format!("{p}.sha256"), e);
+            }
+            for (j, role) in k.roles.iter().enumerate() {
+                if !c.auth.roles.contains_key(role) {
+                    err(format!("{p}.roles[{j}]"), format!("unknown role {role:?}"));
+                }
+            }
+        }
+    }
 }

@@ -14,14 +14,12 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 /// Request-duration buckets in seconds: from 50 µs (the gateway's own overhead) up to 10 s.
-pub const DURATION_BUCKETS: [f64; 17] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
-];
+pub const DURATION_BUCKETS: [f64; 17] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Labels of the per-request series. `route` is a route id (or a fixed name such as
 /// `unmatched`), never a raw path, and `method` is one of a fixed set, so clients cannot create
@@ -45,6 +43,22 @@ pub struct UpstreamErrorLabels {
     pub kind: &'static str,
 }
 
+/// Labels of the authentication series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    /// `jwt`, `api_key` or `none`.
+    pub method: &'static str,
+}
+
+/// Labels of the authentication-failure series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    /// `jwt`, `api_key` or `none`.
+    pub method: &'static str,
+    /// Fixed reason code (`expired`, `bad_signature`, `missing`, `forbidden`, …).
+    pub reason: &'static str,
+}
+
 /// All metric families, registered once per process.
 pub struct Metrics {
     registry: Registry,
@@ -53,6 +67,8 @@ pub struct Metrics {
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     in_flight: Gauge,
     connections: Gauge,
+    auth_attempts: Family<AuthLabels, Counter>,
+    auth_failures: Family<AuthFailureLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -64,53 +80,33 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("b25_gateway");
         let requests = Family::<HttpLabels, Counter>::default();
-        let duration = Family::<HttpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            duration_histogram,
-        );
+        let duration = Family::<HttpLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         let in_flight = Gauge::default();
         let connections = Gauge::default();
+        let auth_attempts = Family::<AuthLabels, Counter>::default();
+        let auth_failures = Family::<AuthFailureLabels, Counter>::default();
+        registry.register("auth_attempts", "Authentication attempts by method", auth_attempts.clone());
         registry.register(
-            "http_requests",
-            "HTTP requests by route, method and status",
-            requests.clone(),
+            "auth_failures",
+            "Authentication and authorisation failures by method and reason",
+            auth_failures.clone(),
         );
+        registry.register("http_requests", "HTTP requests by route, method and status", requests.clone());
         registry.register(
             "http_request_duration_seconds",
             "Time from request received to response body finished, by route, method and status",
             duration.clone(),
         );
-        registry.register(
-            "upstream_errors",
-            "Upstream failures by service and kind",
-            upstream_errors.clone(),
-        );
-        registry.register(
-            "http_requests_in_flight",
-            "Requests being served",
-            in_flight.clone(),
-        );
-        registry.register(
-            "connections_active",
-            "Open client connections",
-            connections.clone(),
-        );
+        registry.register("upstream_errors", "Upstream failures by service and kind", upstream_errors.clone());
+        registry.register("http_requests_in_flight", "Requests being served", in_flight.clone());
+        registry.register("connections_active", "Open client connections", connections.clone());
         registry.register(
             "build",
             "Build information",
-            Info::new(vec![
-                ("version", env!("CARGO_PKG_VERSION")),
-                ("commit", crate::version::GIT_COMMIT),
-            ]),
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION")), ("commit", crate::version::GIT_COMMIT)]),
         );
-        Self {
-            registry,
-            requests,
-            duration,
-            upstream_errors,
-            in_flight,
-            connections,
-        }
+        Self { registry, requests, duration, upstream_errors, in_flight, connections, auth_attempts, auth_failures }
     }
 
     /// The OpenMetrics text exposition.
@@ -122,12 +118,20 @@ impl Metrics {
 
     /// Counts an upstream failure.
     pub fn upstream_error(&self, service: &Arc<str>, kind: &'static str) {
-        self.upstream_errors
-            .get_or_create(&UpstreamErrorLabels {
-                service: service.clone(),
-                kind,
-            })
-            .inc();
+        self.upstream_errors.get_or_create(&UpstreamErrorLabels { service: service.clone(), kind }).inc();
+    }
+
+    /// Counts an authentication attempt, and its failure reason if it failed.
+    pub fn auth_attempt(&self, method: &'static str, failure: Option<&'static str>) {
+        match failure {
+            None => self.auth_attempts.get_or_create(&AuthLabels { method }).inc(),
+            Some(reason) => {
+                if reason != "forbidden" {
+                    self.auth_attempts.get_or_create(&AuthLabels { method }).inc();
+                }
+                self.auth_failures.get_or_create(&AuthFailureLabels { method, reason }).inc()
+            }
+        };
     }
 
     /// The open-connections gauge.
@@ -176,8 +180,8 @@ pub struct RequestRecord {
     pub upstream_us: Option<u64>,
     /// The client (TCP peer).
     pub client_ip: IpAddr,
-    /// Request body bytes, counted as they stream.
-    pub bytes_in: Arc<AtomicU64>,
+    /// Request body bytes (counted as they stream) and how the body ended.
+    pub body: Arc<crate::body::BodyStats>,
     /// Response body bytes.
     pub bytes_out: u64,
     /// The response body ended with an error or the client went away.
@@ -192,16 +196,9 @@ impl RequestRecord {
     /// Records metrics and writes the access log line.
     pub fn finish(self) {
         let elapsed = self.start.elapsed();
-        let labels = HttpLabels {
-            route: self.route.clone(),
-            method: method_label(&self.method),
-            status: self.status,
-        };
+        let labels = HttpLabels { route: self.route.clone(), method: method_label(&self.method), status: self.status };
         self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
+        self.metrics.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
         self.metrics.in_flight.dec();
         if self.access_log {
             tracing::info!(
@@ -211,7 +208,7 @@ impl RequestRecord {
                 route = &*self.route,
                 path = self.path.as_deref().unwrap_or(""),
                 status = self.status,
-                bytes_in = self.bytes_in.load(Ordering::Relaxed),
+                bytes_in = self.body.bytes.load(Ordering::Relaxed),
                 bytes_out = self.bytes_out,
                 duration_us = elapsed.as_micros() as u64,
                 upstream_us = self.upstream_us,
@@ -234,22 +231,15 @@ impl RequestRecord {
 
 /// Installs the global subscriber: JSON (or text) lines through a non-blocking stdout writer.
 /// `RUST_LOG` overrides the configured level. Keep the guard alive to flush at exit.
-pub fn init_logging(
-    cfg: &crate::config::LoggingConfig,
-) -> tracing_appender::non_blocking::WorkerGuard {
+pub fn init_logging(cfg: &crate::config::LoggingConfig) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match cfg.format {
-        crate::config::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .try_init(),
+        crate::config::LogFormat::Json => {
+            builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init()
+        }
         crate::config::LogFormat::Text => builder.try_init(),
     };
     guard

@@ -15,8 +15,7 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 pub fn is_valid(v: &[u8]) -> bool {
     !v.is_empty()
         && v.len() <= MAX_REQUEST_ID_LEN
-        && v.iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && v.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The client's id when it is valid (exactly one header), else a new UUIDv7.

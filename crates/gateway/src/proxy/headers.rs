@@ -52,11 +52,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// `X-Forwarded-Proto` and `X-Forwarded-Host` (the client's `Host` or `:authority`).
 pub fn set_forwarded(h: &mut HeaderMap, peer: IpAddr, tls: bool, host: Option<HeaderValue>) {
     let peer = peer.to_string();
-    let mut prior = h
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .peekable();
+    let mut prior = h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).peekable();
     let xff = if prior.peek().is_some() {
         let mut s = prior.collect::<Vec<_>>().join(", ");
         s.push_str(", ");
@@ -68,10 +64,7 @@ pub fn set_forwarded(h: &mut HeaderMap, peer: IpAddr, tls: bool, host: Option<He
     if let Ok(v) = xff {
         h.insert(&X_FORWARDED_FOR, v);
     }
-    h.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
-    );
+    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if tls { "https" } else { "http" }));
     match host {
         Some(host) => {
             h.insert(&X_FORWARDED_HOST, host);
@@ -89,17 +82,11 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_named() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Secret, bogus header"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret, bogus header"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(
-            header::PROXY_AUTHORIZATION,
-            HeaderValue::from_static("Basic x"),
-        );
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
@@ -111,16 +98,8 @@ mod tests {
     fn forwarded_appends_peer() {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
-        h.append(
-            &X_FORWARDED_FOR,
-            HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
-        );
-        set_forwarded(
-            &mut h,
-            "127.0.0.1".parse().unwrap(),
-            true,
-            Some(HeaderValue::from_static("gw")),
-        );
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2, 3.3.3.3"));
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true, Some(HeaderValue::from_static("gw")));
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "gw");

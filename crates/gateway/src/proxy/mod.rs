@@ -8,7 +8,7 @@
 
 pub mod headers;
 
-use crate::body::Counted;
+use crate::body::UpstreamBody as Body;
 use crate::config::{HealthCheckConfig, ServiceConfig};
 use crate::error::{ErrorKind, GatewayError};
 use bytes::Bytes;
@@ -26,8 +26,8 @@ use std::time::Duration;
 /// TCP keepalive probes on upstream connections find dead peers on idle pooled connections.
 const UPSTREAM_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
-/// The request body type sent upstream: the client's body, streamed and counted.
-pub type UpstreamBody = Counted<Incoming>;
+/// The request body type sent upstream.
+pub type UpstreamBody = Body;
 
 /// One instance of a service, with its health.
 #[derive(Debug)]
@@ -54,35 +54,20 @@ pub struct ParsedInstance {
 impl Instance {
     /// Checks an instance URL: `http://host:port`, no path, query or credentials.
     pub fn parse(url: &str) -> Result<ParsedInstance, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-        let scheme = uri
-            .scheme()
-            .cloned()
-            .ok_or_else(|| format!("{url:?}: a scheme is required (http://)"))?;
+        let uri: Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| format!("{url:?}: a scheme is required (http://)"))?;
         if scheme != Scheme::HTTP {
             return Err(format!("{url:?}: only http:// upstreams are supported"));
         }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| format!("{url:?}: a host is required"))?;
+        let authority = uri.authority().cloned().ok_or_else(|| format!("{url:?}: a host is required"))?;
         if authority.as_str().contains('@') {
-            return Err(format!(
-                "{url:?}: credentials in upstream URLs are not allowed"
-            ));
+            return Err(format!("{url:?}: credentials in upstream URLs are not allowed"));
         }
         if authority.port_u16().is_none() {
             return Err(format!("{url:?}: a port is required"));
         }
-        if uri
-            .path_and_query()
-            .is_some_and(|pq| pq.as_str() != "/" && !pq.as_str().is_empty())
-        {
-            return Err(format!(
-                "{url:?}: an instance URL has no path or query (use routes[].add_prefix)"
-            ));
+        if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/" && !pq.as_str().is_empty()) {
+            return Err(format!("{url:?}: an instance URL has no path or query (use routes[].add_prefix)"));
         }
         Ok(ParsedInstance { scheme, authority })
     }
@@ -107,11 +92,7 @@ impl Instance {
     }
 
     fn uri(&self, pq: PathAndQuery) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        Uri::builder().scheme(self.scheme.clone()).authority(self.authority.clone()).path_and_query(pq).build()
     }
 }
 
@@ -128,10 +109,7 @@ pub struct Upstream {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream")
-            .field("name", &self.name)
-            .field("instances", &self.instances)
-            .finish()
+        f.debug_struct("Upstream").field("name", &self.name).field("instances", &self.instances).finish()
     }
 }
 
@@ -146,11 +124,7 @@ fn connector(connect_timeout: Duration) -> HttpConnector {
 impl Upstream {
     /// Builds the service's client and instances (validated config: instance URLs parse).
     pub fn new(name: &str, cfg: &ServiceConfig) -> Result<Self, String> {
-        let instances = cfg
-            .instances
-            .iter()
-            .map(|u| Instance::new(u).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
+        let instances = cfg.instances.iter().map(|u| Instance::new(u).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout.get())
             .pool_max_idle_per_host(cfg.pool_max_idle)
@@ -180,9 +154,7 @@ impl Upstream {
     pub fn pick(&self) -> Option<&Arc<Instance>> {
         let n = self.instances.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &self.instances[(start + i) % n])
-            .find(|inst| inst.is_healthy())
+        (0..n).map(|i| &self.instances[(start + i) % n]).find(|inst| inst.is_healthy())
     }
 
     /// Sends `req` (whose URI holds only path and query) to an instance and waits for the
@@ -193,31 +165,19 @@ impl Upstream {
         timeout: Duration,
     ) -> Result<Response<Incoming>, GatewayError> {
         let inst = self.pick().ok_or_else(|| {
-            GatewayError::new(
-                ErrorKind::NoHealthyUpstream,
-                "no healthy instance of the service",
-            )
-            .with_detail(&self.name)
+            GatewayError::new(ErrorKind::NoHealthyUpstream, "no healthy instance of the service")
+                .with_detail(&self.name)
         })?;
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = inst.uri(pq).map_err(|e| {
-            GatewayError::new(ErrorKind::Internal, "cannot build upstream request").with_detail(e)
-        })?;
+        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = inst
+            .uri(pq)
+            .map_err(|e| GatewayError::new(ErrorKind::Internal, "cannot build upstream request").with_detail(e))?;
         *req.version_mut() = Version::HTTP_11;
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => {
-                Err(classify(&e).with_detail(format!("{}: {}", inst.url, error_chain(&e))))
-            }
-            Err(_) => Err(GatewayError::new(
-                ErrorKind::UpstreamTimeout,
-                "the upstream service did not answer in time",
-            )
-            .with_detail(format!("{} after {timeout:?}", inst.url))),
+            Ok(Err(e)) => Err(classify(&e).with_detail(format!("{}: {}", inst.url, error_chain(&e)))),
+            Err(_) => Err(GatewayError::new(ErrorKind::UpstreamTimeout, "the upstream service did not answer in time")
+                .with_detail(format!("{} after {timeout:?}", inst.url))),
         }
     }
 
@@ -235,12 +195,7 @@ impl Upstream {
         let status = match uri.parse::<Uri>() {
             Ok(uri) => {
                 let req = Request::get(uri).body(Empty::new()).expect("valid request");
-                match tokio::time::timeout(
-                    self.health.timeout.get(),
-                    self.health_client.request(req),
-                )
-                .await
-                {
+                match tokio::time::timeout(self.health.timeout.get(), self.health_client.request(req)).await {
                     Ok(Ok(resp)) => resp.status().as_u16(),
                     _ => 0,
                 }
@@ -312,19 +267,13 @@ impl Upstream {
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Maps a client error to the kind that says where it failed.
 fn classify(e: &hyper_util::client::legacy::Error) -> GatewayError {
     if e.is_connect() {
-        return GatewayError::new(
-            ErrorKind::UpstreamConnect,
-            "could not connect to the upstream service",
-        );
+        return GatewayError::new(ErrorKind::UpstreamConnect, "could not connect to the upstream service");
     }
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {

@@ -17,11 +17,7 @@ use tokio::sync::watch;
 /// Content type of the OpenMetrics text format written by prometheus-client.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-pub(super) async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    _stop: watch::Receiver<bool>,
-) {
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, _stop: watch::Receiver<bool>) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -44,8 +40,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
     match req.uri().path() {
         "/metrics" => {
             let mut r = Response::new(GatewayBody::full(shared.metrics.encode()));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
             r
         }
         "/health/readiness" | "/ready" => readiness(shared),

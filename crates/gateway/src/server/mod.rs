@@ -27,6 +27,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// hyper's own hard cap on a request header block. The configured `max_header_bytes` is
+/// enforced by the gateway (JSON 431), excluding `Authorization`, whose size the JWT layer
+/// bounds (`max_token_size`, 401); this cap only stops absurd header blocks early.
+const HARD_MAX_HEADER_BYTES: usize = 2 << 20;
+
 /// Back-off after a failed `accept` (e.g. out of file descriptors), so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -95,37 +100,22 @@ impl GatewayHandle {
 /// gateway reports ready after the first health-check round.
 pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartError> {
     let server_cfg = config.server.clone();
-    let snapshot = Snapshot::build(config).map_err(|errors| {
-        StartError::Config(crate::config::ConfigErrors {
-            file: file.to_string(),
-            errors,
-        })
-    })?;
+    let snapshot = Snapshot::build(config)
+        .map_err(|errors| StartError::Config(crate::config::ConfigErrors { file: file.to_string(), errors }))?;
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared::new(snapshot, metrics));
 
     let bind = |addr: &str| {
         let addr = addr.to_string();
-        async move {
-            TcpListener::bind(&addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })
-        }
+        async move { TcpListener::bind(&addr).await.map_err(|source| StartError::Bind { addr, source }) }
     };
     let listener = bind(&server_cfg.listen).await?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: server_cfg.listen.clone(),
-        source,
-    })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: server_cfg.listen.clone(), source })?;
     let tls = match &server_cfg.tls {
         Some(t) => Some(tls::acceptor(t, server_cfg.http2)?),
         None => None,
     };
-    let admin = if server_cfg.admin_listen.is_empty() {
-        None
-    } else {
-        Some(bind(&server_cfg.admin_listen).await?)
-    };
+    let admin = if server_cfg.admin_listen.is_empty() { None } else { Some(bind(&server_cfg.admin_listen).await?) };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
 
     let (stop, stop_rx) = watch::channel(false);
@@ -134,13 +124,13 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server_cfg.limits.header_timeout.get())
-        .max_buf_size(server_cfg.limits.max_header_bytes.bytes() as usize)
-        .max_headers(server_cfg.limits.max_headers)
+        .max_buf_size(HARD_MAX_HEADER_BYTES.max(server_cfg.limits.max_header_bytes.bytes() as usize))
+        .max_headers(server_cfg.limits.max_headers.saturating_mul(2).max(100))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(server_cfg.limits.max_header_bytes.bytes() as u32)
+        .max_header_list_size(HARD_MAX_HEADER_BYTES.max(server_cfg.limits.max_header_bytes.bytes() as usize) as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     if !server_cfg.http2 {
         builder = builder.http1_only();
@@ -152,7 +142,13 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
         let stop = stop.clone();
         tokio::spawn(async move {
             let snap = shared.snapshot.load_full();
-            futures_util::future::join_all(snap.upstreams.values().map(|u| u.check_all())).await;
+            let jwks = async {
+                if let Some(j) = &snap.auth.jwt {
+                    j.start_background().await;
+                }
+            };
+            let health = futures_util::future::join_all(snap.upstreams.values().map(|u| u.check_all()));
+            futures_util::future::join(jwks, health).await;
             for u in snap.upstreams.values() {
                 u.spawn_health_checks();
             }
@@ -178,13 +174,7 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
     ));
     let admin_str = admin_addr.map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, admin = %admin_str, tls = server_cfg.tls.is_some(), "listening");
-    Ok(GatewayHandle {
-        addr,
-        admin_addr,
-        shared,
-        stop,
-        done,
-    })
+    Ok(GatewayHandle { addr, admin_addr, shared, stop, done })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -255,15 +245,9 @@ async fn run(
     drop(listener);
     let open = graceful.count();
     tracing::info!(connections = open, grace = ?grace, "listener closed; finishing in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         let cut = RequestRecord::in_flight(&shared.metrics);
-        tracing::warn!(
-            requests_cut = cut,
-            "shutdown grace period over; cutting what is still in flight"
-        );
+        tracing::warn!(requests_cut = cut, "shutdown grace period over; cutting what is still in flight");
     }
     if let Some(a) = admin_task {
         a.abort();

@@ -14,28 +14,17 @@ pub fn acceptor(cfg: &TlsConfig, http2: bool) -> Result<tokio_rustls::TlsAccepto
         .collect::<Result<_, _>>()
         .map_err(|e| StartError::Tls(format!("{}: {e}", cfg.cert.display())))?;
     if certs.is_empty() {
-        return Err(StartError::Tls(format!(
-            "{}: no certificate found",
-            cfg.cert.display()
-        )));
+        return Err(StartError::Tls(format!("{}: no certificate found", cfg.cert.display())));
     }
-    let key = PrivateKeyDer::from_pem_file(&cfg.key)
-        .map_err(|e| StartError::Tls(format!("{}: {e}", cfg.key.display())))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| StartError::Tls(format!("{}: {e}", cfg.key.display())))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| StartError::Tls(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            StartError::Tls(format!(
-                "certificate and key do not match or are invalid: {e}"
-            ))
-        })?;
-    config.alpn_protocols = if http2 {
-        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
-    } else {
-        vec![b"http/1.1".to_vec()]
-    };
+        .map_err(|e| StartError::Tls(format!("certificate and key do not match or are invalid: {e}")))?;
+    config.alpn_protocols = if http2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -18,10 +18,7 @@ use tokio::net::TcpStream;
 
 /// The workspace root (for `config/gateway.yaml`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 /// A gateway running in this process.
@@ -32,18 +29,11 @@ pub struct TestGateway {
 impl TestGateway {
     /// Parses `yaml` with `vars` as the only environment, starts it and waits until ready.
     pub async fn start(yaml: &str, vars: &[(&str, String)]) -> Self {
-        let vars: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         let env = move |name: &str| vars.get(name).cloned();
         let cfg = config::parse(yaml, "test.yaml", &env).unwrap_or_else(|e| panic!("{e}"));
-        let handle = server::start(cfg, "test.yaml")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        tokio::time::timeout(Duration::from_secs(10), handle.ready())
-            .await
-            .expect("gateway ready");
+        let handle = server::start(cfg, "test.yaml").await.unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::timeout(Duration::from_secs(10), handle.ready()).await.expect("gateway ready");
         Self { handle }
     }
 
@@ -62,22 +52,73 @@ pub fn config_yaml(services: &[(&str, String)], routes: &str) -> String {
         "server:\n  listen: \"127.0.0.1:0\"\n  admin_listen: \"127.0.0.1:0\"\n  shutdown_grace: 5s\nlogging:\n  level: warn\nservices:\n",
     );
     for (name, url) in services {
-        y.push_str(&format!(
-            "  {name}:\n    instances: [\"{url}\"]\n    health_check: {{ enabled: false }}\n"
-        ));
+        y.push_str(&format!("  {name}:\n    instances: [\"{url}\"]\n    health_check: {{ enabled: false }}\n"));
     }
     y.push_str("routes:\n");
     y.push_str(routes);
     y
 }
 
+/// HS256 secret the tests give the shipped config.
+pub const TEST_SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
+/// The operator API key whose hash the tests give the shipped config.
+pub const TEST_API_KEY: &str = "b25_test_operator_key";
+/// The CORS origin the tests give the shipped config.
+pub const TEST_ORIGIN: &str = "https://dashboard.b25.example";
+
+/// Seconds since the Unix epoch.
+pub fn now() -> i64 {
+    jsonwebtoken::get_current_timestamp() as i64
+}
+
+/// Claims accepted by the shipped config's issuer, with `roles`; `extra` overrides or adds.
+pub fn claims(sub: &str, roles: &[&str], extra: serde_json::Value) -> serde_json::Value {
+    let mut c = serde_json::json!({
+        "sub": sub, "roles": roles, "iss": "b25-auth", "aud": "b25-gateway",
+        "iat": now(), "exp": now() + 600,
+    });
+    if let serde_json::Value::Object(m) = extra {
+        for (k, v) in m {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(&k);
+            } else {
+                c[k] = v;
+            }
+        }
+    }
+    c
+}
+
+/// An HS256 token signed with `secret`.
+pub fn hs256(secret: &str, claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A valid token for the shipped config with these roles.
+pub fn token(roles: &[&str]) -> String {
+    hs256(TEST_SECRET, &claims(&format!("user-{}", roles.join("-")), roles, serde_json::json!({})))
+}
+
+/// `Authorization: Bearer …` value.
+pub fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+/// The shipped config text.
+pub fn shipped_yaml() -> String {
+    std::fs::read_to_string(repo_root().join("config/gateway.yaml")).unwrap()
+}
+
 /// All seven simulated services on free loopback ports.
 pub async fn start_sims() -> HashMap<&'static str, SimServer> {
     let mut out = HashMap::new();
     for s in Service::ALL {
-        let sim = b25_sim::start(s, "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let sim = b25_sim::start(s, "127.0.0.1:0".parse().unwrap()).await.unwrap();
         out.insert(s.name(), sim);
     }
     out
@@ -89,6 +130,9 @@ pub fn shipped_env(sims: &HashMap<&'static str, SimServer>) -> Vec<(&'static str
         ("B25_GATEWAY_LISTEN", "127.0.0.1:0".to_string()),
         ("B25_GATEWAY_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
         ("B25_GATEWAY_LOG_LEVEL", "warn".to_string()),
+        ("B25_JWT_SECRET", TEST_SECRET.to_string()),
+        ("B25_OPS_CONSOLE_KEY_SHA256", b25_gateway::auth::apikey::hash_hex(TEST_API_KEY)),
+        ("B25_DASHBOARD_ORIGIN", TEST_ORIGIN.to_string()),
     ];
     for (name, var) in [
         ("market-data", "MARKET_DATA_URL"),
@@ -120,24 +164,11 @@ impl Reply {
 
     /// Asserts the gateway's JSON error shape, its code and the echoed request id.
     pub fn assert_error(&self, status: u16, code: &str) {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "body: {}",
-            String::from_utf8_lossy(&self.body)
-        );
+        assert_eq!(self.status.as_u16(), status, "body: {}", String::from_utf8_lossy(&self.body));
         let v = self.json();
         assert_eq!(v["error"]["code"], code, "{v}");
-        assert!(
-            v["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{v}"
-        );
-        let rid = self
-            .headers
-            .get("x-request-id")
-            .expect("x-request-id on errors");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        let rid = self.headers.get("x-request-id").expect("x-request-id on errors");
         assert_eq!(v["error"]["request_id"], rid.to_str().unwrap(), "{v}");
     }
 }
@@ -150,9 +181,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
     tx
 }
@@ -166,24 +195,14 @@ pub async fn send(
     body: impl Into<Bytes>,
 ) -> Reply {
     let mut tx = h1(addr).await;
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
+    let mut req = Request::builder().method(method).uri(path).header("host", addr.to_string());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = tx
-        .send_request(req.body(Full::new(body.into())).unwrap())
-        .await
-        .unwrap();
+    let resp = tx.send_request(req.body(Full::new(body.into())).unwrap()).await.unwrap();
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Reply { status: parts.status, headers: parts.headers, body }
 }
 
 /// GET with no body.
@@ -200,11 +219,8 @@ pub fn dead_port() -> u16 {
 /// A fresh directory under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "b25-gw-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+    let d =
+        std::env::temp_dir().join(format!("b25-gw-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -231,9 +247,7 @@ where
                     let handler = handler.clone();
                     async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });

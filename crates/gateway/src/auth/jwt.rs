@@ -1,0 +1,378 @@
+//! JWT verification: explicit algorithm allow-lists per issuer, keys from a secret, a PEM file,
+//! a JWKS file or a JWKS URL (background refresh, refresh on unknown `kid`, keep last good).
+//!
+//! Refused always, before any signature work: tokens over the size limit, `alg: none` in any
+//! case, an algorithm not allowed for the issuer or not matching the key's family (no HS/RS
+//! confusion), a `crit` header (no extension is understood), and `jku`, `x5u`, `jwk` or `x5c`
+//! headers (keys named by the token are never fetched or trusted). `exp` is required; `nbf`,
+//! `iat` (not in the future beyond the leeway), `iss` and `aud` are checked.
+//!
+//! Verified tokens are cached (bounded, keyed by the whole token, valid until `exp`) so an
+//! RS256 signature is not re-verified on every request.
+
+use super::roles::{RoleModel, RoleSet};
+use super::{AuthFailure, Principal};
+use crate::config::security::{IssuerConfig, JwtConfig};
+use crate::config::{AuthMethod, ConfigError};
+use arc_swap::ArcSwap;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Largest JWKS document accepted from a URL.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Keys tried for a token without `kid` (bounds the work a crafted token can cause).
+const MAX_KEYS_WITHOUT_KID: usize = 4;
+
+struct Key {
+    kid: Option<String>,
+    alg: Option<Algorithm>,
+    key: DecodingKey,
+}
+
+#[derive(Default)]
+struct KeySet {
+    keys: Vec<Key>,
+}
+
+struct JwksSource {
+    url: hyper::Uri,
+    refresh: Duration,
+    min_refresh: Duration,
+    timeout: Duration,
+    last_fetch_ms: AtomicU64,
+    fetch_lock: tokio::sync::Mutex<()>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+struct Issuer {
+    iss: String,
+    validations: Vec<(Algorithm, Validation)>,
+    keys: ArcSwap<KeySet>,
+    jwks: Option<JwksSource>,
+}
+
+/// Verifies bearer tokens for one config snapshot.
+pub struct JwtVerifier {
+    issuers: Vec<Arc<Issuer>>,
+    leeway: u64,
+    max_size: usize,
+    roles_claim: String,
+    cache: Option<quick_cache::sync::Cache<Box<str>, Arc<Principal>>>,
+    roles: Arc<RoleModel>,
+    /// Forward `Authorization` upstream.
+    pub forward_token: bool,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier").field("issuers", &self.issuers.len()).finish_non_exhaustive()
+    }
+}
+
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+/// Parses an algorithm name of the allow-list (`none` and unknown names are errors).
+pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    if name.eq_ignore_ascii_case("none") {
+        return Err("\"none\" is never allowed".into());
+    }
+    Algorithm::from_str(name).map_err(|_| format!("unknown algorithm {name:?}"))
+}
+
+impl JwtVerifier {
+    /// Builds the verifier; reads PEM and JWKS files. JWKS URLs are fetched by
+    /// [`start_background`](Self::start_background).
+    pub fn new(cfg: &JwtConfig, roles: Arc<RoleModel>, errors: &mut Vec<ConfigError>) -> Self {
+        let leeway = cfg.leeway.get().as_secs();
+        let mut issuers = Vec::new();
+        for (i, ic) in cfg.issuers.iter().enumerate() {
+            let p = format!("auth.jwt.issuers[{i}]");
+            match Issuer::new(ic, leeway) {
+                Ok(iss) => issuers.push(Arc::new(iss)),
+                Err(e) => errors.push(ConfigError::new(p, e)),
+            }
+        }
+        let cache = (cfg.cache_size > 0).then(|| quick_cache::sync::Cache::new(cfg.cache_size));
+        Self {
+            issuers,
+            leeway,
+            max_size: cfg.max_token_size.bytes() as usize,
+            roles_claim: cfg.roles_claim.clone(),
+            cache,
+            roles,
+            forward_token: cfg.forward_token,
+        }
+    }
+
+    /// Fetches every JWKS URL once, then keeps refreshing in the background for as long as
+    /// this verifier (its snapshot) lives.
+    pub async fn start_background(self: &Arc<Self>) {
+        for iss in &self.issuers {
+            if iss.jwks.is_some() {
+                iss.refresh(true).await;
+                let weak: Weak<Issuer> = Arc::downgrade(iss);
+                let period = iss.jwks.as_ref().map(|j| j.refresh).unwrap_or(Duration::from_secs(300));
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(period);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        let Some(iss) = weak.upgrade() else { return };
+                        iss.refresh(true).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// Verifies `token` and returns its principal.
+    pub async fn verify(&self, token: &str) -> Result<Arc<Principal>, AuthFailure> {
+        if token.len() > self.max_size {
+            return Err(AuthFailure::invalid("token_too_large"));
+        }
+        if let Some(cache) = &self.cache
+            && let Some(p) = cache.get(token)
+            && p.exp.is_some_and(|exp| exp + self.leeway > now())
+        {
+            return Ok(p);
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(payload), Some(_sig), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthFailure::invalid("malformed"));
+        };
+        let header = decode_segment(h).ok_or(AuthFailure::invalid("malformed"))?;
+        let alg_name = header.get("alg").and_then(Value::as_str).unwrap_or("");
+        if alg_name.eq_ignore_ascii_case("none") {
+            return Err(AuthFailure::invalid("alg_none"));
+        }
+        if header.contains_key("crit") {
+            return Err(AuthFailure::invalid("crit_header"));
+        }
+        if ["jku", "x5u", "jwk", "x5c"].iter().any(|k| header.contains_key(*k)) {
+            return Err(AuthFailure::invalid("forbidden_header"));
+        }
+        let alg = Algorithm::from_str(alg_name).map_err(|_| AuthFailure::invalid("alg_not_allowed"))?;
+        let kid = header.get("kid").and_then(Value::as_str);
+
+        let issuer = if self.issuers.len() == 1 {
+            &self.issuers[0]
+        } else {
+            let claims = decode_segment(payload).ok_or(AuthFailure::invalid("malformed"))?;
+            let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+            self.issuers.iter().find(|i| i.iss == iss).ok_or(AuthFailure::invalid("wrong_issuer"))?
+        };
+        let validation = issuer
+            .validations
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .map(|(_, v)| v)
+            .ok_or(AuthFailure::invalid("alg_not_allowed"))?;
+
+        let mut keys = issuer.keys.load_full();
+        if let Some(kid) = kid
+            && !keys.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+            && issuer.jwks.is_some()
+        {
+            issuer.refresh(false).await;
+            keys = issuer.keys.load_full();
+        }
+        let candidates: Vec<&Key> = keys
+            .keys
+            .iter()
+            .filter(|k| match kid {
+                Some(kid) => k.kid.as_deref() == Some(kid),
+                None => true,
+            })
+            .filter(|k| k.key.family() == alg.family() && k.alg.is_none_or(|a| a == alg))
+            .take(MAX_KEYS_WITHOUT_KID)
+            .collect();
+        if candidates.is_empty() {
+            return Err(AuthFailure::invalid(if kid.is_some() { "unknown_kid" } else { "no_key" }));
+        }
+        let mut last = AuthFailure::invalid("bad_signature");
+        for key in candidates {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation) {
+                Ok(data) => return self.accept(token, data.claims),
+                Err(e) => {
+                    last = AuthFailure::invalid(match e.kind() {
+                        JwtErrorKind::ExpiredSignature => "expired",
+                        JwtErrorKind::ImmatureSignature => "not_yet_valid",
+                        JwtErrorKind::InvalidIssuer => "wrong_issuer",
+                        JwtErrorKind::InvalidAudience => "wrong_audience",
+                        JwtErrorKind::MissingRequiredClaim(_) => "missing_claim",
+                        JwtErrorKind::InvalidSignature => "bad_signature",
+                        JwtErrorKind::InvalidAlgorithm => "alg_not_allowed",
+                        _ => "invalid",
+                    });
+                    if !matches!(e.kind(), JwtErrorKind::InvalidSignature) {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn accept(&self, token: &str, claims: Map<String, Value>) -> Result<Arc<Principal>, AuthFailure> {
+        let now = now();
+        if claims.get("iat").and_then(Value::as_f64).is_some_and(|iat| iat > (now + self.leeway) as f64) {
+            return Err(AuthFailure::invalid("iat_in_future"));
+        }
+        let exp = claims.get("exp").and_then(Value::as_f64).map(|e| e as u64);
+        let roles = match claims.get(&self.roles_claim) {
+            Some(Value::Array(a)) => self.roles.principal(a.iter().filter_map(Value::as_str)),
+            Some(Value::String(s)) => self.roles.principal(s.split_whitespace()),
+            _ => RoleSet::default(),
+        };
+        let subject = claims.get("sub").and_then(Value::as_str).unwrap_or("");
+        let p = Arc::new(Principal::new(subject, roles, &self.roles, AuthMethod::Jwt, exp));
+        if let Some(cache) = &self.cache {
+            cache.insert(token.into(), p.clone());
+        }
+        Ok(p)
+    }
+}
+
+fn decode_segment(seg: &str) -> Option<Map<String, Value>> {
+    let bytes = URL_SAFE_NO_PAD.decode(seg.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+impl Issuer {
+    fn new(ic: &IssuerConfig, leeway: u64) -> Result<Self, String> {
+        let mut algs = Vec::new();
+        for a in &ic.algorithms {
+            algs.push(parse_algorithm(a)?);
+        }
+        let sources =
+            [ic.secret.is_some(), ic.public_key_file.is_some(), ic.jwks_file.is_some(), ic.jwks_url.is_some()]
+                .iter()
+                .filter(|x| **x)
+                .count();
+        if sources != 1 {
+            return Err("exactly one of secret, public_key_file, jwks_file, jwks_url is required".into());
+        }
+        let mut keys = KeySet::default();
+        if let Some(secret) = &ic.secret {
+            keys.keys.push(Key { kid: None, alg: None, key: DecodingKey::from_secret(secret.expose().as_bytes()) });
+        }
+        if let Some(path) = &ic.public_key_file {
+            let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let key = DecodingKey::from_rsa_pem(&pem)
+                .or_else(|_| DecodingKey::from_ec_pem(&pem))
+                .or_else(|_| DecodingKey::from_ed_pem(&pem))
+                .map_err(|_| format!("{}: not an RSA, EC or Ed25519 public key in PEM", path.display()))?;
+            keys.keys.push(Key { kid: None, alg: None, key });
+        }
+        if let Some(path) = &ic.jwks_file {
+            let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            keys = parse_jwks(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        for k in &keys.keys {
+            if !algs.iter().any(|a| a.family() == k.key.family()) {
+                return Err("no allowed algorithm fits the configured key (e.g. HS256 with a public key)".into());
+            }
+        }
+        let mut validations = Vec::new();
+        for alg in algs {
+            let mut v = Validation::new(alg);
+            v.leeway = leeway;
+            v.validate_exp = true;
+            v.validate_nbf = true;
+            v.set_issuer(&[&ic.issuer]);
+            v.set_audience(&ic.audiences);
+            v.set_required_spec_claims(&["exp", "iss", "aud"]);
+            validations.push((alg, v));
+        }
+        let jwks = match &ic.jwks_url {
+            Some(url) => {
+                let uri: hyper::Uri = url.parse().map_err(|e| format!("jwks_url: {e}"))?;
+                if uri.scheme_str() != Some("http") {
+                    return Err("jwks_url: only http:// is supported (serve the JWKS through a local sidecar, or use jwks_file)".into());
+                }
+                let mut c = HttpConnector::new();
+                c.set_connect_timeout(Some(ic.jwks_timeout.get()));
+                Some(JwksSource {
+                    url: uri,
+                    refresh: ic.jwks_refresh.get(),
+                    min_refresh: ic.jwks_min_refresh.get(),
+                    timeout: ic.jwks_timeout.get(),
+                    last_fetch_ms: AtomicU64::new(0),
+                    fetch_lock: tokio::sync::Mutex::new(()),
+                    client: Client::builder(TokioExecutor::new()).build(c),
+                })
+            }
+            None => None,
+        };
+        Ok(Self { iss: ic.issuer.clone(), validations, keys: ArcSwap::from_pointee(keys), jwks })
+    }
+
+    /// Fetches the JWKS; `scheduled` refreshes always run, others (unknown `kid`) at most once
+    /// per `min_refresh`. A failed fetch keeps the last good keys.
+    async fn refresh(&self, scheduled: bool) {
+        let Some(src) = &self.jwks else { return };
+        let _guard = src.fetch_lock.lock().await;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let last = src.last_fetch_ms.load(Ordering::Relaxed);
+        if !scheduled && last != 0 && now_ms.saturating_sub(last) < src.min_refresh.as_millis() as u64 {
+            return;
+        }
+        src.last_fetch_ms.store(now_ms, Ordering::Relaxed);
+        match tokio::time::timeout(src.timeout, fetch(&src.client, &src.url)).await {
+            Ok(Ok(set)) => {
+                tracing::info!(issuer = %self.iss, keys = set.keys.len(), "JWKS loaded");
+                self.keys.store(Arc::new(set));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(issuer = %self.iss, error = %e, "JWKS fetch failed; keeping the last good keys")
+            }
+            Err(_) => tracing::warn!(issuer = %self.iss, "JWKS fetch timed out; keeping the last good keys"),
+        }
+    }
+}
+
+async fn fetch(client: &Client<HttpConnector, Empty<Bytes>>, url: &hyper::Uri) -> Result<KeySet, String> {
+    let resp = client.get(url.clone()).await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}", resp.status()));
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    parse_jwks(&body)
+}
+
+fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
+    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("invalid JWKS: {e}"))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
+        let alg = jwk.common.key_algorithm.and_then(|a| Algorithm::try_from(a).ok());
+        keys.push(Key { kid: jwk.common.key_id.clone(), alg, key });
+    }
+    if keys.is_empty() {
+        return Err("the JWKS holds no usable key".into());
+    }
+    Ok(KeySet { keys })
+}
