@@ -69,12 +69,15 @@ impl Shared {
 }
 
 /// Facts about the client connection a request came on.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     /// TCP peer.
     pub peer: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// Set by the connection's reader when a request head had both `Content-Length` and
+    /// `Transfer-Encoding` (hyper hides one of them from the parsed request).
+    pub framing_conflict: Arc<AtomicBool>,
 }
 
 /// Finishes the record with 499 if the request is dropped before a response (client gone).
@@ -150,6 +153,9 @@ async fn serve(
     if let Some(resp) = own_endpoint(shared, snapshot, &parts, rec) {
         return resp;
     }
+    if conn.framing_conflict.load(Ordering::Acquire) {
+        return Err(GatewayError::new(ErrorKind::BadRequest, "both Content-Length and Transfer-Encoding").closing());
+    }
     validate::check_limits(&parts, &snapshot.limits)?;
     validate::check_framing(&parts.headers)?;
     let path = normalize::normalize(parts.uri.path()).map_err(|e| GatewayError::new(ErrorKind::BadRequest, e.0))?;
@@ -216,10 +222,10 @@ async fn serve(
     let guarded = RequestBody::new(body, rec.body.clone(), route.max_body, snapshot.body_idle);
     let body = if route.config.json && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
         let bytes = guarded.read_all().await.map_err(body_error)?;
-        if bytes.is_empty() {
-            return Err(GatewayError::new(ErrorKind::BadRequest, "a JSON body is required"));
+        // An empty body is allowed (start/stop carry none); a present one must be JSON.
+        if !bytes.is_empty() {
+            validate::check_json(&bytes, route.config.max_json_depth)?;
         }
-        validate::check_json(&bytes, route.config.max_json_depth)?;
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         UpstreamBody::Full(Full::new(bytes))
     } else {

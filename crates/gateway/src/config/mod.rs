@@ -312,8 +312,10 @@ pub struct RouteConfig {
     /// Headers a request must carry (400 otherwise).
     #[serde(default)]
     pub required_headers: Vec<String>,
-    /// The body must be well-formed JSON within `max_json_depth` (400 otherwise); the body is
-    /// then read whole (bounded by `max_body`) before anything is sent upstream.
+    /// A body, when present, must be well-formed JSON within `max_json_depth` (400
+    /// otherwise); POST/PUT/PATCH bodies are then read whole (bounded by `max_body` and
+    /// `body_idle_timeout`) before anything is sent upstream, so a malformed or
+    /// ambiguously framed body never reaches the service.
     #[serde(default)]
     pub json: bool,
     /// Deepest JSON nesting accepted on `json` routes.

@@ -10,6 +10,7 @@
 //! 4. the admin listener closes last, so metrics and readiness stay visible during the drain.
 
 mod admin;
+mod sniff;
 mod tls;
 
 use crate::config::Config;
@@ -209,11 +210,13 @@ async fn run(
             res = listener.accept() => match res {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let conn = ConnInfo { peer, tls: tls.is_some() };
+                    let framing_conflict = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let conn = ConnInfo { peer, tls: tls.is_some(), framing_conflict: framing_conflict.clone() };
                     let gauge = shared.metrics.connections().clone();
                     let shared = shared.clone();
                     let svc = hyper::service::service_fn(move |req| {
                         let shared = shared.clone();
+                        let conn = conn.clone();
                         async move { Ok::<_, Infallible>(gateway::handle(shared, conn, req).await) }
                     });
                     let watcher = graceful.watcher();
@@ -224,11 +227,17 @@ async fn run(
                         let _dec = scopeguard(move || { gauge.dec(); });
                         let r = match tls {
                             Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(s)) => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(s), svc).into_owned()).await,
+                                Ok(Ok(s)) => {
+                                    let io = TokioIo::new(sniff::Sniff::new(s, framing_conflict));
+                                    watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned()).await
+                                }
                                 Ok(Err(e)) => { tracing::debug!(%peer, error = %e, "TLS handshake failed"); return; }
                                 Err(_) => { tracing::debug!(%peer, "TLS handshake timed out"); return; }
                             },
-                            None => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned()).await,
+                            None => {
+                                let io = TokioIo::new(sniff::Sniff::new(stream, framing_conflict));
+                                watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned()).await
+                            }
                         };
                         if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
