@@ -56,44 +56,6 @@ impl Body for GatewayBody {
     }
 }
 
-/// A body wrapper that counts the bytes that pass through it into a shared counter.
-#[derive(Debug)]
-pub struct Counted<B> {
-    inner: B,
-    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl<B> Counted<B> {
-    /// Wraps `inner`; every data frame adds its length to `count`.
-    pub fn new(inner: B, count: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
-        Self { inner, count }
-    }
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            this.count.fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// The response body as the client sees it: counts bytes out and, when the body ends or is
 /// dropped (client gone), finishes the request's access log line and metrics.
 pub struct Observed {
