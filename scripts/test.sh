@@ -8,10 +8,15 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# Rate-limit tests start their own redis-server processes (standalone and cluster).
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing: ${need_apt[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    # Debian starts the packaged service where it can; the tests run their own servers.
+    { command -v service >/dev/null 2>&1 && service redis-server stop; } >/dev/null 2>&1 || true
   else
     echo "missing tools: ${need_apt[*]} (install them, or run this script as root on Debian/Ubuntu)" >&2
     exit 1

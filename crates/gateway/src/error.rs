@@ -50,6 +50,8 @@ pub enum ErrorKind {
     HeadersTooLarge,
     /// The client stopped sending its body (408).
     RequestTimeout,
+    /// A rate limit refused the request (429).
+    TooManyRequests,
     /// Could not connect to the upstream (refused, unreachable, connect timeout).
     UpstreamConnect,
     /// The upstream closed or reset the connection before a complete response.
@@ -80,6 +82,7 @@ impl ErrorKind {
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamConnect | Self::UpstreamReset | Self::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::NoHealthyUpstream | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
@@ -102,6 +105,7 @@ impl ErrorKind {
             Self::UriTooLong => "uri_too_long",
             Self::HeadersTooLarge => "headers_too_large",
             Self::RequestTimeout => "request_timeout",
+            Self::TooManyRequests => "rate_limited",
             Self::UpstreamConnect => "upstream_unavailable",
             Self::UpstreamReset => "upstream_reset",
             Self::UpstreamBadResponse => "bad_upstream_response",
@@ -126,7 +130,8 @@ impl ErrorKind {
             | Self::UnsupportedMediaType
             | Self::UriTooLong
             | Self::HeadersTooLarge
-            | Self::RequestTimeout => Origin::Downstream,
+            | Self::RequestTimeout
+            | Self::TooManyRequests => Origin::Downstream,
             Self::UpstreamConnect
             | Self::UpstreamReset
             | Self::UpstreamBadResponse
@@ -149,7 +154,7 @@ pub struct GatewayError {
     kind: ErrorKind,
     message: Cow<'static, str>,
     // Rare parts are boxed so `Result<_, GatewayError>` stays small on the hot path.
-    header: Option<Box<(HeaderName, HeaderValue)>>,
+    headers: Vec<(HeaderName, HeaderValue)>,
     close: bool,
     detail: Option<Box<str>>,
 }
@@ -157,7 +162,7 @@ pub struct GatewayError {
 impl GatewayError {
     /// An error of `kind` with a client-facing message.
     pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { kind, message: message.into(), header: None, close: false, detail: None }
+        Self { kind, message: message.into(), headers: Vec::new(), close: false, detail: None }
     }
 
     /// A 405 carrying the `Allow` header value.
@@ -167,7 +172,7 @@ impl GatewayError {
 
     /// Adds one response header (`Allow`, `WWW-Authenticate`, …).
     pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
-        self.header = Some(Box::new((name, value)));
+        self.headers.push((name, value));
         self
     }
 
@@ -201,8 +206,7 @@ impl GatewayError {
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(hv) = self.header {
-            let (name, value) = *hv;
+        for (name, value) in self.headers {
             h.insert(name, value);
         }
         if self.close {

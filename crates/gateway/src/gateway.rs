@@ -15,10 +15,14 @@ use crate::pipeline::cors::Cors;
 use crate::pipeline::validate;
 use crate::pipeline::{normalize, request_id};
 use crate::proxy::headers;
+use crate::ratelimit::gcra::Decision;
+use crate::ratelimit::redis::RedisStore;
+use crate::ratelimit::{Limited, ceil_secs};
 use crate::router::Match;
 use crate::snapshot::Route;
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
+use http::HeaderName;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode};
@@ -45,14 +49,17 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Set when shutdown begins.
     pub draining: AtomicBool,
+    /// Shared state in Redis (`state.backend: redis`); it outlives config snapshots.
+    pub redis: Option<Arc<RedisStore>>,
     unmatched: Arc<str>,
     gateway: Arc<str>,
 }
 
 impl Shared {
     /// Shared state around a first snapshot.
-    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>) -> Self {
+    pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>, redis: Option<Arc<RedisStore>>) -> Self {
         Self {
+            redis,
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             ready: AtomicBool::new(false),
@@ -78,6 +85,15 @@ pub struct ConnInfo {
     /// Set by the connection's reader when a request head had both `Content-Length` and
     /// `Transfer-Encoding` (hyper hides one of them from the parsed request).
     pub framing_conflict: Arc<AtomicBool>,
+}
+
+/// What the request path tells the response stage besides the response.
+#[derive(Default)]
+struct Exchange {
+    /// A CORS preflight was answered.
+    preflight: bool,
+    /// The tightest rate-limit decision that let the request through.
+    ratelimit: Option<Decision>,
 }
 
 /// Finishes the record with 499 if the request is dropped before a response (client gone).
@@ -116,8 +132,8 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
     }));
     let rec = pending.0.as_mut().expect("set above");
     let origin = snapshot.cors.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
-    let mut preflight = false;
-    let mut resp = match serve(&shared, &snapshot, conn, req, &request_id, rec, &mut preflight).await {
+    let mut ex = Exchange::default();
+    let mut resp = match serve(&shared, &snapshot, conn, req, &request_id, rec, &mut ex).await {
         Ok(r) => r,
         Err(e) => {
             let rid = request_id.to_str().unwrap_or("");
@@ -132,7 +148,10 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         }
     };
     if let Some(cors) = &snapshot.cors {
-        cors.apply(origin.as_ref(), preflight, resp.headers_mut());
+        cors.apply(origin.as_ref(), ex.preflight, resp.headers_mut());
+    }
+    if let Some(d) = ex.ratelimit.filter(|_| snapshot.ratelimit.headers) {
+        ratelimit_headers(resp.headers_mut(), &d);
     }
     resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id);
     let mut rec = pending.0.take().expect("set above");
@@ -147,7 +166,7 @@ async fn serve(
     req: Request<Incoming>,
     request_id: &HeaderValue,
     rec: &mut RequestRecord,
-    preflight: &mut bool,
+    ex: &mut Exchange,
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let (mut parts, body) = req.into_parts();
     if let Some(resp) = own_endpoint(shared, snapshot, &parts, rec) {
@@ -164,7 +183,7 @@ async fn serve(
     if let Some(cors) = &snapshot.cors
         && Cors::is_preflight(&parts.method, &parts.headers)
     {
-        *preflight = true;
+        ex.preflight = true;
         let wanted = parts
             .headers
             .get(header::ACCESS_CONTROL_REQUEST_METHOD)
@@ -186,9 +205,29 @@ async fn serve(
         Match::NotFound => return Err(GatewayError::new(ErrorKind::NotFound, "no route for this path")),
     };
     rec.route = route.id.clone();
+    let limiter = &snapshot.ratelimit;
+    let redis = shared.redis.as_deref();
+    let client_ip = limiter.client_ip(conn.peer.ip(), &parts.headers);
+    rec.client_ip = client_ip;
+
+    // Anonymous budgets first: a flood of bad tokens is limited per IP before any signature work.
+    if limiter.any_anonymous(&route.limits) {
+        limiter
+            .check_anonymous(redis, &shared.metrics, client_ip, &route.id, &route.limits, &mut ex.ratelimit)
+            .await
+            .map_err(too_many)?;
+    }
 
     // Authentication and authorisation before anything about the body is believed.
     let principal = if route.public { None } else { Some(authorize(shared, snapshot, &route, &parts.headers).await?) };
+    if let Some(p) = &principal
+        && limiter.any_principal(&route.limits)
+    {
+        limiter
+            .check_principal(redis, &shared.metrics, &p.rate_key, route.index, &route.limits, &mut ex.ratelimit)
+            .await
+            .map_err(too_many)?;
+    }
 
     if let Some(len) = parts.headers.get(header::CONTENT_LENGTH)
         && len.to_str().ok().and_then(|s| s.parse::<u64>().ok()).is_some_and(|n| n > route.max_body)
@@ -311,6 +350,38 @@ fn set_principal(snapshot: &Snapshot, h: &mut http::HeaderMap, principal: Option
         h.insert(&a.method_header, HeaderValue::from_static(p.method.as_str()));
     }
 }
+
+/// 429 with `Retry-After` and the `RateLimit-*` headers of the scope that refused.
+fn too_many(l: Limited) -> GatewayError {
+    let d = l.decision;
+    let mut e = GatewayError::new(ErrorKind::TooManyRequests, format!("rate limit exceeded ({})", l.scope))
+        .with_header(header::RETRY_AFTER, HeaderValue::from(ceil_secs(d.retry_after).max(1)));
+    for (name, value) in ratelimit_values(&d) {
+        e = e.with_header(name, value);
+    }
+    e
+}
+
+fn ratelimit_values(d: &Decision) -> [(HeaderName, HeaderValue); 3] {
+    [
+        (RATELIMIT_LIMIT.clone(), HeaderValue::from(d.limit)),
+        (RATELIMIT_REMAINING.clone(), HeaderValue::from(d.remaining)),
+        (RATELIMIT_RESET.clone(), HeaderValue::from(ceil_secs(d.reset))),
+    ]
+}
+
+fn ratelimit_headers(h: &mut http::HeaderMap, d: &Decision) {
+    for (name, value) in ratelimit_values(d) {
+        h.insert(name, value);
+    }
+}
+
+/// IETF `RateLimit-Limit` (draft-ietf-httpapi-ratelimit-headers).
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+/// IETF `RateLimit-Remaining`.
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+/// IETF `RateLimit-Reset` (seconds).
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
 fn body_error(f: BodyFailure) -> GatewayError {
     match f {

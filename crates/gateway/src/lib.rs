@@ -8,6 +8,7 @@
 //! - [`gateway`]: the request path, stage by stage, and the gateway's own endpoints;
 //! - [`pipeline`]: policies applied before routing (request id, path normalisation, …);
 //! - [`auth`]: JWT and API-key authentication, roles;
+//! - [`ratelimit`]: GCRA rate limits in memory or Redis;
 //! - [`router`]: path templates → routes (matchit), 404/405;
 //! - [`proxy`]: upstream services: pooled clients, instance choice, health checks, headers;
 //! - [`body`]: response/request body wrappers (streaming, counting, observing);
@@ -30,6 +31,7 @@ pub mod net;
 pub mod observe;
 pub mod pipeline;
 pub mod proxy;
+pub mod ratelimit;
 pub mod router;
 pub mod server;
 pub mod snapshot;

@@ -10,6 +10,7 @@ use crate::config::{AuthMethod, Config, ConfigError, RouteConfig};
 use crate::pipeline::cors::Cors;
 use crate::pipeline::validate::Limits;
 use crate::proxy::Upstream;
+use crate::ratelimit::{RateLimiter, RouteLimits};
 use crate::router::{RouteSpec, RouteTable};
 use http::HeaderName;
 use http::Method;
@@ -36,6 +37,10 @@ pub struct Route {
     pub auth: Methods,
     /// Headers the request must carry.
     pub required_headers: Vec<HeaderName>,
+    /// The route's rate limits.
+    pub limits: RouteLimits,
+    /// Position in the config (rate-limit keys).
+    pub index: u32,
     /// The route as configured (content types, cache, idempotency for later layers).
     pub config: RouteConfig,
 }
@@ -74,6 +79,8 @@ pub struct Snapshot {
     pub limits: Limits,
     /// Client body idle timeout.
     pub body_idle: Duration,
+    /// Rate limits.
+    pub ratelimit: RateLimiter,
     /// Path templates → routes.
     pub routes: RouteTable<Arc<Route>>,
     /// Services by name (for `/health`).
@@ -93,7 +100,8 @@ impl Snapshot {
                 Err(e) => errors.push(ConfigError::new(format!("services.{name}"), e)),
             }
         }
-        let auth = Authenticator::new(&config.auth, &mut errors);
+        let auth = Authenticator::new(&config.auth, config.rate_limits.principal_claim.clone(), &mut errors);
+        let ratelimit = RateLimiter::new(&config.rate_limits, &config.server.trusted_proxies, &mut errors);
         let cors = config.cors.as_ref().map(|c| Cors::new(c, &mut errors));
         let l = &config.server.limits;
         let limits = Limits {
@@ -126,6 +134,8 @@ impl Snapshot {
                     .iter()
                     .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
                     .collect(),
+                limits: RouteLimits::new(r.rate_limit.as_ref(), r.principal_rate_limit.as_ref()),
+                index: i as u32,
                 config: r.clone(),
             });
             let methods = r.methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect();
@@ -141,6 +151,7 @@ impl Snapshot {
         match routes {
             Ok(routes) if errors.is_empty() => Ok(Self {
                 body_idle: config.server.limits.body_idle_timeout.get(),
+                ratelimit,
                 config: Arc::new(config),
                 auth,
                 cors,

@@ -254,7 +254,7 @@ auth:
   jwt:
     issuers:
       - {{ issuer: rs-issuer, audiences: [b25-gateway], algorithms: [RS256], public_key_file: "{}" }}
-      - {{ issuer: jwks-issuer, audiences: [b25-gateway], algorithms: [ES256], jwks_url: "http://{jwks}/jwks.json", jwks_min_refresh: 1ms }}
+      - {{ issuer: jwks-issuer, audiences: [b25-gateway], algorithms: [ES256], jwks_url: "http://{jwks}/jwks.json", jwks_min_refresh: 0s }}
 services:
   up: {{ instances: ["{sim}"], health_check: {{ enabled: false }} }}
 routes:

@@ -74,6 +74,7 @@ pub struct JwtVerifier {
     roles: Arc<RoleModel>,
     /// Forward `Authorization` upstream.
     pub forward_token: bool,
+    rate_claim: Option<String>,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -97,7 +98,12 @@ pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
 impl JwtVerifier {
     /// Builds the verifier; reads PEM and JWKS files. JWKS URLs are fetched by
     /// [`start_background`](Self::start_background).
-    pub fn new(cfg: &JwtConfig, roles: Arc<RoleModel>, errors: &mut Vec<ConfigError>) -> Self {
+    pub fn new(
+        cfg: &JwtConfig,
+        roles: Arc<RoleModel>,
+        rate_claim: Option<String>,
+        errors: &mut Vec<ConfigError>,
+    ) -> Self {
         let leeway = cfg.leeway.get().as_secs();
         let mut issuers = Vec::new();
         for (i, ic) in cfg.issuers.iter().enumerate() {
@@ -116,6 +122,7 @@ impl JwtVerifier {
             cache,
             roles,
             forward_token: cfg.forward_token,
+            rate_claim,
         }
     }
 
@@ -186,8 +193,8 @@ impl JwtVerifier {
 
         let mut keys = issuer.keys.load_full();
         if let Some(kid) = kid
-            && !keys.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
             && issuer.jwks.is_some()
+            && !keys.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
         {
             issuer.refresh(false).await;
             keys = issuer.keys.load_full();
@@ -195,9 +202,10 @@ impl JwtVerifier {
         let candidates: Vec<&Key> = keys
             .keys
             .iter()
-            .filter(|k| match kid {
-                Some(kid) => k.kid.as_deref() == Some(kid),
-                None => true,
+            .filter(|k| match (kid, &k.kid) {
+                // A key without a kid (a secret or PEM file) serves any kid the token names.
+                (Some(kid), Some(key_kid)) => key_kid == kid,
+                _ => true,
             })
             .filter(|k| k.key.family() == alg.family() && k.alg.is_none_or(|a| a == alg))
             .take(MAX_KEYS_WITHOUT_KID)
@@ -241,7 +249,15 @@ impl JwtVerifier {
             _ => RoleSet::default(),
         };
         let subject = claims.get("sub").and_then(Value::as_str).unwrap_or("");
-        let p = Arc::new(Principal::new(subject, roles, &self.roles, AuthMethod::Jwt, exp));
+        let mut p = Principal::new(subject, roles, &self.roles, AuthMethod::Jwt, exp);
+        if let Some(claim) = &self.rate_claim {
+            match claims.get(claim) {
+                Some(Value::String(s)) => p.rate_key = s.as_str().into(),
+                Some(Value::Number(n)) => p.rate_key = n.to_string().into(),
+                _ => {}
+            }
+        }
+        let p = Arc::new(p);
         if let Some(cache) = &self.cache {
             cache.insert(token.into(), p.clone());
         }

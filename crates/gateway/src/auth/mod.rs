@@ -29,17 +29,22 @@ pub struct Principal {
     pub subject_header: Option<HeaderValue>,
     /// Comma-separated role names.
     pub roles_header: Option<HeaderValue>,
+    /// Key of the per-principal rate limits: the configured claim's value, else the subject.
+    pub rate_key: Arc<str>,
 }
 
 impl Principal {
     /// A principal with its header values prepared once.
     pub fn new(subject: &str, roles: RoleSet, model: &RoleModel, method: AuthMethod, exp: Option<u64>) -> Self {
+        let subject_header = HeaderValue::from_str(subject).ok();
+        let subject: Arc<str> = subject.into();
         Self {
-            subject: subject.into(),
+            rate_key: subject.clone(),
+            subject,
             roles,
             method,
             exp,
-            subject_header: HeaderValue::from_str(subject).ok(),
+            subject_header,
             roles_header: HeaderValue::from_str(&model.names(roles)).ok(),
         }
     }
@@ -93,12 +98,12 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// Builds from config; problems are added to `errors` with their path.
-    pub fn new(cfg: &AuthConfig, errors: &mut Vec<ConfigError>) -> Self {
+    pub fn new(cfg: &AuthConfig, rate_claim: Option<String>, errors: &mut Vec<ConfigError>) -> Self {
         let roles = Arc::new(RoleModel::new(&cfg.roles).unwrap_or_else(|e| {
             errors.push(ConfigError::new("auth.roles", e));
             RoleModel::new(&Default::default()).expect("empty model")
         }));
-        let jwt = cfg.jwt.as_ref().map(|j| Arc::new(jwt::JwtVerifier::new(j, roles.clone(), errors)));
+        let jwt = cfg.jwt.as_ref().map(|j| Arc::new(jwt::JwtVerifier::new(j, roles.clone(), rate_claim, errors)));
         let mut api_keys = apikey::ApiKeys::default();
         let mut api_key_header = None;
         if let Some(ak) = &cfg.api_keys {

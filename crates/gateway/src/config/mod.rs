@@ -13,10 +13,12 @@
 
 pub mod expand;
 pub mod security;
+pub mod state;
 pub mod units;
 mod validate;
 
 pub use security::{AuthConfig, AuthMethod, CorsConfig, Secret};
+pub use state::{LimitConfig, RateLimitsConfig, StateConfig};
 pub use units::{ByteSize, HumanDuration};
 
 use serde::{Deserialize, Serialize};
@@ -81,6 +83,12 @@ pub struct Config {
     /// Cross-origin resource sharing; absent means no CORS headers and no preflights.
     #[serde(default)]
     pub cors: Option<CorsConfig>,
+    /// Where shared state (rate limits, later cache and idempotency) lives.
+    #[serde(default)]
+    pub state: StateConfig,
+    /// Rate limits that apply to every route.
+    #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
     /// Upstream services by name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// The route table.
@@ -321,6 +329,13 @@ pub struct RouteConfig {
     /// Deepest JSON nesting accepted on `json` routes.
     #[serde(default = "default_json_depth")]
     pub max_json_depth: usize,
+    /// One budget for this route, shared by all callers.
+    #[serde(default)]
+    pub rate_limit: Option<LimitConfig>,
+    /// A budget per principal on this route (e.g. new orders vs cancels get separate budgets
+    /// because they are separate routes).
+    #[serde(default)]
+    pub principal_rate_limit: Option<LimitConfig>,
 }
 
 /// Nesting depth for `json: true` routes: orders are 2–3 levels deep.
@@ -447,13 +462,13 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         errors.push(ConfigError::new("", "the document must be a mapping with services and routes"));
         return None;
     };
-    const KNOWN: [&str; 6] = ["server", "logging", "auth", "cors", "services", "routes"];
+    const KNOWN: [&str; 8] = ["server", "logging", "auth", "cors", "state", "rate_limits", "services", "routes"];
     for key in root.keys() {
         if !KNOWN.contains(&key.as_str()) {
             errors.push(ConfigError::new(
                 key.clone(),
                 format!(
-                    "unknown field `{key}`, expected one of `server`, `logging`, `auth`, `cors`, `services`, `routes`"
+                    "unknown field `{key}`, expected one of `server`, `logging`, `auth`, `cors`, `state`, `rate_limits`, `services`, `routes`"
                 ),
             ));
         }
@@ -482,6 +497,14 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
     let cors = match root.remove("cors") {
         Some(Value::Null) | None => None,
         Some(v) => section::<CorsConfig>(v, "cors", errors),
+    };
+    let state = match root.remove("state") {
+        Some(v) => section::<StateConfig>(v, "state", errors).unwrap_or_default(),
+        None => StateConfig::default(),
+    };
+    let rate_limits = match root.remove("rate_limits") {
+        Some(v) => section::<RateLimitsConfig>(v, "rate_limits", errors).unwrap_or_default(),
+        None => RateLimitsConfig::default(),
     };
     let mut services = BTreeMap::new();
     match root.remove("services") {
@@ -514,7 +537,7 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         Some(_) => errors.push(ConfigError::new("routes", "must be a list of routes")),
         None => errors.push(ConfigError::new("routes", "missing: at least one route is required")),
     }
-    let config = Config { server, logging, auth, cors, services, routes };
+    let config = Config { server, logging, auth, cors, state, rate_limits, services, routes };
     validate::validate(&config, &broken, errors);
     Some(config)
 }

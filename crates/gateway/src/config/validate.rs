@@ -61,8 +61,15 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
     if s.limits.max_headers == 0 {
         err("server.limits.max_headers".into(), "must be at least 1".into());
     }
-    if s.limits.header_timeout.get().is_zero() {
-        err("server.limits.header_timeout".into(), "must be greater than 0".into());
+    for (name, zero) in [
+        ("header_timeout", s.limits.header_timeout.get().is_zero()),
+        ("body_idle_timeout", s.limits.body_idle_timeout.get().is_zero()),
+        ("max_uri_length", s.limits.max_uri_length.bytes() == 0),
+        ("max_body", s.limits.max_body.bytes() == 0),
+    ] {
+        if zero {
+            err(format!("server.limits.{name}"), "must be greater than 0".into());
+        }
     }
     for (i, cidr) in s.trusted_proxies.iter().enumerate() {
         if let Err(e) = crate::net::Cidr::parse(cidr) {
@@ -116,6 +123,7 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
     }
 
     validate_auth(c, &mut err);
+    validate_state(c, &mut err);
     let jwt_on = c.auth.jwt.is_some();
     let keys_on = c.auth.api_keys.is_some();
     let known_roles = c.auth.roles.keys().cloned().collect::<Vec<_>>().join(", ");
@@ -317,6 +325,11 @@ fn validate_auth(c: &Config, err: &mut impl FnMut(String, String)) {
                     err(format!("{p}.{field}"), format!("cannot read {}: {e}", path.display()));
                 }
             }
+            for (field, d) in [("jwks_refresh", iss.jwks_refresh), ("jwks_timeout", iss.jwks_timeout)] {
+                if d.get().is_zero() {
+                    err(format!("{p}.{field}"), "must be greater than 0".into());
+                }
+            }
             if let Some(url) = &iss.jwks_url
                 && !url.starts_with("http://")
             {
@@ -343,5 +356,30 @@ fn validate_auth(c: &Config, err: &mut impl FnMut(String, String)) {
                 }
             }
         }
+    }
+}
+
+fn validate_state(c: &Config, err: &mut impl FnMut(String, String)) {
+    use super::state::Backend;
+    if c.state.backend == Backend::Redis {
+        match &c.state.redis {
+            None => err("state.redis".into(), "backend redis needs state.redis with url or cluster".into()),
+            Some(r) => {
+                if r.url.is_some() != r.cluster.is_empty() {
+                    err("state.redis".into(), "set exactly one of url (single Redis) or cluster (seed nodes)".into());
+                }
+                for (i, u) in r.url.iter().chain(r.cluster.iter()).enumerate() {
+                    if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                        err(format!("state.redis.url[{i}]"), format!("{u:?} is not a redis:// URL"));
+                    }
+                }
+                if r.timeout.get().is_zero() {
+                    err("state.redis.timeout".into(), "must be greater than 0".into());
+                }
+            }
+        }
+    }
+    if c.rate_limits.max_keys == 0 {
+        err("rate_limits.max_keys".into(), "must be at least 1".into());
     }
 }

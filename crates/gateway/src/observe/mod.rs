@@ -59,6 +59,22 @@ pub struct AuthFailureLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the rate-limit series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// `global`, `ip`, `route`, `principal`, `principal_route`.
+    pub scope: &'static str,
+    /// `allowed`, `limited`, `redis_error_allowed`, `redis_error_denied`.
+    pub outcome: &'static str,
+}
+
+/// Labels of the Redis error series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedisErrorLabels {
+    /// `timeout` or `error`.
+    pub kind: &'static str,
+}
+
 /// All metric families, registered once per process.
 pub struct Metrics {
     registry: Registry,
@@ -69,6 +85,9 @@ pub struct Metrics {
     connections: Gauge,
     auth_attempts: Family<AuthLabels, Counter>,
     auth_failures: Family<AuthFailureLabels, Counter>,
+    ratelimit: Family<RateLimitLabels, Counter>,
+    redis_errors: Family<RedisErrorLabels, Counter>,
+    redis_latency: Histogram,
 }
 
 fn duration_histogram() -> Histogram {
@@ -86,6 +105,12 @@ impl Metrics {
         let connections = Gauge::default();
         let auth_attempts = Family::<AuthLabels, Counter>::default();
         let auth_failures = Family::<AuthFailureLabels, Counter>::default();
+        let ratelimit = Family::<RateLimitLabels, Counter>::default();
+        let redis_errors = Family::<RedisErrorLabels, Counter>::default();
+        let redis_latency = Histogram::new(DURATION_BUCKETS);
+        registry.register("ratelimit_decisions", "Rate-limit decisions by scope and outcome", ratelimit.clone());
+        registry.register("redis_errors", "Failed or timed-out Redis calls", redis_errors.clone());
+        registry.register("redis_call_duration_seconds", "Latency of Redis calls", redis_latency.clone());
         registry.register("auth_attempts", "Authentication attempts by method", auth_attempts.clone());
         registry.register(
             "auth_failures",
@@ -106,7 +131,19 @@ impl Metrics {
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION")), ("commit", crate::version::GIT_COMMIT)]),
         );
-        Self { registry, requests, duration, upstream_errors, in_flight, connections, auth_attempts, auth_failures }
+        Self {
+            registry,
+            requests,
+            duration,
+            upstream_errors,
+            in_flight,
+            connections,
+            auth_attempts,
+            auth_failures,
+            ratelimit,
+            redis_errors,
+            redis_latency,
+        }
     }
 
     /// The OpenMetrics text exposition.
@@ -132,6 +169,21 @@ impl Metrics {
                 self.auth_failures.get_or_create(&AuthFailureLabels { method, reason }).inc()
             }
         };
+    }
+
+    /// Counts a rate-limit decision.
+    pub fn ratelimit(&self, scope: &'static str, outcome: &'static str) {
+        self.ratelimit.get_or_create(&RateLimitLabels { scope, outcome }).inc();
+    }
+
+    /// Counts a Redis failure.
+    pub fn redis_error(&self, kind: &'static str) {
+        self.redis_errors.get_or_create(&RedisErrorLabels { kind }).inc();
+    }
+
+    /// Observes a Redis call's latency.
+    pub fn redis_latency(&self, d: std::time::Duration) {
+        self.redis_latency.observe(d.as_secs_f64());
     }
 
     /// The open-connections gauge.

@@ -16,6 +16,7 @@ mod tls;
 use crate::config::Config;
 use crate::gateway::{self, ConnInfo, Shared};
 use crate::observe::{Metrics, RequestRecord};
+use crate::ratelimit::redis::RedisStore;
 use crate::snapshot::Snapshot;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -53,6 +54,9 @@ pub enum StartError {
     /// TLS material could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The state backend could not be set up.
+    #[error("state: {0}")]
+    State(String),
 }
 
 /// A running gateway.
@@ -104,7 +108,13 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
     let snapshot = Snapshot::build(config)
         .map_err(|errors| StartError::Config(crate::config::ConfigErrors { file: file.to_string(), errors }))?;
     let metrics = Arc::new(Metrics::new());
-    let shared = Arc::new(Shared::new(snapshot, metrics));
+    let redis = match (&snapshot.config.state.backend, &snapshot.config.state.redis) {
+        (crate::config::state::Backend::Redis, Some(r)) => {
+            Some(RedisStore::start(r, metrics.clone()).map_err(StartError::State)?)
+        }
+        _ => None,
+    };
+    let shared = Arc::new(Shared::new(snapshot, metrics, redis));
 
     let bind = |addr: &str| {
         let addr = addr.to_string();

@@ -1,0 +1,174 @@
+//! The Redis side of rate limiting: GCRA as one Lua script (EVALSHA, loaded on demand), using
+//! the Redis server's clock (`TIME`) so every gateway instance agrees on time. Works with a
+//! single Redis (a lazily connecting, self-healing `ConnectionManager`) or a Redis Cluster
+//! (one key per call, so any slot works).
+//!
+//! Every call has a short timeout. A failure opens a window (`retry_interval`) during which
+//! callers use their fallback without touching Redis; the outage is logged once, and the first
+//! success after it is logged as recovery.
+
+use super::gcra::{Decision, Rate};
+use crate::config::state::RedisConfig;
+use crate::observe::Metrics;
+use arc_swap::ArcSwapOption;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// GCRA in Lua. Times in microseconds (Redis `TIME`). Returns
+/// `{allowed, remaining, reset_us, retry_after_us}`.
+const GCRA_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+local base = math.max(tat, now)
+local new_tat = base + interval
+local diff = new_tat - now
+if diff > tolerance then
+  return {0, 0, base - now, diff - tolerance}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.floor(diff / 1000) + 1)
+return {1, math.floor((tolerance - diff) / interval), diff, 0}
+"#;
+
+#[derive(Clone)]
+enum Conn {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// A shared Redis store for limiter state.
+pub struct RedisStore {
+    conn: ArcSwapOption<Conn>,
+    script: redis::Script,
+    timeout: Duration,
+    retry_interval: Duration,
+    prefix: String,
+    base: Instant,
+    down_until: AtomicU64,
+    in_outage: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisStore {
+    /// Connects (lazily for a single Redis; in the background for a cluster) and returns at once.
+    pub fn start(cfg: &RedisConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
+        let store = Arc::new(Self {
+            conn: ArcSwapOption::empty(),
+            script: redis::Script::new(GCRA_LUA),
+            timeout: cfg.timeout.get(),
+            retry_interval: cfg.retry_interval.get(),
+            prefix: cfg.key_prefix.clone(),
+            base: Instant::now(),
+            down_until: AtomicU64::new(0),
+            in_outage: AtomicBool::new(false),
+            metrics,
+        });
+        if let Some(url) = &cfg.url {
+            let client = redis::Client::open(url.as_str()).map_err(|e| format!("state.redis.url: {e}"))?;
+            let mcfg = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(cfg.timeout.get().max(Duration::from_millis(200))))
+                .set_response_timeout(Some(cfg.timeout.get()))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            let cm = redis::aio::ConnectionManager::new_lazy_with_config(client, mcfg)
+                .map_err(|e| format!("state.redis: {e}"))?;
+            store.conn.store(Some(Arc::new(Conn::Single(cm))));
+        } else {
+            let client = redis::cluster::ClusterClientBuilder::new(cfg.cluster.clone())
+                .connection_timeout(cfg.timeout.get().max(Duration::from_millis(200)))
+                .response_timeout(cfg.timeout.get())
+                .build()
+                .map_err(|e| format!("state.redis.cluster: {e}"))?;
+            let weak = Arc::downgrade(&store);
+            tokio::spawn(async move {
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    match client.get_async_connection().await {
+                        Ok(c) => {
+                            if let Some(s) = weak.upgrade() {
+                                s.conn.store(Some(Arc::new(Conn::Cluster(c))));
+                                tracing::info!("connected to the Redis cluster");
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            if weak.strong_count() == 0 {
+                                return;
+                            }
+                            tracing::warn!(error = %e, "cannot reach the Redis cluster yet; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            });
+        }
+        Ok(store)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    /// True while a recent failure says: do not try Redis yet.
+    pub fn is_down(&self) -> bool {
+        self.now_ms() < self.down_until.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, what: &str) {
+        self.down_until.store(self.now_ms() + self.retry_interval.as_millis() as u64, Ordering::Relaxed);
+        self.metrics.redis_error(if what == "timeout" { "timeout" } else { "error" });
+        if !self.in_outage.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = what, "Redis unavailable: rate limits use the configured fallback");
+        }
+    }
+
+    /// One GCRA check on `key` (the prefix is added here). `None` means Redis failed; the
+    /// caller applies its fallback.
+    pub async fn check(&self, key: &str, r: &Rate) -> Option<Decision> {
+        if self.is_down() {
+            return None;
+        }
+        let Some(conn) = self.conn.load_full() else {
+            self.failed("not connected");
+            return None;
+        };
+        let full = format!("{}:rl:{key}", self.prefix);
+        let mut inv = self.script.key(full);
+        inv.arg((r.interval / 1000).max(1)).arg((r.tolerance / 1000).max(1));
+        let started = Instant::now();
+        let call = async {
+            match (*conn).clone() {
+                Conn::Single(mut c) => inv.invoke_async::<(i64, i64, i64, i64)>(&mut c).await,
+                Conn::Cluster(mut c) => inv.invoke_async::<(i64, i64, i64, i64)>(&mut c).await,
+            }
+        };
+        let res = tokio::time::timeout(self.timeout, call).await;
+        self.metrics.redis_latency(started.elapsed());
+        match res {
+            Ok(Ok((allowed, remaining, reset_us, retry_us))) => {
+                if self.in_outage.swap(false, Ordering::Relaxed) {
+                    tracing::info!("Redis is back: shared rate limits restored");
+                }
+                Some(Decision {
+                    allowed: allowed == 1,
+                    limit: r.burst,
+                    remaining: remaining.max(0) as u32,
+                    reset: reset_us.max(0) as u64 * 1000,
+                    retry_after: retry_us.max(0) as u64 * 1000,
+                })
+            }
+            Ok(Err(e)) => {
+                self.failed(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed("timeout");
+                None
+            }
+        }
+    }
+}
