@@ -62,6 +62,8 @@ pub enum ErrorKind {
     UpstreamTimeout,
     /// Every instance of the service is unhealthy.
     NoHealthyUpstream,
+    /// The service's circuit breaker is open (503 with `Retry-After`).
+    CircuitOpen,
     /// The gateway is shutting down.
     Draining,
     /// A gateway bug; details are logged, never sent.
@@ -85,7 +87,7 @@ impl ErrorKind {
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamConnect | Self::UpstreamReset | Self::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::NoHealthyUpstream | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoHealthyUpstream | Self::CircuitOpen | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -111,6 +113,7 @@ impl ErrorKind {
             Self::UpstreamBadResponse => "bad_upstream_response",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::NoHealthyUpstream => "no_healthy_upstream",
+            Self::CircuitOpen => "circuit_open",
             Self::Draining => "draining",
             Self::Internal => "internal_error",
         }
@@ -136,7 +139,8 @@ impl ErrorKind {
             | Self::UpstreamReset
             | Self::UpstreamBadResponse
             | Self::UpstreamTimeout
-            | Self::NoHealthyUpstream => Origin::Upstream,
+            | Self::NoHealthyUpstream
+            | Self::CircuitOpen => Origin::Upstream,
             Self::Draining | Self::Internal => Origin::Internal,
         }
     }
@@ -144,7 +148,7 @@ impl ErrorKind {
     /// True when no byte of the request can have reached an upstream, so even a POST may be
     /// retried on another instance (used by the retry policy).
     pub fn request_not_sent(self) -> bool {
-        matches!(self, Self::UpstreamConnect | Self::NoHealthyUpstream)
+        matches!(self, Self::UpstreamConnect | Self::NoHealthyUpstream | Self::CircuitOpen)
     }
 }
 

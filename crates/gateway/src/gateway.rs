@@ -14,6 +14,7 @@ use crate::observe::{Metrics, RequestRecord};
 use crate::pipeline::cors::Cors;
 use crate::pipeline::validate;
 use crate::pipeline::{normalize, request_id};
+use crate::proxy::Call;
 use crate::proxy::headers;
 use crate::ratelimit::gcra::Decision;
 use crate::ratelimit::redis::RedisStore;
@@ -22,6 +23,7 @@ use crate::router::Match;
 use crate::snapshot::Route;
 use crate::snapshot::Snapshot;
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::HeaderName;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
@@ -69,9 +71,15 @@ impl Shared {
         }
     }
 
-    /// Ready to serve traffic: started and not draining.
+    /// Ready to serve traffic: started, not draining, and every required service has an
+    /// available instance.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire) && self.required_up()
+    }
+
+    fn required_up(&self) -> bool {
+        let snap = self.snapshot.load();
+        snap.config.server.required_services.iter().all(|s| snap.upstreams.get(s).is_some_and(|u| u.has_available()))
     }
 }
 
@@ -150,7 +158,10 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
     if let Some(cors) = &snapshot.cors {
         cors.apply(origin.as_ref(), ex.preflight, resp.headers_mut());
     }
-    if let Some(d) = ex.ratelimit.filter(|_| snapshot.ratelimit.headers) {
+    // A 429 already carries the refusing scope's values.
+    if let Some(d) = ex.ratelimit.filter(|_| snapshot.ratelimit.headers)
+        && !resp.headers().contains_key(&RATELIMIT_LIMIT)
+    {
         ratelimit_headers(resp.headers_mut(), &d);
     }
     resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id);
@@ -259,21 +270,34 @@ async fn serve(
     set_principal(snapshot, h, principal.as_deref());
 
     let guarded = RequestBody::new(body, rec.body.clone(), route.max_body, snapshot.body_idle);
-    let body = if route.config.json && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+    let (body, replay) = if route.config.json && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
         let bytes = guarded.read_all().await.map_err(body_error)?;
         // An empty body is allowed (start/stop carry none); a present one must be JSON.
         if !bytes.is_empty() {
             validate::check_json(&bytes, route.config.max_json_depth)?;
         }
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        UpstreamBody::Full(Full::new(bytes))
+        let replay = (bytes.len() as u64 <= route.upstream.max_replay_body()).then(|| bytes.clone());
+        (UpstreamBody::Full(Full::new(bytes)), replay)
+    } else if !has_body {
+        // Nothing to stream: an empty body that a retry can send again.
+        (UpstreamBody::Full(Full::new(Bytes::new())), Some(Bytes::new()))
     } else {
-        UpstreamBody::Stream(guarded)
+        (UpstreamBody::Stream(guarded), None)
     };
 
+    let hash_key = consistent_hash_key(&route, &parts.headers, principal.as_deref());
     let req = Request::from_parts(parts, body);
     let sent = Instant::now();
-    let result = route.upstream.forward(req, route.timeout).await;
+    let call = Call {
+        timeout: route.timeout,
+        attempts: route.config.retry_attempts.unwrap_or_else(|| route.upstream.default_attempts()).max(1),
+        replay,
+        hash_key: hash_key.as_deref().map(str::as_bytes),
+        deduplicated: false,
+        metrics: &shared.metrics,
+    };
+    let result = route.upstream.forward(req, call).await;
     rec.upstream_us = Some(sent.elapsed().as_micros() as u64);
     let resp = result.map_err(|e| match rec.body.failure() {
         // The client's body broke the exchange, not the upstream.
@@ -349,6 +373,20 @@ fn set_principal(snapshot: &Snapshot, h: &mut http::HeaderMap, principal: Option
         }
         h.insert(&a.method_header, HeaderValue::from_static(p.method.as_str()));
     }
+}
+
+/// The consistent-hash key: the configured header, else the configured claim (or subject).
+fn consistent_hash_key(route: &Route, headers: &http::HeaderMap, principal: Option<&Principal>) -> Option<String> {
+    let up = &route.upstream;
+    if let Some(h) = &up.hash_header
+        && let Some(v) = headers.get(h).and_then(|v| v.to_str().ok())
+    {
+        return Some(v.to_string());
+    }
+    if up.hash_claim.is_some() {
+        return principal.map(|p| p.rate_key.to_string());
+    }
+    None
 }
 
 /// 429 with `Retry-After` and the `RateLimit-*` headers of the scope that refused.
@@ -427,7 +465,13 @@ pub fn readiness(shared: &Shared) -> Response<GatewayBody> {
     if shared.is_ready() {
         json(StatusCode::OK, serde_json::json!({"status": "ready"}))
     } else {
-        let why = if shared.draining.load(Ordering::Acquire) { "draining" } else { "starting" };
+        let why = if shared.draining.load(Ordering::Acquire) {
+            "draining"
+        } else if !shared.ready.load(Ordering::Acquire) {
+            "starting"
+        } else {
+            "required_service_down"
+        };
         json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": why}))
     }
 }

@@ -168,7 +168,8 @@ async fn start_sims(config: &Config) -> anyhow::Result<Vec<b25_sim::SimServer>> 
         let Some(service) = b25_sim::Service::from_name(name) else {
             anyhow::bail!("demo: service {name:?} is not a B25 service the simulator knows");
         };
-        for url in &svc.instances {
+        for inst in &svc.instances {
+            let url = inst.url();
             let uri: http::Uri = url.parse().with_context(|| format!("demo: {url}"))?;
             let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']);
             let host = if host == "localhost" { "127.0.0.1" } else { host };

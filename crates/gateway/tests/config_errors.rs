@@ -73,7 +73,8 @@ fn unset_env_var() {
         .to_string()
         + &route("");
     let c = parse(&ok).unwrap();
-    assert_eq!(c.services["orders"].instances, ["http://127.0.0.1:2", "http://127.0.0.1:1"]);
+    let urls: Vec<&str> = c.services["orders"].instances.iter().map(|i| i.url()).collect();
+    assert_eq!(urls, ["http://127.0.0.1:2", "http://127.0.0.1:1"]);
 }
 
 #[test]

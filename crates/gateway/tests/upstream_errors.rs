@@ -38,9 +38,14 @@ async fn connection_refused_is_502() {
 async fn reset_before_response_is_502() {
     let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let gw = TestGateway::start(&config_yaml(&[("up", sim.url())], ROUTE), &[]).await;
+    // A POST that may have reached the upstream is never sent twice.
+    let r = send(gw.addr(), Method::POST, "/api/v1/market/ticker/X", &[("x-sim-reset", "before-response")], "").await;
+    r.assert_error(502, "upstream_reset");
+    assert_eq!(sim.hits(), 1, "a POST must not be retried after a reset");
+    // A GET is retried once (the service default: 2 tries), then reported.
     let r = send(gw.addr(), Method::GET, "/api/v1/market/ticker/X", &[("x-sim-reset", "before-response")], "").await;
     r.assert_error(502, "upstream_reset");
-    assert_eq!(sim.hits(), 1, "no hidden retry");
+    assert_eq!(sim.hits(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@
 //! Defaults are `DEFAULT_*` constants with a comment on why that value.
 
 pub mod expand;
+pub mod resilience;
 pub mod security;
 pub mod state;
 pub mod units;
@@ -111,6 +112,8 @@ pub struct ServerConfig {
     pub shutdown_grace: HumanDuration,
     /// Readiness reports 503 this long before the listeners close.
     pub shutdown_delay: HumanDuration,
+    /// Services that must have a healthy instance for readiness to be 200.
+    pub required_services: Vec<String>,
     /// Client-side limits.
     pub limits: LimitsConfig,
     /// CIDRs of proxies whose X-Forwarded-For is trusted (used by rate limiting).
@@ -128,6 +131,7 @@ impl Default for ServerConfig {
             shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
             limits: LimitsConfig::default(),
             trusted_proxies: Vec::new(),
+            required_services: Vec::new(),
         }
     }
 }
@@ -208,8 +212,20 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// Base URLs of the instances (`http://host:port`).
-    pub instances: Vec<String>,
+    /// Instances: `http://host:port`, or `{ url, weight }`.
+    pub instances: Vec<resilience::InstanceConfig>,
+    /// Instance choice.
+    #[serde(default)]
+    pub load_balancing: resilience::LoadBalancingConfig,
+    /// Passive ejection of failing instances.
+    #[serde(default)]
+    pub outlier_detection: resilience::OutlierConfig,
+    /// The service's circuit breaker.
+    #[serde(default)]
+    pub circuit_breaker: resilience::BreakerConfig,
+    /// Retries (only where safe; never a POST that may have been sent).
+    #[serde(default)]
+    pub retry: resilience::RetryConfig,
     /// Time to wait for the response headers (routes may override).
     #[serde(default = "default_upstream_timeout")]
     pub timeout: HumanDuration,
@@ -292,6 +308,9 @@ pub struct RouteConfig {
     /// Upstream response-header timeout for this route (overrides the service's).
     #[serde(default)]
     pub timeout: Option<HumanDuration>,
+    /// Total tries for this route (overrides the service's `retry.attempts`).
+    #[serde(default)]
+    pub retry_attempts: Option<u32>,
     /// Largest request body for this route (overrides `server.limits.max_body`).
     #[serde(default)]
     pub max_body: Option<ByteSize>,
@@ -642,7 +661,8 @@ impl Config {
         }
         let _ = writeln!(out, "services ({}):", self.services.len());
         for (name, s) in &self.services {
-            let _ = writeln!(out, "  {name:<18} {} (timeout {})", s.instances.join(", "), s.timeout);
+            let urls: Vec<&str> = s.instances.iter().map(|i| i.url()).collect();
+            let _ = writeln!(out, "  {name:<18} {} (timeout {})", urls.join(", "), s.timeout);
         }
         let _ = writeln!(out, "routes ({}):", self.routes.len());
         for r in &self.routes {

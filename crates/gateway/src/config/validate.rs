@@ -93,13 +93,63 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
             err(format!("{p}.instances"), "at least one instance is required".into());
         }
         for (i, url) in svc.instances.iter().enumerate() {
-            if let Err(e) = crate::proxy::Instance::parse(url) {
+            if let Err(e) = crate::proxy::Instance::parse(url.url()) {
                 err(format!("{p}.instances[{i}]"), e);
             }
         }
         for (field, d) in [("timeout", svc.timeout), ("connect_timeout", svc.connect_timeout)] {
             if d.get().is_zero() {
                 err(format!("{p}.{field}"), "must be greater than 0".into());
+            }
+        }
+        for (i, inst) in svc.instances.iter().enumerate() {
+            if !(1..=100).contains(&inst.weight()) {
+                err(format!("{p}.instances[{i}].weight"), "must be 1..=100".into());
+            }
+        }
+        let lb = &svc.load_balancing;
+        if lb.policy == super::resilience::Policy::ConsistentHash && lb.hash_header.is_none() && lb.hash_claim.is_none()
+        {
+            err(format!("{p}.load_balancing"), "consistent_hash needs hash_header or hash_claim".into());
+        }
+        if let Some(h) = &lb.hash_header
+            && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+        {
+            err(format!("{p}.load_balancing.hash_header"), format!("{h:?} is not a header name"));
+        }
+        let od = &svc.outlier_detection;
+        if od.enabled
+            && (od.consecutive_failures == 0 || od.base_ejection.get().is_zero() || od.max_ejection_percent > 100)
+        {
+            err(
+                format!("{p}.outlier_detection"),
+                "consecutive_failures and base_ejection must be > 0, max_ejection_percent ≤ 100".into(),
+            );
+        }
+        let cb = &svc.circuit_breaker;
+        if cb.enabled
+            && (cb.consecutive_failures == 0
+                || !(0.0..=1.0).contains(&cb.failure_ratio)
+                || cb.window.get().is_zero()
+                || cb.open_interval.get().is_zero()
+                || cb.half_open_probes == 0)
+        {
+            err(
+                format!("{p}.circuit_breaker"),
+                "consecutive_failures, window, open_interval and half_open_probes must be > 0; failure_ratio in 0..=1"
+                    .into(),
+            );
+        }
+        let rt = &svc.retry;
+        if rt.attempts == 0 || rt.attempts > 10 {
+            err(format!("{p}.retry.attempts"), "must be 1..=10 (1 = no retry)".into());
+        }
+        if !(0.0..=1.0).contains(&rt.budget_ratio) {
+            err(format!("{p}.retry.budget_ratio"), "must be in 0..=1".into());
+        }
+        for (i, st) in rt.retry_on_status.iter().enumerate() {
+            if !(500..=599).contains(st) {
+                err(format!("{p}.retry.retry_on_status[{i}]"), "only 5xx statuses are retried".into());
             }
         }
         let hc = &svc.health_check;
@@ -206,6 +256,16 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
             if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 err(format!("{p}.required_headers[{j}]"), format!("{h:?} is not a header name"));
             }
+        }
+        for (field, l) in [("rate_limit", &r.rate_limit), ("principal_rate_limit", &r.principal_rate_limit)] {
+            if let Some(l) = l
+                && (l.rate == 0 || l.per.get().is_zero() || l.burst == Some(0))
+            {
+                err(format!("{p}.{field}"), "rate, per and burst must be greater than 0".into());
+            }
+        }
+        if r.retry_attempts.is_some_and(|a| a == 0 || a > 10) {
+            err(format!("{p}.retry_attempts"), "must be 1..=10".into());
         }
         if r.json && r.max_json_depth == 0 {
             err(format!("{p}.max_json_depth"), "must be at least 1".into());
@@ -368,15 +428,22 @@ fn validate_state(c: &Config, err: &mut impl FnMut(String, String)) {
                 if r.url.is_some() != r.cluster.is_empty() {
                     err("state.redis".into(), "set exactly one of url (single Redis) or cluster (seed nodes)".into());
                 }
-                for (i, u) in r.url.iter().chain(r.cluster.iter()).enumerate() {
-                    if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-                        err(format!("state.redis.url[{i}]"), format!("{u:?} is not a redis:// URL"));
+                let urls = r.url.iter().map(|u| ("state.redis.url".to_string(), u));
+                let nodes = r.cluster.iter().enumerate().map(|(i, u)| (format!("state.redis.cluster[{i}]"), u));
+                for (path, u) in urls.chain(nodes) {
+                    if !u.starts_with("redis://") {
+                        err(path, format!("{u:?} is not a redis:// URL (TLS to Redis is not built in)"));
                     }
                 }
                 if r.timeout.get().is_zero() {
                     err("state.redis.timeout".into(), "must be greater than 0".into());
                 }
             }
+        }
+    }
+    for (i, s) in c.server.required_services.iter().enumerate() {
+        if !c.services.contains_key(s) {
+            err(format!("server.required_services[{i}]"), format!("unknown service {s:?}"));
         }
     }
     if c.rate_limits.max_keys == 0 {

@@ -75,6 +75,44 @@ pub struct RedisErrorLabels {
     pub kind: &'static str,
 }
 
+/// Labels of per-instance upstream series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    /// Service name.
+    pub service: Arc<str>,
+    /// Instance URL from the config.
+    pub instance: Arc<str>,
+    /// Response status, `0` for a transport failure.
+    pub status: u16,
+}
+
+/// Labels of per-service series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// Service name.
+    pub service: Arc<str>,
+}
+
+/// Labels of per-instance ejection series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    /// Service name.
+    pub service: Arc<str>,
+    /// Instance URL.
+    pub instance: Arc<str>,
+}
+
+/// Labels of breaker transitions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// Service name.
+    pub service: Arc<str>,
+    /// Previous state.
+    pub from: &'static str,
+    /// New state.
+    pub to: &'static str,
+}
+
 /// All metric families, registered once per process.
 pub struct Metrics {
     registry: Registry,
@@ -88,6 +126,13 @@ pub struct Metrics {
     ratelimit: Family<RateLimitLabels, Counter>,
     redis_errors: Family<RedisErrorLabels, Counter>,
     redis_latency: Histogram,
+    upstream_requests: Family<InstanceLabels, Counter>,
+    upstream_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    breaker_state: Family<ServiceLabels, Gauge>,
+    breaker_transitions: Family<TransitionLabels, Counter>,
+    retries: Family<ServiceLabels, Counter>,
+    retry_budget_exhausted: Family<ServiceLabels, Counter>,
+    ejections: Family<EjectionLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -111,6 +156,37 @@ impl Metrics {
         registry.register("ratelimit_decisions", "Rate-limit decisions by scope and outcome", ratelimit.clone());
         registry.register("redis_errors", "Failed or timed-out Redis calls", redis_errors.clone());
         registry.register("redis_call_duration_seconds", "Latency of Redis calls", redis_latency.clone());
+        let upstream_requests = Family::<InstanceLabels, Counter>::default();
+        let upstream_duration =
+            Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
+        let breaker_state = Family::<ServiceLabels, Gauge>::default();
+        let breaker_transitions = Family::<TransitionLabels, Counter>::default();
+        let retries = Family::<ServiceLabels, Counter>::default();
+        let retry_budget_exhausted = Family::<ServiceLabels, Counter>::default();
+        let ejections = Family::<EjectionLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Upstream tries by service, instance and status (0: transport failure)",
+            upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Time to the upstream's response headers, per try",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "circuit_breaker_state",
+            "Breaker state per service: 0 closed, 1 open, 2 half-open",
+            breaker_state.clone(),
+        );
+        registry.register("circuit_breaker_transitions", "Breaker state changes", breaker_transitions.clone());
+        registry.register("upstream_retries", "Retries sent per service", retries.clone());
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries refused by the retry budget",
+            retry_budget_exhausted.clone(),
+        );
+        registry.register("outlier_ejections", "Instances ejected by passive outlier detection", ejections.clone());
         registry.register("auth_attempts", "Authentication attempts by method", auth_attempts.clone());
         registry.register(
             "auth_failures",
@@ -143,6 +219,13 @@ impl Metrics {
             ratelimit,
             redis_errors,
             redis_latency,
+            upstream_requests,
+            upstream_duration,
+            breaker_state,
+            breaker_transitions,
+            retries,
+            retry_budget_exhausted,
+            ejections,
         }
     }
 
@@ -184,6 +267,44 @@ impl Metrics {
     /// Observes a Redis call's latency.
     pub fn redis_latency(&self, d: std::time::Duration) {
         self.redis_latency.observe(d.as_secs_f64());
+    }
+
+    /// Counts one upstream try.
+    pub fn upstream_request(&self, service: &Arc<str>, instance: &Arc<str>, status: u16) {
+        self.upstream_requests
+            .get_or_create(&InstanceLabels { service: service.clone(), instance: instance.clone(), status })
+            .inc();
+    }
+
+    /// Observes one try's time to response headers.
+    pub fn upstream_latency(&self, service: &Arc<str>, d: std::time::Duration) {
+        self.upstream_duration.get_or_create(&ServiceLabels { service: service.clone() }).observe(d.as_secs_f64());
+    }
+
+    /// Records a breaker transition and the new state.
+    pub fn breaker(&self, service: &Arc<str>, from: &'static str, to: &'static str, state: i64) {
+        self.breaker_state.get_or_create(&ServiceLabels { service: service.clone() }).set(state);
+        self.breaker_transitions.get_or_create(&TransitionLabels { service: service.clone(), from, to }).inc();
+    }
+
+    /// Sets the breaker gauge (at start, so every service has a series).
+    pub fn breaker_init(&self, service: &Arc<str>) {
+        self.breaker_state.get_or_create(&ServiceLabels { service: service.clone() }).set(0);
+    }
+
+    /// Counts a retry.
+    pub fn retry(&self, service: &Arc<str>) {
+        self.retries.get_or_create(&ServiceLabels { service: service.clone() }).inc();
+    }
+
+    /// Counts a retry refused by the budget.
+    pub fn retry_budget_exhausted(&self, service: &Arc<str>) {
+        self.retry_budget_exhausted.get_or_create(&ServiceLabels { service: service.clone() }).inc();
+    }
+
+    /// Counts an outlier ejection.
+    pub fn ejection(&self, service: &Arc<str>, instance: &Arc<str>) {
+        self.ejections.get_or_create(&EjectionLabels { service: service.clone(), instance: instance.clone() }).inc();
     }
 
     /// The open-connections gauge.

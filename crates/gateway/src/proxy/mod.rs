@@ -1,27 +1,47 @@
-//! Upstreams: per-service pooled clients, instance choice, active health checks, and the
-//! forwarding of one request.
+//! Upstreams: per-service pooled clients, instance choice, health (active checks and passive
+//! outlier ejection), the circuit breaker, and forwarding with retries that are safe for
+//! order flow.
 //!
 //! One [`Upstream`] per service is built with the config snapshot; a route holds an
-//! `Arc<Upstream>`, so nothing is looked up by name per request. Instance choice is round robin
-//! over healthy instances on an atomic counter (no lock). Load-balancing strategies, passive
-//! outlier detection, breakers and retries build on this in the resilience work.
+//! `Arc<Upstream>`, so nothing is looked up by name per request. Instance choice, health,
+//! breaker and retry budget are atomics: no lock on the request path.
+//!
+//! Retry rules (the order-safety contract):
+//! - a try that failed before any byte reached the upstream (connect refused or timed out) may
+//!   be retried for any method, on another instance;
+//! - GET/HEAD/OPTIONS/PUT/DELETE are also retried after a reset before a response, a per-try
+//!   timeout, or a status listed in `retry_on_status` (503 `Retry-After` is honoured within
+//!   the deadline);
+//! - POST/PATCH are never retried once a byte may have been sent, unless the caller says the
+//!   request carries an idempotency key the gateway deduplicates;
+//! - only bodies kept for replay (empty, or read whole and within `max_replay_body`) are retried;
+//! - retries spend a budget (a share of recent requests), so a failing service never sees a
+//!   retry storm.
+//! hyper's pool re-sends a request only when it knows the request was never written (a pooled
+//! connection found closed before use), which keeps POSTs single.
 
+pub mod balance;
+pub mod breaker;
 pub mod headers;
 
 use crate::body::UpstreamBody as Body;
+use crate::config::resilience::{OutlierConfig, RetryConfig};
 use crate::config::{HealthCheckConfig, ServiceConfig};
 use crate::error::{ErrorKind, GatewayError};
+use crate::observe::Metrics;
+use balance::Balancer;
+use breaker::{Breaker, State};
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
-use http_body_util::Empty;
+use http::{HeaderMap, Method, Request, Response, Uri, Version, header};
+use http_body_util::{Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// TCP keepalive probes on upstream connections find dead peers on idle pooled connections.
 const UPSTREAM_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -34,6 +54,10 @@ pub type UpstreamBody = Body;
 pub struct Instance {
     /// As written in the config (`http://127.0.0.1:8081`).
     pub url: String,
+    /// Metric label.
+    pub label: Arc<str>,
+    /// Relative share of traffic.
+    pub weight: u32,
     scheme: Scheme,
     authority: Authority,
     healthy: AtomicBool,
@@ -43,6 +67,11 @@ pub struct Instance {
     last_check_ms: AtomicU64,
     /// Status of the last check (0: no HTTP answer).
     last_status: AtomicU32,
+    /// Requests in flight (least-request balancing).
+    pub inflight: AtomicUsize,
+    passive_failures: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    ejections: AtomicU32,
 }
 
 /// What a valid instance URL is made of.
@@ -72,10 +101,14 @@ impl Instance {
         Ok(ParsedInstance { scheme, authority })
     }
 
-    fn new(url: &str) -> Result<Self, String> {
+    /// An instance from a URL and weight.
+    pub fn new(url: &str, weight: u32) -> Result<Self, String> {
         let p = Self::parse(url)?;
+        let url = url.trim_end_matches('/').to_string();
         Ok(Self {
-            url: url.trim_end_matches('/').to_string(),
+            label: url.as_str().into(),
+            url,
+            weight: weight.max(1),
             scheme: p.scheme,
             authority: p.authority,
             healthy: AtomicBool::new(true),
@@ -83,12 +116,31 @@ impl Instance {
             consecutive_fail: AtomicU32::new(0),
             last_check_ms: AtomicU64::new(0),
             last_status: AtomicU32::new(0),
+            inflight: AtomicUsize::new(0),
+            passive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
         })
     }
 
-    /// Whether the last health checks passed (true until checks say otherwise).
+    /// Whether the last active health checks passed (true until checks say otherwise).
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether passive outlier detection has taken the instance out at `now_ms`.
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        now_ms < self.ejected_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Healthy and not ejected.
+    pub fn available(&self, now_ms: u64) -> bool {
+        self.is_healthy() && !self.is_ejected(now_ms)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn eject_for_test(&self) {
+        self.healthy.store(false, Ordering::Relaxed);
     }
 
     fn uri(&self, pq: PathAndQuery) -> Result<Uri, http::Error> {
@@ -96,15 +148,95 @@ impl Instance {
     }
 }
 
-/// A service: its instances, pooled client and health checking.
+/// Retry budget (after Linkerd and Finagle): each request deposits `ratio` of a retry, each
+/// retry withdraws one; plus `min_per_second` retries always available per second.
+struct RetryBudget {
+    balance_milli: AtomicI64,
+    deposit_milli: i64,
+    cap_milli: i64,
+    min_per_second: u32,
+    second: AtomicU64,
+    used_this_second: AtomicU32,
+}
+
+impl RetryBudget {
+    fn new(cfg: &RetryConfig) -> Self {
+        let deposit = (cfg.budget_ratio.clamp(0.0, 10.0) * 1000.0) as i64;
+        Self {
+            balance_milli: AtomicI64::new(0),
+            deposit_milli: deposit,
+            cap_milli: (deposit * 100).max(10_000),
+            min_per_second: cfg.min_retries_per_second,
+            second: AtomicU64::new(0),
+            used_this_second: AtomicU32::new(0),
+        }
+    }
+
+    fn deposit(&self) {
+        let b = self.balance_milli.fetch_add(self.deposit_milli, Ordering::Relaxed) + self.deposit_milli;
+        if b > self.cap_milli {
+            self.balance_milli.fetch_min(self.cap_milli, Ordering::Relaxed);
+        }
+    }
+
+    fn withdraw(&self, now_ms: u64) -> bool {
+        let sec = now_ms / 1000;
+        if self.second.swap(sec, Ordering::Relaxed) != sec {
+            self.used_this_second.store(0, Ordering::Relaxed);
+        }
+        if self.used_this_second.fetch_add(1, Ordering::Relaxed) < self.min_per_second {
+            return true;
+        }
+        self.used_this_second.fetch_sub(1, Ordering::Relaxed);
+        let mut cur = self.balance_milli.load(Ordering::Relaxed);
+        loop {
+            if cur < 1000 {
+                return false;
+            }
+            match self.balance_milli.compare_exchange_weak(cur, cur - 1000, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(a) => cur = a,
+            }
+        }
+    }
+}
+
+/// How one request is to be forwarded.
+pub struct Call<'a> {
+    /// Overall deadline for the response headers (the route timeout).
+    pub timeout: Duration,
+    /// Total tries allowed (1 = no retry).
+    pub attempts: u32,
+    /// The body again, for a retry (`None`: the body streams and cannot be replayed).
+    pub replay: Option<Bytes>,
+    /// Consistent-hash key.
+    pub hash_key: Option<&'a [u8]>,
+    /// The request carries an idempotency key that the gateway deduplicates, so even a POST
+    /// may be retried.
+    pub deduplicated: bool,
+    /// Metric families.
+    pub metrics: &'a Metrics,
+}
+
+/// A service: its instances, pooled client, balancer, breaker, health and retry policy.
 pub struct Upstream {
     /// The service name.
     pub name: Arc<str>,
     instances: Box<[Arc<Instance>]>,
-    next: AtomicUsize,
-    client: Client<HttpConnector, UpstreamBody>,
+    balancer: Balancer,
+    breaker: Breaker,
+    budget: RetryBudget,
+    retry: RetryConfig,
+    outlier: OutlierConfig,
+    client: Client<HttpConnector, Body>,
     health: HealthCheckConfig,
     health_client: Client<HttpConnector, Empty<Bytes>>,
+    /// The hash header name (consistent hashing).
+    pub hash_header: Option<http::HeaderName>,
+    /// The hash claim (consistent hashing).
+    pub hash_claim: Option<String>,
+    base: Instant,
+    epoch_ms: u64,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -121,10 +253,29 @@ fn connector(connect_timeout: Duration) -> HttpConnector {
     c
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+enum Failure {
+    /// An upstream answer with a retryable status.
+    Status(Response<Incoming>),
+    /// A transport failure; `not_sent` when no byte can have reached the upstream.
+    Error(GatewayError, bool),
+}
+
 impl Upstream {
     /// Builds the service's client and instances (validated config: instance URLs parse).
     pub fn new(name: &str, cfg: &ServiceConfig) -> Result<Self, String> {
-        let instances = cfg.instances.iter().map(|u| Instance::new(u).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        let instances = cfg
+            .instances
+            .iter()
+            .map(|i| Instance::new(i.url(), i.weight()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout.get())
             .pool_max_idle_per_host(cfg.pool_max_idle)
@@ -135,14 +286,27 @@ impl Upstream {
             .pool_max_idle_per_host(1)
             .pool_timer(TokioTimer::new())
             .build(connector(cfg.health_check.timeout.get()));
+        let lb = &cfg.load_balancing;
         Ok(Self {
             name: name.into(),
+            balancer: Balancer::new(lb.policy, &instances),
             instances: instances.into(),
-            next: AtomicUsize::new(0),
+            breaker: Breaker::new(&cfg.circuit_breaker),
+            budget: RetryBudget::new(&cfg.retry),
+            retry: cfg.retry.clone(),
+            outlier: cfg.outlier_detection.clone(),
             client,
             health: cfg.health_check.clone(),
             health_client,
+            hash_header: lb.hash_header.as_deref().and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+            hash_claim: lb.hash_claim.clone(),
+            base: Instant::now(),
+            epoch_ms: unix_ms(),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch_ms + self.base.elapsed().as_millis() as u64
     }
 
     /// The instances, in config order.
@@ -150,35 +314,199 @@ impl Upstream {
         &self.instances
     }
 
-    /// Round robin over healthy instances; `None` when every instance is unhealthy.
-    pub fn pick(&self) -> Option<&Arc<Instance>> {
-        let n = self.instances.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|i| &self.instances[(start + i) % n]).find(|inst| inst.is_healthy())
+    /// True when at least one instance can take traffic.
+    pub fn has_available(&self) -> bool {
+        let now = self.now_ms();
+        self.instances.iter().any(|i| i.available(now))
     }
 
-    /// Sends `req` (whose URI holds only path and query) to an instance and waits for the
-    /// response headers for at most `timeout`. The body streams; nothing is buffered.
-    pub async fn forward(
-        &self,
-        mut req: Request<UpstreamBody>,
-        timeout: Duration,
-    ) -> Result<Response<Incoming>, GatewayError> {
-        let inst = self.pick().ok_or_else(|| {
-            GatewayError::new(ErrorKind::NoHealthyUpstream, "no healthy instance of the service")
-                .with_detail(&self.name)
-        })?;
-        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = inst
-            .uri(pq)
-            .map_err(|e| GatewayError::new(ErrorKind::Internal, "cannot build upstream request").with_detail(e))?;
-        *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(&e).with_detail(format!("{}: {}", inst.url, error_chain(&e)))),
-            Err(_) => Err(GatewayError::new(ErrorKind::UpstreamTimeout, "the upstream service did not answer in time")
-                .with_detail(format!("{} after {timeout:?}", inst.url))),
+    /// The breaker's state.
+    pub fn breaker_state(&self) -> State {
+        self.breaker.state()
+    }
+
+    /// The retry attempts configured for the service.
+    pub fn default_attempts(&self) -> u32 {
+        self.retry.attempts.max(1)
+    }
+
+    /// Largest body kept for a replay.
+    pub fn max_replay_body(&self) -> u64 {
+        self.retry.max_replay_body.bytes()
+    }
+
+    fn transition(&self, t: breaker::Transition, metrics: &Metrics) {
+        if let Some((from, to)) = t {
+            match to {
+                State::Open => tracing::warn!(service = %self.name, from = from.as_str(), "circuit breaker open"),
+                _ => tracing::info!(service = %self.name, from = from.as_str(), to = to.as_str(), "circuit breaker"),
+            }
+            metrics.breaker(&self.name, from.as_str(), to.as_str(), to as i64);
         }
+    }
+
+    fn passive(&self, idx: usize, ok: bool, now_ms: u64, metrics: &Metrics) {
+        let inst = &self.instances[idx];
+        if ok {
+            inst.passive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        if !self.outlier.enabled {
+            return;
+        }
+        let n = inst.passive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < self.outlier.consecutive_failures || inst.is_ejected(now_ms) {
+            return;
+        }
+        let ejected = self.instances.iter().filter(|i| i.is_ejected(now_ms)).count();
+        let allowed = self.instances.len() * self.outlier.max_ejection_percent as usize / 100;
+        if ejected >= allowed {
+            return;
+        }
+        let k = inst.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let t = (self.outlier.base_ejection.get().as_millis() as u64)
+            .saturating_mul(1 << k)
+            .min(self.outlier.max_ejection.get().as_millis() as u64);
+        inst.ejected_until_ms.store(now_ms + t, Ordering::Relaxed);
+        inst.passive_failures.store(0, Ordering::Relaxed);
+        metrics.ejection(&self.name, &inst.label);
+        tracing::warn!(service = %self.name, instance = %inst.url, ejected_for_ms = t, "instance ejected after consecutive failures");
+    }
+
+    /// Sends `req` (whose URI holds only path and query) and waits for the response headers,
+    /// retrying where it is safe (see the module docs). The body streams; nothing is buffered
+    /// here.
+    pub async fn forward(&self, req: Request<Body>, call: Call<'_>) -> Result<Response<Incoming>, GatewayError> {
+        let started = Instant::now();
+        let deadline = started + call.timeout;
+        let (parts, body) = req.into_parts();
+        let method = parts.method.clone();
+        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let can_replay = call.replay.is_some() && call.attempts > 1;
+        let saved: Option<HeaderMap> = can_replay.then(|| parts.headers.clone());
+        let mut parts = Some(parts);
+        let mut body = Some(body);
+        let mut exclude = None;
+        self.budget.deposit();
+        let metrics = call.metrics;
+
+        for attempt in 0..call.attempts.max(1) {
+            let now_ms = self.now_ms();
+            let (permit, t) = self.breaker.acquire(now_ms);
+            self.transition(t, metrics);
+            let permit = permit.map_err(|wait_ms| {
+                GatewayError::new(ErrorKind::CircuitOpen, "the service is failing; try again shortly")
+                    .with_header(header::RETRY_AFTER, http::HeaderValue::from(wait_ms.div_ceil(1000).max(1)))
+                    .with_detail(&self.name)
+            })?;
+            let Some(idx) = self.balancer.pick(&self.instances, call.hash_key, now_ms, exclude) else {
+                return Err(GatewayError::new(ErrorKind::NoHealthyUpstream, "no healthy instance of the service")
+                    .with_detail(&self.name));
+            };
+            let inst = &self.instances[idx];
+            // Build this try's request: the original the first time, a replay after.
+            let mut req = match (parts.take(), body.take()) {
+                (Some(p), Some(b)) => Request::from_parts(p, b),
+                _ => {
+                    let mut r = Request::new(Body::Full(Full::new(call.replay.clone().unwrap_or_default())));
+                    *r.method_mut() = method.clone();
+                    *r.headers_mut() = saved.clone().unwrap_or_default();
+                    r
+                }
+            };
+            *req.uri_mut() = inst
+                .uri(pq.clone())
+                .map_err(|e| GatewayError::new(ErrorKind::Internal, "cannot build upstream request").with_detail(e))?;
+            *req.version_mut() = Version::HTTP_11;
+
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let per_try = self.retry.per_try_timeout.map_or(remaining, |p| p.get().min(remaining));
+            inst.inflight.fetch_add(1, Ordering::Relaxed);
+            let sent = Instant::now();
+            let result = tokio::time::timeout(per_try, self.client.request(req)).await;
+            inst.inflight.fetch_sub(1, Ordering::Relaxed);
+            metrics.upstream_latency(&self.name, sent.elapsed());
+            let now_ms = self.now_ms();
+
+            let failure = match result {
+                Ok(Ok(resp)) if !self.retry.retry_on_status.contains(&resp.status().as_u16()) => {
+                    let server_error = resp.status().is_server_error();
+                    metrics.upstream_request(&self.name, &inst.label, resp.status().as_u16());
+                    // 5xx other than the retryable ones still count against the breaker.
+                    let t = self.breaker.record(permit, !server_error, now_ms);
+                    self.transition(t, metrics);
+                    self.passive(idx, true, now_ms, metrics);
+                    return Ok(resp);
+                }
+                Ok(Ok(resp)) => {
+                    metrics.upstream_request(&self.name, &inst.label, resp.status().as_u16());
+                    Failure::Status(resp)
+                }
+                Ok(Err(e)) => {
+                    let ge = classify(&e).with_detail(format!("{}: {}", inst.url, error_chain(&e)));
+                    metrics.upstream_request(&self.name, &inst.label, 0);
+                    let not_sent = ge.kind().request_not_sent();
+                    Failure::Error(ge, not_sent)
+                }
+                Err(_) => {
+                    metrics.upstream_request(&self.name, &inst.label, 0);
+                    let ge =
+                        GatewayError::new(ErrorKind::UpstreamTimeout, "the upstream service did not answer in time")
+                            .with_detail(format!("{} after {per_try:?}", inst.url));
+                    Failure::Error(ge, false)
+                }
+            };
+            let t = self.breaker.record(permit, false, now_ms);
+            self.transition(t, metrics);
+            self.passive(idx, false, now_ms, metrics);
+
+            let not_sent = matches!(failure, Failure::Error(_, true));
+            let safe = not_sent || idempotent(&method) || call.deduplicated;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wants_retry = attempt + 1 < call.attempts && safe && !left.is_zero();
+            let replayable = call.replay.is_some();
+            if wants_retry && !replayable {
+                tracing::debug!(service = %self.name, "request body streams and cannot be replayed: not retried");
+            }
+            let retry = wants_retry && replayable && {
+                let ok = self.budget.withdraw(now_ms);
+                if !ok {
+                    metrics.retry_budget_exhausted(&self.name);
+                }
+                ok
+            };
+            if !retry {
+                return match failure {
+                    Failure::Status(resp) => Ok(resp),
+                    Failure::Error(e, _) => Err(e),
+                };
+            }
+            // Wait: an upstream's Retry-After on 503 if it fits the deadline, else backoff
+            // with full jitter.
+            let mut wait = backoff(&self.retry, attempt);
+            if let Failure::Status(resp) = &failure
+                && resp.status() == http::StatusCode::SERVICE_UNAVAILABLE
+                && let Some(ra) = resp
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                let ra = Duration::from_secs(ra);
+                if ra >= left {
+                    return match failure {
+                        Failure::Status(resp) => Ok(resp),
+                        Failure::Error(e, _) => Err(e),
+                    };
+                }
+                wait = ra;
+            }
+            drop(failure);
+            metrics.retry(&self.name);
+            tokio::time::sleep(wait.min(left)).await;
+            exclude = Some(idx);
+        }
+        unreachable!("the loop returns on its last attempt")
     }
 
     /// Runs one round of health checks on every instance, concurrently.
@@ -210,6 +538,9 @@ impl Upstream {
             let n = inst.consecutive_ok.fetch_add(1, Ordering::Relaxed) + 1;
             if !inst.is_healthy() && n >= self.health.healthy_threshold {
                 inst.healthy.store(true, Ordering::Relaxed);
+                // Back from the dead: forget passive ejections too.
+                inst.ejected_until_ms.store(0, Ordering::Relaxed);
+                inst.passive_failures.store(0, Ordering::Relaxed);
                 tracing::info!(service = %self.name, instance = %inst.url, "instance healthy again");
             }
         } else {
@@ -244,6 +575,7 @@ impl Upstream {
 
     /// JSON for `GET /health`.
     pub fn health_json(&self) -> serde_json::Value {
+        let now = self.now_ms();
         let instances: Vec<_> = self
             .instances
             .iter()
@@ -251,23 +583,30 @@ impl Upstream {
                 let checked = i.last_check_ms.load(Ordering::Relaxed);
                 serde_json::json!({
                     "url": i.url,
+                    "weight": i.weight,
                     "healthy": i.is_healthy(),
+                    "ejected": i.is_ejected(now),
+                    "in_flight": i.inflight.load(Ordering::Relaxed),
                     "last_check_status": i.last_status.load(Ordering::Relaxed),
                     "last_check_unix_ms": if checked == 0 { serde_json::Value::Null } else { checked.into() },
                 })
             })
             .collect();
-        let healthy = self.instances.iter().filter(|i| i.is_healthy()).count();
+        let available = self.instances.iter().filter(|i| i.available(now)).count();
         serde_json::json!({
-            "status": if healthy > 0 { "healthy" } else { "unhealthy" },
-            "healthy_instances": healthy,
+            "status": if available > 0 { "healthy" } else { "unhealthy" },
+            "healthy_instances": available,
+            "circuit_breaker": self.breaker.state().as_str(),
             "instances": instances,
         })
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+/// Full jitter: a random wait in `[0, min(max, base·2^attempt)]`.
+fn backoff(r: &RetryConfig, attempt: u32) -> Duration {
+    let cap = r.backoff_base.get().saturating_mul(1 << attempt.min(16)).min(r.backoff_max.get());
+    let nanos = cap.as_nanos() as u64;
+    if nanos == 0 { Duration::ZERO } else { Duration::from_nanos(balance::random() % (nanos + 1)) }
 }
 
 /// Maps a client error to the kind that says where it failed.
