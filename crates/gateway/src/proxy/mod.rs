@@ -17,6 +17,7 @@
 //! - only bodies kept for replay (empty, or read whole and within `max_replay_body`) are retried;
 //! - retries spend a budget (a share of recent requests), so a failing service never sees a
 //!   retry storm.
+//!
 //! hyper's pool re-sends a request only when it knows the request was never written (a pooled
 //! connection found closed before use), which keeps POSTs single.
 
