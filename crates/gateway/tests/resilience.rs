@@ -1,0 +1,323 @@
+//! Resilience over real sockets: instance failure and return, the circuit breaker, order
+//! safety against every failure shape, consistent hashing and the retry budget.
+
+mod support;
+
+use http::Method;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TICKER: &str = "  - { id: t, path: \"/api/v1/market/ticker/{s}\", methods: [GET], service: up, public: true }\n";
+
+fn service_yaml(instances: &[String], extra: &str, routes: &str) -> String {
+    let list: Vec<String> = instances.iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        "server: {{ listen: \"127.0.0.1:0\", admin_listen: \"127.0.0.1:0\" }}\nlogging: {{ level: warn }}\nservices:\n  up:\n    instances: [{}]\n{extra}routes:\n{routes}",
+        list.join(", ")
+    )
+}
+
+async fn metrics(gw: &TestGateway) -> String {
+    String::from_utf8_lossy(&get(gw.handle.admin_addr().unwrap(), "/metrics").await.body).to_string()
+}
+
+fn metric_value(text: &str, prefix: &str) -> f64 {
+    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+async fn sims(n: usize) -> Vec<b25_sim::SimServer> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap());
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_is_routed_around_and_used_again_when_back() {
+    let mut s = sims(3).await;
+    let urls: Vec<String> = s.iter().map(|x| x.url()).collect();
+    let extra = "    health_check: { interval: 100ms, timeout: 200ms, unhealthy_threshold: 1, healthy_threshold: 1 }\n    retry: { attempts: 3 }\n";
+    let gw = TestGateway::start(&service_yaml(&urls, extra, TICKER), &[]).await;
+    for _ in 0..30 {
+        assert_eq!(get(gw.addr(), "/api/v1/market/ticker/X").await.status, 200);
+    }
+    assert!(s.iter().all(|x| x.hits() == 10), "round robin spreads evenly");
+    let dead = s.pop().unwrap();
+    let dead_addr = dead.addr();
+    dead.shutdown().await;
+    // During the kill: no GET fails (a try on the dead instance is retried on another).
+    for _ in 0..60 {
+        let r = get(gw.addr(), "/api/v1/market/ticker/X").await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    // After detection no request goes to it: its failed tries stop growing.
+    let dead_label = format!("instance=\"{}\"", urls[2]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = get(gw.addr(), "/health").await.json();
+        if h["services"]["up"]["instances"][2]["healthy"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead instance was never detected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = metrics(&gw).await;
+    let before = metric_value(&m, &format!("b25_gateway_upstream_requests_total{{service=\"up\",{dead_label}"));
+    for _ in 0..40 {
+        assert_eq!(get(gw.addr(), "/api/v1/market/ticker/X").await.status, 200);
+    }
+    let after =
+        metric_value(&metrics(&gw).await, &format!("b25_gateway_upstream_requests_total{{service=\"up\",{dead_label}"));
+    assert_eq!(before, after, "requests still went to the dead instance");
+    // It comes back on the same address and is used again.
+    let listener = TcpListener::bind(dead_addr).await.unwrap();
+    let back = b25_sim::start_with(b25_sim::Service::MarketData, listener, Default::default()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while back.hits() == 0 {
+        assert_eq!(get(gw.addr(), "/api/v1/market/ticker/X").await.status, 200);
+        assert!(Instant::now() < deadline, "the instance that came back is never used");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_trips_fails_fast_probes_boundedly_and_recovers() {
+    let s = sims(1).await;
+    s[0].knobs().set_error_status(Some(503));
+    let extra = "    health_check: { enabled: false }\n    outlier_detection: { enabled: false }\n    circuit_breaker: { consecutive_failures: 5, open_interval: 300ms, max_open_interval: 300ms, half_open_probes: 2 }\n    retry: { attempts: 2, budget_ratio: 0.2, min_retries_per_second: 0 }\n";
+    let gw = TestGateway::start(&service_yaml(&[s[0].url()], extra, TICKER), &[]).await;
+    let mut open = 0;
+    for _ in 0..100 {
+        let r = get(gw.addr(), "/api/v1/market/ticker/X").await;
+        assert_eq!(r.status, 503);
+        if r.json()["error"]["code"] == "circuit_open" {
+            open += 1;
+            assert!(r.headers.contains_key("retry-after"));
+        }
+    }
+    assert!(open >= 90, "the breaker should be open for most requests, was for {open}");
+    assert!(s[0].hits() as f64 <= 1.2 * 100.0, "{} upstream attempts for 100 requests", s[0].hits());
+    // While open: answered without the upstream, quickly.
+    let hits = s[0].hits();
+    let t0 = Instant::now();
+    for _ in 0..20 {
+        get(gw.addr(), "/api/v1/market/ticker/X").await.assert_error(503, "circuit_open");
+    }
+    assert_eq!(s[0].hits(), hits, "an open breaker let requests through");
+    assert!(t0.elapsed() < Duration::from_millis(250), "fail-fast took {:?} for 20 requests", t0.elapsed());
+    // Half-open: concurrent requests, at most `half_open_probes` reach the upstream.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let before = s[0].hits();
+    let addr = gw.addr();
+    let results = futures_util::future::join_all((0..10).map(|_| get(addr, "/api/v1/market/ticker/X"))).await;
+    assert!(results.iter().all(|r| r.status == 503));
+    assert!(s[0].hits() - before <= 2, "{} probes went through", s[0].hits() - before);
+    // Recovery closes it.
+    s[0].knobs().set_error_status(None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if get(gw.addr(), "/api/v1/market/ticker/X").await.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the breaker never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = metrics(&gw).await;
+    assert!(m.contains("b25_gateway_circuit_breaker_state{service=\"up\"} 0"), "{m}");
+    assert!(m.contains("b25_gateway_circuit_breaker_transitions_total{service=\"up\",from=\"closed\",to=\"open\"}"));
+}
+
+/// A hand-written order service that misbehaves on demand (`x-fault` header) and counts how
+/// many times each client order id arrived.
+struct FaultUpstream {
+    addr: std::net::SocketAddr,
+    seen: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+async fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = s.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = s.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    Some((head, buf[head_end..head_end + len].to_vec()))
+}
+
+async fn fault_upstream() -> FaultUpstream {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                while let Some((head, body)) = read_request(&mut s).await {
+                    n += 1;
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    if let Some(id) = v["client_order_id"].as_str() {
+                        *seen.lock().unwrap().entry(id.to_string()).or_default() += 1;
+                    }
+                    let fault = head.lines().find_map(|l| l.strip_prefix("x-fault:").map(|v| v.trim().to_string()));
+                    let ok = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                    match fault.as_deref() {
+                        Some("reset") => return, // read the order, then drop the connection
+                        Some("502") => {
+                            let _ = s.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n").await;
+                        }
+                        Some("hang") => {
+                            std::future::pending::<()>().await;
+                        }
+                        // Answer the first request on a connection; close on the second after
+                        // reading it (the keep-alive race, at its worst: processed, unanswered).
+                        Some("second-close") if n >= 2 => return,
+                        // Answer, then close the kept-alive connection while it idles.
+                        Some("close-after") => {
+                            let _ = s.write_all(ok).await;
+                            return;
+                        }
+                        _ => {
+                            let _ = s.write_all(ok).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    FaultUpstream { addr, seen }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_is_never_sent_twice_whatever_the_upstream_does() {
+    let up = fault_upstream().await;
+    let extra = "    health_check: { enabled: false }\n    outlier_detection: { enabled: false }\n    circuit_breaker: { enabled: false }\n    retry: { attempts: 3, min_retries_per_second: 100 }\n";
+    let routes = "  - { id: orders, path: \"/api/v1/orders\", methods: [POST], service: up, public: true, json: true, timeout: 500ms }\n";
+    let gw = TestGateway::start(&service_yaml(&[format!("http://{}", up.addr)], extra, routes), &[]).await;
+    let order =
+        |id: &str| format!(r#"{{"symbol":"BTCUSDT","side":"buy","quantity":1,"price":1,"client_order_id":"{id}"}}"#);
+    let post = |id: String, fault: &'static str| {
+        let addr = gw.addr();
+        async move {
+            let h = [("content-type", "application/json"), ("x-fault", fault)];
+            send(addr, Method::POST, "/api/v1/orders", &h, order(&id)).await
+        }
+    };
+    // (a) reset after reading the body, (b) 502, (c) hang past the timeout.
+    post("a".into(), "reset").await.assert_error(502, "upstream_reset");
+    let b = post("b".into(), "502").await;
+    assert_eq!(b.status, 502);
+    post("c".into(), "hang").await.assert_error(504, "upstream_timeout");
+    // (d) the upstream closes a kept-alive connection as the next request arrives.
+    assert_eq!(post("d1".into(), "second-close").await.status, 201);
+    let d2 = post("d2".into(), "second-close").await;
+    assert!(d2.status == 201 || d2.status == 502, "d2: {}", d2.status);
+    // And an idle keep-alive connection closed by the upstream before reuse: the next order
+    // goes out once, on a new connection.
+    for i in 0..5 {
+        let r = post(format!("e{i}"), "close-after").await;
+        assert!(r.status == 201 || r.status == 502, "e{i}: {}", r.status);
+    }
+    let seen = up.seen.lock().unwrap().clone();
+    for (id, n) in &seen {
+        assert_eq!(*n, 1, "order {id} reached the upstream {n} times");
+    }
+    for id in ["a", "b", "c", "d1", "e0", "e4"] {
+        assert!(seen.contains_key(id), "order {id} never arrived");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keeps_an_account_on_one_instance_and_moves_only_its_share() {
+    let s = sims(3).await;
+    let urls: Vec<String> = s.iter().map(|x| x.url()).collect();
+    let extra = "    load_balancing: { policy: consistent_hash, hash_header: x-account-id }\n    health_check: { interval: 100ms, timeout: 200ms, unhealthy_threshold: 1 }\n";
+    let gw = TestGateway::start(&service_yaml(&urls, extra, TICKER), &[]).await;
+    for _ in 0..1000 {
+        let r = send(gw.addr(), Method::GET, "/api/v1/market/ticker/X", &[("x-account-id", "acct-7")], "").await;
+        assert_eq!(r.status, 200);
+    }
+    let hits: Vec<u64> = s.iter().map(|x| x.hits()).collect();
+    assert_eq!(hits.iter().filter(|h| **h == 1000).count(), 1, "one account, one instance: {hits:?}");
+    for x in &s {
+        x.clear_requests();
+    }
+    let accounts: Vec<String> = (0..300).map(|i| format!("acct-{i}")).collect();
+    let owner = |s: &[b25_sim::SimServer]| -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for (i, x) in s.iter().enumerate() {
+            for r in x.requests() {
+                m.insert(r.headers["x-account-id"].to_str().unwrap().to_string(), i);
+            }
+        }
+        m
+    };
+    for a in &accounts {
+        send(gw.addr(), Method::GET, "/api/v1/market/ticker/X", &[("x-account-id", a)], "").await;
+    }
+    let before = owner(&s);
+    for x in &s {
+        x.clear_requests();
+    }
+    // Instance 1 leaves (health checks fail).
+    s[1].knobs().set_health_status(500);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(gw.addr(), "/health").await.json()["services"]["up"]["instances"][1]["healthy"] != false {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for a in &accounts {
+        send(gw.addr(), Method::GET, "/api/v1/market/ticker/X", &[("x-account-id", a)], "").await;
+    }
+    let after = owner(&s);
+    let mut moved = 0;
+    for a in &accounts {
+        if before[a] == 1 {
+            assert_ne!(after[a], 1);
+            moved += 1;
+        } else {
+            assert_eq!(after[a], before[a], "{a} moved although its instance stayed");
+        }
+    }
+    assert!(moved > 30 && moved < 200, "instance 1 owned {moved} of 300 accounts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_budget_caps_attempts_under_total_failure() {
+    let s = sims(1).await;
+    s[0].knobs().set_error_status(Some(503));
+    let extra = "    health_check: { enabled: false }\n    outlier_detection: { enabled: false }\n    circuit_breaker: { enabled: false }\n    retry: { attempts: 3, backoff_base: 1ms, backoff_max: 1ms, budget_ratio: 0.2, min_retries_per_second: 0 }\n";
+    let gw = TestGateway::start(&service_yaml(&[s[0].url()], extra, TICKER), &[]).await;
+    for _ in 0..200 {
+        assert_eq!(get(gw.addr(), "/api/v1/market/ticker/X").await.status, 503);
+    }
+    let attempts = s[0].hits();
+    assert!(attempts >= 200, "every request is tried once");
+    assert!(attempts <= 240, "{attempts} attempts for 200 requests exceed the 20 % budget");
+    let m = metrics(&gw).await;
+    assert!(metric_value(&m, "b25_gateway_retry_budget_exhausted_total") > 0.0);
+    assert!(metric_value(&m, "b25_gateway_upstream_retries_total") > 0.0);
+}
