@@ -15,8 +15,10 @@ use std::task::{Context, Poll};
 pub enum GatewayBody {
     /// Streamed from the upstream as it arrives; never buffered whole.
     Upstream(Incoming),
-    /// A complete body made by the gateway (errors, health, metrics).
+    /// A complete body made by the gateway (errors, health, metrics, cache hits).
     Full(Full<Bytes>),
+    /// Bytes already read from an upstream body, then the rest of it.
+    Prefixed(Option<Bytes>, Incoming),
 }
 
 impl GatewayBody {
@@ -38,6 +40,10 @@ impl Body for GatewayBody {
         match self.get_mut() {
             Self::Upstream(b) => Pin::new(b).poll_frame(cx),
             Self::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            Self::Prefixed(prefix, rest) => match prefix.take() {
+                Some(p) => Poll::Ready(Some(Ok(Frame::data(p)))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
         }
     }
 
@@ -45,6 +51,7 @@ impl Body for GatewayBody {
         match self {
             Self::Upstream(b) => b.is_end_stream(),
             Self::Full(b) => b.is_end_stream(),
+            Self::Prefixed(p, rest) => p.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -52,8 +59,25 @@ impl Body for GatewayBody {
         match self {
             Self::Upstream(b) => b.size_hint(),
             Self::Full(b) => b.size_hint(),
+            Self::Prefixed(..) => SizeHint::default(),
         }
     }
+}
+
+/// Reads an upstream body up to `max` bytes: `Ok(bytes)` when it fits, otherwise a body that
+/// replays what was read and streams the rest (nothing is lost, nothing buffered beyond `max`).
+pub async fn read_bounded(mut body: Incoming, max: usize) -> Result<Result<Bytes, GatewayBody>, hyper::Error> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(d) = frame?.into_data() {
+            buf.extend_from_slice(&d);
+            if buf.len() > max {
+                return Ok(Err(GatewayBody::Prefixed(Some(buf.freeze()), body)));
+            }
+        }
+    }
+    Ok(Ok(buf.freeze()))
 }
 
 /// The response body as the client sees it: counts bytes out and, when the body ends or is

@@ -52,6 +52,14 @@ pub enum ErrorKind {
     RequestTimeout,
     /// A rate limit refused the request (429).
     TooManyRequests,
+    /// The same idempotency key is being processed (409).
+    IdempotencyConflict,
+    /// The idempotency key was used with another body (422).
+    IdempotencyMismatch,
+    /// The idempotency store is unreachable: fail closed (503).
+    IdempotencyUnavailable,
+    /// Trading is halted and the route is blocked (503).
+    TradingHalted,
     /// Could not connect to the upstream (refused, unreachable, connect timeout).
     UpstreamConnect,
     /// The upstream closed or reset the connection before a complete response.
@@ -85,6 +93,9 @@ impl ErrorKind {
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::IdempotencyConflict => StatusCode::CONFLICT,
+            Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::IdempotencyUnavailable | Self::TradingHalted => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamConnect | Self::UpstreamReset | Self::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::NoHealthyUpstream | Self::CircuitOpen | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
@@ -108,6 +119,10 @@ impl ErrorKind {
             Self::HeadersTooLarge => "headers_too_large",
             Self::RequestTimeout => "request_timeout",
             Self::TooManyRequests => "rate_limited",
+            Self::IdempotencyConflict => "idempotency_in_flight",
+            Self::IdempotencyMismatch => "idempotency_key_reused",
+            Self::IdempotencyUnavailable => "idempotency_unavailable",
+            Self::TradingHalted => "trading_halted",
             Self::UpstreamConnect => "upstream_unavailable",
             Self::UpstreamReset => "upstream_reset",
             Self::UpstreamBadResponse => "bad_upstream_response",
@@ -134,7 +149,11 @@ impl ErrorKind {
             | Self::UriTooLong
             | Self::HeadersTooLarge
             | Self::RequestTimeout
-            | Self::TooManyRequests => Origin::Downstream,
+            | Self::TooManyRequests
+            | Self::IdempotencyConflict
+            | Self::IdempotencyMismatch
+            | Self::TradingHalted => Origin::Downstream,
+            Self::IdempotencyUnavailable => Origin::Internal,
             Self::UpstreamConnect
             | Self::UpstreamReset
             | Self::UpstreamBadResponse
@@ -195,6 +214,11 @@ impl GatewayError {
     /// The kind.
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+
+    /// The client-facing message.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     /// The internal detail, for logs.

@@ -9,7 +9,11 @@
 
 use crate::auth::Principal;
 use crate::body::{BodyFailure, BodyStats, GatewayBody, Observed, RequestBody, UpstreamBody};
+use crate::cache::{self, Entry, Lookup, ResponseCache};
+use crate::config::HaltMode;
 use crate::error::{ErrorKind, GatewayError, Origin};
+use crate::halt::Halt;
+use crate::idempotency::{self, Begin, IdempotencyStore, Stored};
 use crate::observe::{Metrics, RequestRecord};
 use crate::pipeline::cors::Cors;
 use crate::pipeline::validate;
@@ -53,6 +57,12 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Shared state in Redis (`state.backend: redis`); it outlives config snapshots.
     pub redis: Option<Arc<RedisStore>>,
+    /// The response cache.
+    pub cache: Arc<ResponseCache>,
+    /// Idempotency records.
+    pub idempotency: Arc<IdempotencyStore>,
+    /// The trading halt.
+    pub halt: Arc<Halt>,
     unmatched: Arc<str>,
     gateway: Arc<str>,
 }
@@ -60,7 +70,12 @@ pub struct Shared {
 impl Shared {
     /// Shared state around a first snapshot.
     pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>, redis: Option<Arc<RedisStore>>) -> Self {
+        let cfg = &snapshot.config;
+        let sync = cfg.trading.halt_sync_interval.map_or(crate::halt::DEFAULT_SYNC_INTERVAL, |d| d.get());
         Self {
+            cache: ResponseCache::new(&cfg.cache, redis.clone()),
+            idempotency: IdempotencyStore::new(redis.clone()),
+            halt: Halt::new(cfg.trading.halted, redis.clone(), metrics.clone(), sync),
             redis,
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
@@ -240,12 +255,64 @@ async fn serve(
             .map_err(too_many)?;
     }
 
+    if route.config.halt == HaltMode::Block && shared.halt.is_halted() {
+        return Err(GatewayError::new(ErrorKind::TradingHalted, "trading is halted; cancels and reads still work"));
+    }
+
+    // Response cache (GET/HEAD routes with a `cache` block).
+    let cache_req =
+        route.config.cache.as_ref().filter(|_| matches!(parts.method, Method::GET | Method::HEAD)).map(|cc| {
+            cache::request(
+                &route.id,
+                cc,
+                &parts.method,
+                &path,
+                parts.uri.query(),
+                principal.as_deref().map(|p| &*p.subject),
+                &parts.headers,
+            )
+        });
+    let mut leader = None;
+    if let Some(cr) = &cache_req {
+        match shared.cache.lookup(cr, &parts.headers).await {
+            Lookup::Hit(e) => {
+                shared.metrics.cache(&route.id, "hit");
+                return Ok(cached_response(&e, cr.head, "HIT"));
+            }
+            Lookup::Miss(l) => {
+                shared.metrics.cache(&route.id, if cr.bypass { "bypass" } else { "miss" });
+                leader = l;
+            }
+        }
+    }
+
     if let Some(len) = parts.headers.get(header::CONTENT_LENGTH)
         && len.to_str().ok().and_then(|s| s.parse::<u64>().ok()).is_some_and(|n| n > route.max_body)
     {
         return Err(GatewayError::new(ErrorKind::PayloadTooLarge, "request body is larger than this route allows"));
     }
     validate::check_required(&parts.headers, &route.required_headers)?;
+    let idem_cfg = route
+        .config
+        .idempotency
+        .as_ref()
+        .filter(|_| matches!(parts.method, Method::POST | Method::PUT | Method::PATCH));
+    let idem_key = match idem_cfg {
+        Some(cfg) => match parts.headers.get(&IDEMPOTENCY_KEY) {
+            Some(v) if idempotency::valid_key(v) => Some(v.clone()),
+            Some(_) => {
+                return Err(GatewayError::new(
+                    ErrorKind::BadRequest,
+                    "Idempotency-Key must be 1-255 visible ASCII characters",
+                ));
+            }
+            None if cfg.required => {
+                return Err(GatewayError::new(ErrorKind::BadRequest, "this route requires an Idempotency-Key header"));
+            }
+            None => None,
+        },
+        None => None,
+    };
     let has_body = !body.is_end_stream();
     validate::check_content_type(&parts.headers, has_body, &route.config.content_types)?;
 
@@ -270,11 +337,57 @@ async fn serve(
     set_principal(snapshot, h, principal.as_deref());
 
     let guarded = RequestBody::new(body, rec.body.clone(), route.max_body, snapshot.body_idle);
-    let (body, replay) = if route.config.json && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+    let buffer =
+        (route.config.json || idem_key.is_some()) && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+    let mut idem: Option<(String, [u8; 32])> = None;
+    let (body, replay) = if buffer {
         let bytes = guarded.read_all().await.map_err(body_error)?;
         // An empty body is allowed (start/stop carry none); a present one must be JSON.
-        if !bytes.is_empty() {
+        if route.config.json && !bytes.is_empty() {
             validate::check_json(&bytes, route.config.max_json_depth)?;
+        }
+        if let Some(key) = &idem_key {
+            let scope = format!(
+                "{}:{}:{}",
+                route.id,
+                principal.as_deref().map_or("-", |p| &*p.subject),
+                key.to_str().unwrap_or("")
+            );
+            let hash = idempotency::body_hash(&bytes);
+            let inflight_ms = route.timeout.as_millis() as u64 * u64::from(route.upstream.default_attempts()) + 30_000;
+            match shared.idempotency.begin(&scope, hash, inflight_ms).await {
+                Begin::First => {
+                    shared.metrics.idempotency(&route.id, "first");
+                    idem = Some((scope, hash));
+                }
+                Begin::InFlight => {
+                    shared.metrics.idempotency(&route.id, "conflict");
+                    return Err(GatewayError::new(
+                        ErrorKind::IdempotencyConflict,
+                        "a request with this Idempotency-Key is in progress",
+                    ));
+                }
+                Begin::Mismatch => {
+                    shared.metrics.idempotency(&route.id, "mismatch");
+                    return Err(GatewayError::new(
+                        ErrorKind::IdempotencyMismatch,
+                        "this Idempotency-Key was used with a different request body",
+                    ));
+                }
+                Begin::Replay(stored) => {
+                    shared.metrics.idempotency(&route.id, "replayed");
+                    let mut r = stored_response(stored.status, &stored.headers, stored.body.clone());
+                    r.headers_mut().insert(&IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+                    return Ok(r);
+                }
+                Begin::Unavailable | Begin::Full => {
+                    shared.metrics.idempotency(&route.id, "store_error");
+                    return Err(GatewayError::new(
+                        ErrorKind::IdempotencyUnavailable,
+                        "orders cannot be deduplicated right now; nothing was sent",
+                    ));
+                }
+            }
         }
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         let replay = (bytes.len() as u64 <= route.upstream.max_replay_body()).then(|| bytes.clone());
@@ -287,6 +400,8 @@ async fn serve(
     };
 
     let hash_key = consistent_hash_key(&route, &parts.headers, principal.as_deref());
+    // The request headers a cached response may Vary on (only kept for cacheable routes).
+    let req_headers_for_vary = if cache_req.is_some() { parts.headers.clone() } else { http::HeaderMap::new() };
     let req = Request::from_parts(parts, body);
     let sent = Instant::now();
     let call = Call {
@@ -294,22 +409,139 @@ async fn serve(
         attempts: route.config.retry_attempts.unwrap_or_else(|| route.upstream.default_attempts()).max(1),
         replay,
         hash_key: hash_key.as_deref().map(str::as_bytes),
-        deduplicated: false,
+        deduplicated: idem.is_some(),
         metrics: &shared.metrics,
     };
     let result = route.upstream.forward(req, call).await;
     rec.upstream_us = Some(sent.elapsed().as_micros() as u64);
-    let resp = result.map_err(|e| match rec.body.failure() {
-        // The client's body broke the exchange, not the upstream.
-        BodyFailure::None => {
-            shared.metrics.upstream_error(&route.upstream.name, e.kind().code());
-            e
+    let resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let e = match rec.body.failure() {
+                // The client's body broke the exchange, not the upstream.
+                BodyFailure::None => {
+                    shared.metrics.upstream_error(&route.upstream.name, e.kind().code());
+                    e
+                }
+                f => body_error(f),
+            };
+            if let (Some((scope, hash)), Some(cfg)) = (&idem, idem_cfg) {
+                if e.kind().request_not_sent() {
+                    // Nothing reached the upstream: the client may try again with the key.
+                    shared.idempotency.release(scope).await;
+                } else {
+                    // The outcome is unknown: a retry with this key replays this error
+                    // instead of risking a second order.
+                    let body =
+                        crate::error::error_json(e.kind().code(), e.message(), request_id.to_str().unwrap_or(""));
+                    let stored = Stored {
+                        status: e.kind().status().as_u16(),
+                        headers: vec![(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                        body,
+                    };
+                    shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
+                }
+            }
+            return Err(e);
         }
-        f => body_error(f),
-    })?;
+    };
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
+    let status = parts.status;
+
+    if route.config.engage_halt && status.is_success() {
+        let by = principal.as_deref().map_or("anonymous", |p| &*p.subject);
+        shared.halt.set(true, by, &format!("{} succeeded", route.id)).await;
+    }
+
+    if let (Some((scope, hash)), Some(cfg)) = (&idem, idem_cfg) {
+        if status.is_server_error() && cfg.release_on_5xx {
+            shared.idempotency.release(scope).await;
+            return Ok(Response::from_parts(parts, GatewayBody::Upstream(body)));
+        }
+        let bytes = match crate::body::read_bounded(body, cfg.max_response_size.bytes() as usize).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) | Err(_) => {
+                // Keep the key taken (the order went through) but say the answer is gone.
+                let e = GatewayError::new(
+                    ErrorKind::UpstreamBadResponse,
+                    "the upstream response could not be kept for replay",
+                );
+                let stored = Stored {
+                    status: 502,
+                    headers: vec![(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                    body: crate::error::error_json(e.kind().code(), e.message(), request_id.to_str().unwrap_or("")),
+                };
+                shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
+                return Err(e);
+            }
+        };
+        let kept: Vec<(HeaderName, HeaderValue)> = parts
+            .headers
+            .iter()
+            .filter(|(n, _)| *n != header::DATE && *n != header::SET_COOKIE && n.as_str() != "x-request-id")
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let stored = Stored { status: status.as_u16(), headers: kept, body: bytes.clone() };
+        shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
+        return Ok(Response::from_parts(parts, GatewayBody::full(bytes)));
+    }
+
+    if let Some(cr) = &cache_req
+        && shared.cache.storable(cr, status.as_u16(), &parts.headers)
+    {
+        match crate::body::read_bounded(body, shared.cache.max_entry()).await {
+            Ok(Ok(bytes)) => {
+                let entry =
+                    shared.cache.store(cr, status.as_u16(), &parts.headers, &req_headers_for_vary, bytes.clone()).await;
+                if let Some(l) = leader.take() {
+                    l.complete(Some(entry));
+                }
+                shared.metrics.cache_bytes.set(shared.cache.weight() as i64);
+                parts.headers.insert(&X_CACHE, HeaderValue::from_static(if cr.bypass { "BYPASS" } else { "MISS" }));
+                return Ok(Response::from_parts(parts, GatewayBody::full(bytes)));
+            }
+            Ok(Err(streaming)) => {
+                parts.headers.insert(&X_CACHE, HeaderValue::from_static(if cr.bypass { "BYPASS" } else { "MISS" }));
+                return Ok(Response::from_parts(parts, streaming));
+            }
+            Err(_) => {
+                return Err(GatewayError::new(ErrorKind::UpstreamReset, "the upstream response was cut off"));
+            }
+        }
+    }
+    if let Some(cr) = &cache_req {
+        parts.headers.insert(&X_CACHE, HeaderValue::from_static(if cr.bypass { "BYPASS" } else { "MISS" }));
+    }
+    drop(leader);
     Ok(Response::from_parts(parts, GatewayBody::Upstream(body)))
+}
+
+/// `Idempotency-Key` (draft-ietf-httpapi-idempotency-key-header).
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// Marks a replayed response.
+static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// `HIT`, `MISS` or `BYPASS`.
+static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// A response rebuilt from stored parts.
+fn stored_response(status: u16, headers: &[(HeaderName, HeaderValue)], body: Bytes) -> Response<GatewayBody> {
+    let mut r = Response::new(GatewayBody::full(body));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    for (n, v) in headers {
+        r.headers_mut().append(n.clone(), v.clone());
+    }
+    r
+}
+
+/// A cache hit: the stored response with `X-Cache` and `Age`.
+fn cached_response(e: &Entry, head: bool, outcome: &'static str) -> Response<GatewayBody> {
+    let mut r = stored_response(e.status, &e.headers, if head { Bytes::new() } else { e.body.clone() });
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    r.headers_mut().insert(&X_CACHE, HeaderValue::from_static(outcome));
+    r.headers_mut().insert(header::AGE, HeaderValue::from(now.saturating_sub(e.stored_ms) / 1000));
+    r
 }
 
 /// Authenticates for `route` and checks its roles: 401 (with `WWW-Authenticate`) or 403.
@@ -383,8 +615,14 @@ fn consistent_hash_key(route: &Route, headers: &http::HeaderMap, principal: Opti
     {
         return Some(v.to_string());
     }
-    if up.hash_claim.is_some() {
-        return principal.map(|p| p.rate_key.to_string());
+    if let Some(claim) = &up.hash_claim {
+        let p = principal?;
+        let from_claim = p.claims.as_ref().and_then(|c| match c.get(claim) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        });
+        return Some(from_claim.unwrap_or_else(|| p.subject.to_string()));
     }
     None
 }

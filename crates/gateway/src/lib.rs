@@ -24,9 +24,12 @@
 
 pub mod auth;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod halt;
+pub mod idempotency;
 pub mod net;
 pub mod observe;
 pub mod pipeline;

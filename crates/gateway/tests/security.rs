@@ -81,7 +81,8 @@ async fn role_matrix_over_every_shipped_route() {
         };
         let least = route.roles.iter().map(|r| rank(r)).min().unwrap();
         for (name, cred, have) in creds {
-            let mut headers = vec![("content-type", "application/json")];
+            // no-cache: every request must reach the upstream for the hit count to mean something.
+            let mut headers = vec![("content-type", "application/json"), ("cache-control", "no-cache")];
             if let Some(c) = cred {
                 headers.push(c);
             }

@@ -257,6 +257,7 @@ impl JwtVerifier {
                 _ => {}
             }
         }
+        p.claims = Some(Arc::new(claims));
         let p = Arc::new(p);
         if let Some(cache) = &self.cache {
             cache.insert(token.into(), p.clone());

@@ -31,6 +31,8 @@ pub struct Principal {
     pub roles_header: Option<HeaderValue>,
     /// Key of the per-principal rate limits: the configured claim's value, else the subject.
     pub rate_key: Arc<str>,
+    /// The verified JWT claims (for consistent hashing on a claim).
+    pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl Principal {
@@ -40,6 +42,7 @@ impl Principal {
         let subject: Arc<str> = subject.into();
         Self {
             rate_key: subject.clone(),
+            claims: None,
             subject,
             roles,
             method,

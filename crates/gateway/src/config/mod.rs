@@ -90,6 +90,12 @@ pub struct Config {
     /// Rate limits that apply to every route.
     #[serde(default)]
     pub rate_limits: RateLimitsConfig,
+    /// The response cache's store.
+    #[serde(default)]
+    pub cache: CacheStoreConfig,
+    /// Trading halt.
+    #[serde(default)]
+    pub trading: TradingConfig,
     /// Upstream services by name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// The route table.
@@ -114,6 +120,9 @@ pub struct ServerConfig {
     pub shutdown_delay: HumanDuration,
     /// Services that must have a healthy instance for readiness to be 200.
     pub required_services: Vec<String>,
+    /// Bearer token required by the admin API (`/admin/*`); without it the admin listener
+    /// must be on loopback.
+    pub admin_token: Option<Secret>,
     /// Client-side limits.
     pub limits: LimitsConfig,
     /// CIDRs of proxies whose X-Forwarded-For is trusted (used by rate limiting).
@@ -132,6 +141,7 @@ impl Default for ServerConfig {
             limits: LimitsConfig::default(),
             trusted_proxies: Vec::new(),
             required_services: Vec::new(),
+            admin_token: None,
         }
     }
 }
@@ -308,6 +318,12 @@ pub struct RouteConfig {
     /// Upstream response-header timeout for this route (overrides the service's).
     #[serde(default)]
     pub timeout: Option<HumanDuration>,
+    /// Behaviour while trading is halted.
+    #[serde(default)]
+    pub halt: HaltMode,
+    /// A successful response engages the trading halt (the emergency stop).
+    #[serde(default)]
+    pub engage_halt: bool,
     /// Total tries for this route (overrides the service's `retry.attempts`).
     #[serde(default)]
     pub retry_attempts: Option<u32>,
@@ -373,6 +389,50 @@ pub struct CacheConfig {
     /// `public` (shared) or `private` (keyed by principal).
     #[serde(default)]
     pub scope: CacheScope,
+    /// Upstream statuses that are stored.
+    #[serde(default = "default_cache_statuses")]
+    pub statuses: Vec<u16>,
+}
+
+fn default_cache_statuses() -> Vec<u16> {
+    vec![200, 203, 204, 301, 404]
+}
+
+/// `cache:` section (the response cache's store).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheStoreConfig {
+    /// Byte budget of the in-memory cache (entries weighted by size).
+    pub max_bytes: ByteSize,
+    /// Largest response stored; larger ones pass through.
+    pub max_entry_size: ByteSize,
+}
+
+impl Default for CacheStoreConfig {
+    fn default() -> Self {
+        Self { max_bytes: ByteSize::mib(64), max_entry_size: ByteSize::kib(256) }
+    }
+}
+
+/// `trading:` section.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TradingConfig {
+    /// Start with the trading halt engaged.
+    pub halted: bool,
+    /// How often instances re-read the shared halt state from Redis.
+    pub halt_sync_interval: Option<HumanDuration>,
+}
+
+/// What a route does while trading is halted.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HaltMode {
+    /// Keep working (reads, cancels, risk status).
+    #[default]
+    Allow,
+    /// Answer 503 `trading_halted` (new orders, amends, strategy start).
+    Block,
 }
 
 /// Who may share a cached response.
@@ -396,6 +456,19 @@ pub struct IdempotencyConfig {
     /// How long a completed response is replayed.
     #[serde(default = "default_idempotency_ttl")]
     pub ttl: HumanDuration,
+    /// A 5xx from the upstream releases the key so the client may retry.
+    #[serde(default = "default_true_idem")]
+    pub release_on_5xx: bool,
+    /// Largest response body stored for replay.
+    #[serde(default = "default_idem_max")]
+    pub max_response_size: ByteSize,
+}
+
+fn default_true_idem() -> bool {
+    true
+}
+fn default_idem_max() -> ByteSize {
+    ByteSize::kib(64)
 }
 
 fn default_idempotency_ttl() -> HumanDuration {
@@ -481,13 +554,14 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         errors.push(ConfigError::new("", "the document must be a mapping with services and routes"));
         return None;
     };
-    const KNOWN: [&str; 8] = ["server", "logging", "auth", "cors", "state", "rate_limits", "services", "routes"];
+    const KNOWN: [&str; 10] =
+        ["server", "logging", "auth", "cors", "state", "rate_limits", "cache", "trading", "services", "routes"];
     for key in root.keys() {
         if !KNOWN.contains(&key.as_str()) {
             errors.push(ConfigError::new(
                 key.clone(),
                 format!(
-                    "unknown field `{key}`, expected one of `server`, `logging`, `auth`, `cors`, `state`, `rate_limits`, `services`, `routes`"
+                    "unknown field `{key}`, expected one of `server`, `logging`, `auth`, `cors`, `state`, `rate_limits`, `cache`, `trading`, `services`, `routes`"
                 ),
             ));
         }
@@ -525,6 +599,14 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         Some(v) => section::<RateLimitsConfig>(v, "rate_limits", errors).unwrap_or_default(),
         None => RateLimitsConfig::default(),
     };
+    let cache = match root.remove("cache") {
+        Some(v) => section::<CacheStoreConfig>(v, "cache", errors).unwrap_or_default(),
+        None => CacheStoreConfig::default(),
+    };
+    let trading = match root.remove("trading") {
+        Some(v) => section::<TradingConfig>(v, "trading", errors).unwrap_or_default(),
+        None => TradingConfig::default(),
+    };
     let mut services = BTreeMap::new();
     match root.remove("services") {
         Some(Value::Object(map)) => {
@@ -556,7 +638,7 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         Some(_) => errors.push(ConfigError::new("routes", "must be a list of routes")),
         None => errors.push(ConfigError::new("routes", "missing: at least one route is required")),
     }
-    let config = Config { server, logging, auth, cors, state, rate_limits, services, routes };
+    let config = Config { server, logging, auth, cors, state, rate_limits, cache, trading, services, routes };
     validate::validate(&config, &broken, errors);
     Some(config)
 }

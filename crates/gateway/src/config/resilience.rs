@@ -11,26 +11,36 @@ pub enum InstanceConfig {
     /// `"http://host:port"` with weight 1.
     Url(String),
     /// `{ url: "http://host:port", weight: 3 }`.
-    Weighted {
-        /// Base URL.
-        url: String,
-        /// Relative share of traffic (1–100).
-        weight: u32,
-    },
+    Weighted(WeightedInstance),
+}
+
+/// The `{ url, weight }` form of an instance.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedInstance {
+    /// Base URL.
+    pub url: String,
+    /// Relative share of traffic (1–100).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl InstanceConfig {
     /// The URL.
     pub fn url(&self) -> &str {
         match self {
-            Self::Url(u) | Self::Weighted { url: u, .. } => u,
+            Self::Url(u) | Self::Weighted(WeightedInstance { url: u, .. }) => u,
         }
     }
     /// The weight (1 when not given).
     pub fn weight(&self) -> u32 {
         match self {
             Self::Url(_) => 1,
-            Self::Weighted { weight, .. } => *weight,
+            Self::Weighted(w) => w.weight,
         }
     }
 }
@@ -44,7 +54,8 @@ pub struct LoadBalancingConfig {
     pub policy: Policy,
     /// Request header whose value is the hash key (e.g. `x-account-id`).
     pub hash_header: Option<String>,
-    /// JWT claim whose value is the hash key (e.g. `account_id`); falls back to the subject.
+    /// JWT claim whose value is the hash key (e.g. `account_id`); falls back to the subject
+    /// (or the API key id) when the principal has no such claim.
     pub hash_claim: Option<String>,
 }
 

@@ -46,6 +46,14 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
             err("server.admin_listen".into(), format!("{:?} is not an address such as 127.0.0.1:9901", s.admin_listen));
         } else if s.admin_listen == s.listen && !s.listen.ends_with(":0") {
             err("server.admin_listen".into(), "must differ from server.listen".into());
+        } else if let Ok(a) = s.admin_listen.parse::<SocketAddr>()
+            && !a.ip().is_loopback()
+            && s.admin_token.is_none()
+        {
+            err(
+                "server.admin_listen".into(),
+                "a non-loopback admin listener needs server.admin_token (the admin API can halt trading)".into(),
+            );
         }
     }
     if let Some(tls) = &s.tls {
@@ -266,6 +274,10 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
         }
         if r.retry_attempts.is_some_and(|a| a == 0 || a > 10) {
             err(format!("{p}.retry_attempts"), "must be 1..=10".into());
+        }
+        if r.idempotency.is_some() && methods.iter().all(|m| !matches!(*m, Method::POST | Method::PUT | Method::PATCH))
+        {
+            err(format!("{p}.idempotency"), "only POST, PUT and PATCH routes take idempotency keys".into());
         }
         if r.json && r.max_json_depth == 0 {
             err(format!("{p}.max_json_depth"), "must be at least 1".into());

@@ -113,6 +113,24 @@ pub struct TransitionLabels {
     pub to: &'static str,
 }
 
+/// Labels of cache outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// Route id.
+    pub route: Arc<str>,
+    /// `hit`, `miss`, `bypass`.
+    pub outcome: &'static str,
+}
+
+/// Labels of idempotency outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdempotencyLabels {
+    /// Route id.
+    pub route: Arc<str>,
+    /// `first`, `replayed`, `conflict`, `mismatch`, `store_error`.
+    pub outcome: &'static str,
+}
+
 /// All metric families, registered once per process.
 pub struct Metrics {
     registry: Registry,
@@ -133,6 +151,12 @@ pub struct Metrics {
     retries: Family<ServiceLabels, Counter>,
     retry_budget_exhausted: Family<ServiceLabels, Counter>,
     ejections: Family<EjectionLabels, Counter>,
+    cache: Family<CacheLabels, Counter>,
+    idempotency: Family<IdempotencyLabels, Counter>,
+    /// Trading halt: 1 when engaged.
+    pub halted: Gauge,
+    /// Bytes held by the in-memory response cache.
+    pub cache_bytes: Gauge,
 }
 
 fn duration_histogram() -> Histogram {
@@ -187,6 +211,14 @@ impl Metrics {
             retry_budget_exhausted.clone(),
         );
         registry.register("outlier_ejections", "Instances ejected by passive outlier detection", ejections.clone());
+        let cache = Family::<CacheLabels, Counter>::default();
+        let idempotency = Family::<IdempotencyLabels, Counter>::default();
+        let halted = Gauge::default();
+        let cache_bytes = Gauge::default();
+        registry.register("cache_requests", "Response-cache outcomes by route: hit, miss, bypass", cache.clone());
+        registry.register("cache_bytes", "Bytes held by the in-memory response cache", cache_bytes.clone());
+        registry.register("idempotency_requests", "Idempotency-key outcomes by route", idempotency.clone());
+        registry.register("trading_halted", "1 while the trading halt is engaged", halted.clone());
         registry.register("auth_attempts", "Authentication attempts by method", auth_attempts.clone());
         registry.register(
             "auth_failures",
@@ -226,6 +258,10 @@ impl Metrics {
             retries,
             retry_budget_exhausted,
             ejections,
+            cache,
+            idempotency,
+            halted,
+            cache_bytes,
         }
     }
 
@@ -305,6 +341,16 @@ impl Metrics {
     /// Counts an outlier ejection.
     pub fn ejection(&self, service: &Arc<str>, instance: &Arc<str>) {
         self.ejections.get_or_create(&EjectionLabels { service: service.clone(), instance: instance.clone() }).inc();
+    }
+
+    /// Counts a cache outcome.
+    pub fn cache(&self, route: &Arc<str>, outcome: &'static str) {
+        self.cache.get_or_create(&CacheLabels { route: route.clone(), outcome }).inc();
+    }
+
+    /// Counts an idempotency outcome.
+    pub fn idempotency(&self, route: &Arc<str>, outcome: &'static str) {
+        self.idempotency.get_or_create(&IdempotencyLabels { route: route.clone(), outcome }).inc();
     }
 
     /// The open-connections gauge.

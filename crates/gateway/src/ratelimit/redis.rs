@@ -33,10 +33,39 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.floor(diff / 1000) + 1)
 return {1, math.floor((tolerance - diff) / interval), diff, 0}
 "#;
 
+/// A connection to a single Redis or a cluster; cheap to clone (multiplexed).
 #[derive(Clone)]
-enum Conn {
+pub enum Conn {
+    /// One Redis.
     Single(redis::aio::ConnectionManager),
+    /// A Redis Cluster.
     Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// A shared Redis store for limiter state.
@@ -122,13 +151,25 @@ impl RedisStore {
         self.down_until.store(self.now_ms() + self.retry_interval.as_millis() as u64, Ordering::Relaxed);
         self.metrics.redis_error(if what == "timeout" { "timeout" } else { "error" });
         if !self.in_outage.swap(true, Ordering::Relaxed) {
-            tracing::error!(error = what, "Redis unavailable: rate limits use the configured fallback");
+            tracing::error!(
+                error = what,
+                "Redis unavailable: shared state falls back (rate limits: on_redis_error; cache: pass-through; idempotency: 503)"
+            );
         }
     }
 
-    /// One GCRA check on `key` (the prefix is added here). `None` means Redis failed; the
-    /// caller applies its fallback.
-    pub async fn check(&self, key: &str, r: &Rate) -> Option<Decision> {
+    /// The full key for `kind` (`rl`, `c`, `idem`, …) and `key`.
+    pub fn key(&self, kind: &str, key: &str) -> String {
+        format!("{}:{kind}:{key}", self.prefix)
+    }
+
+    /// Runs `f` on a connection within the timeout. `None` when Redis is down, slow or
+    /// failing (the outage bookkeeping is done here); callers apply their fallback.
+    pub async fn run<T, F, Fut>(&self, f: F) -> Option<T>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         if self.is_down() {
             return None;
         }
@@ -136,30 +177,15 @@ impl RedisStore {
             self.failed("not connected");
             return None;
         };
-        let full = format!("{}:rl:{key}", self.prefix);
-        let mut inv = self.script.key(full);
-        inv.arg((r.interval / 1000).max(1)).arg((r.tolerance / 1000).max(1));
         let started = Instant::now();
-        let call = async {
-            match (*conn).clone() {
-                Conn::Single(mut c) => inv.invoke_async::<(i64, i64, i64, i64)>(&mut c).await,
-                Conn::Cluster(mut c) => inv.invoke_async::<(i64, i64, i64, i64)>(&mut c).await,
-            }
-        };
-        let res = tokio::time::timeout(self.timeout, call).await;
+        let res = tokio::time::timeout(self.timeout, f((*conn).clone())).await;
         self.metrics.redis_latency(started.elapsed());
         match res {
-            Ok(Ok((allowed, remaining, reset_us, retry_us))) => {
+            Ok(Ok(v)) => {
                 if self.in_outage.swap(false, Ordering::Relaxed) {
-                    tracing::info!("Redis is back: shared rate limits restored");
+                    tracing::info!("Redis is back: shared state restored");
                 }
-                Some(Decision {
-                    allowed: allowed == 1,
-                    limit: r.burst,
-                    remaining: remaining.max(0) as u32,
-                    reset: reset_us.max(0) as u64 * 1000,
-                    retry_after: retry_us.max(0) as u64 * 1000,
-                })
+                Some(v)
             }
             Ok(Err(e)) => {
                 self.failed(&e.to_string());
@@ -170,5 +196,25 @@ impl RedisStore {
                 None
             }
         }
+    }
+
+    /// One GCRA check on `key` (the prefix is added here). `None` means Redis failed; the
+    /// caller applies its fallback.
+    pub async fn check(&self, key: &str, r: &Rate) -> Option<Decision> {
+        let full = self.key("rl", key);
+        let (interval, tolerance) = ((r.interval / 1000).max(1), (r.tolerance / 1000).max(1));
+        let script = &self.script;
+        let (allowed, remaining, reset_us, retry_us) = self
+            .run(|mut c| async move {
+                script.key(full).arg(interval).arg(tolerance).invoke_async::<(i64, i64, i64, i64)>(&mut c).await
+            })
+            .await?;
+        Some(Decision {
+            allowed: allowed == 1,
+            limit: r.burst,
+            remaining: remaining.max(0) as u32,
+            reset: reset_us.max(0) as u64 * 1000,
+            retry_after: retry_us.max(0) as u64 * 1000,
+        })
     }
 }

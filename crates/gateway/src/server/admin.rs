@@ -1,11 +1,15 @@
-//! The admin listener: `/metrics` (OpenMetrics text), `/health/readiness`, `/health/liveness`.
+//! The admin listener: `/metrics` (OpenMetrics text), `/health/readiness`, `/health/liveness`,
+//! and the admin API (`/admin/*`, JSON): the trading halt and cache invalidation.
 //! It stays up while the main listener drains, so the drain itself can be watched.
+//! With `server.admin_token` set, `/admin/*` requires `Authorization: Bearer <token>` (compared
+//! in constant time); config validation refuses a non-loopback admin listener without it.
 
 use crate::body::GatewayBody;
 use crate::error::{ErrorKind, GatewayError};
 use crate::gateway::{Shared, json, readiness};
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -16,35 +20,120 @@ use tokio::sync::watch;
 
 /// Content type of the OpenMetrics text format written by prometheus-client.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, _stop: watch::Receiver<bool>) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let Ok((stream, _)) = listener.accept().await else { continue };
         let shared = shared.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-fn route(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
+async fn route(shared: &Shared, req: Request<Incoming>) -> Response<GatewayBody> {
     let rid = crate::pipeline::request_id::from_headers(req.headers());
-    match req.uri().path() {
+    let mut resp = match admin(shared, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(&rid),
+    };
+    resp.headers_mut().insert(&crate::pipeline::request_id::X_REQUEST_ID, rid);
+    resp
+}
+
+async fn admin(shared: &Shared, req: Request<Incoming>) -> Result<Response<GatewayBody>, GatewayError> {
+    let path = req.uri().path().to_string();
+    match path.as_str() {
         "/metrics" => {
             let mut r = Response::new(GatewayBody::full(shared.metrics.encode()));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
-            r
+            return Ok(r);
         }
-        "/health/readiness" | "/ready" => readiness(shared),
-        "/health/liveness" => json(StatusCode::OK, serde_json::json!({"status": "alive"})),
-        _ => GatewayError::new(ErrorKind::NotFound, "no such admin endpoint").into_response(&rid),
+        "/health/readiness" | "/ready" => return Ok(readiness(shared)),
+        "/health/liveness" => return Ok(json(StatusCode::OK, serde_json::json!({"status": "alive"}))),
+        _ => {}
     }
+    if !path.starts_with("/admin/") {
+        return Err(GatewayError::new(ErrorKind::NotFound, "no such admin endpoint"));
+    }
+    authorize(shared, &req)?;
+    let method = req.method().clone();
+    let body = read_json(req).await?;
+    match (method, path.as_str()) {
+        (Method::GET, "/admin/halt") => {
+            Ok(json(StatusCode::OK, serde_json::to_value(shared.halt.info()).unwrap_or_default()))
+        }
+        (Method::POST | Method::PUT, "/admin/halt") => {
+            let halted = body.get("halted").and_then(|v| v.as_bool()).ok_or_else(|| {
+                GatewayError::new(
+                    ErrorKind::BadRequest,
+                    "body must be {\"halted\": true|false, \"reason\": \"…\", \"by\": \"…\"}",
+                )
+            })?;
+            let by = body.get("by").and_then(|v| v.as_str()).unwrap_or("admin-api");
+            let reason = body.get("reason").and_then(|v| v.as_str()).unwrap_or("");
+            let shared_ok = shared.halt.set(halted, by, reason).await;
+            let mut v = serde_json::to_value(shared.halt.info()).unwrap_or_default();
+            v["shared"] = shared_ok.into();
+            Ok(json(StatusCode::OK, v))
+        }
+        (Method::POST, "/admin/cache/invalidate") => {
+            let route = body.get("route").and_then(|v| v.as_str());
+            let prefix = body.get("prefix").and_then(|v| v.as_str());
+            let all = body.get("all").and_then(|v| v.as_bool()).unwrap_or(false);
+            if route.is_none() && prefix.is_none() && !all {
+                return Err(GatewayError::new(
+                    ErrorKind::BadRequest,
+                    "body must be {\"route\": id} or {\"prefix\": \"/path\"} or {\"all\": true}",
+                ));
+            }
+            let deleted = shared.cache.invalidate(route, prefix).await;
+            Ok(json(
+                StatusCode::OK,
+                serde_json::json!({"invalidated": true, "route": route, "prefix": prefix, "redis_keys_deleted": deleted}),
+            ))
+        }
+        (_, "/admin/halt" | "/admin/cache/invalidate") => {
+            Err(GatewayError::method_not_allowed(HeaderValue::from_static("GET, POST")))
+        }
+        _ => Err(GatewayError::new(ErrorKind::NotFound, "no such admin endpoint")),
+    }
+}
+
+fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), GatewayError> {
+    let snap = shared.snapshot.load();
+    let Some(token) = &snap.config.server.admin_token else { return Ok(()) };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok = aws_lc_rs::constant_time::verify_slices_are_equal(presented.as_bytes(), token.expose().as_bytes()).is_ok();
+    if ok {
+        Ok(())
+    } else {
+        Err(GatewayError::new(ErrorKind::Unauthenticated, "admin token required")
+            .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"b25-gateway-admin\"")))
+    }
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<serde_json::Value, GatewayError> {
+    let bytes = http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|_| GatewayError::new(ErrorKind::PayloadTooLarge, "admin request body too large"))?
+        .to_bytes();
+    if bytes.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_slice(&bytes).map_err(|e| GatewayError::new(ErrorKind::BadRequest, format!("invalid JSON: {e}")))
 }

@@ -1,0 +1,427 @@
+//! The response cache: per-route TTL, `public` or `private` (keyed by principal) scope, Vary
+//! support, single-flight on misses, in memory (quick_cache weighted by bytes) or in Redis.
+//!
+//! It can never serve one principal's data to another: a private route's key contains the
+//! principal; a public route stores nothing the upstream marked `private` or `no-store`, and
+//! nothing with `Set-Cookie`. Client `Cache-Control: no-cache` skips the lookup (BYPASS).
+//! Redis errors make the cache a pass-through, never an error. Invalidation (admin API) by
+//! route, path prefix or all: markers checked on lookup (memory and Redis), plus key deletion
+//! in Redis (SCAN, single Redis).
+
+use crate::config::{CacheConfig, CacheScope, CacheStoreConfig};
+use crate::observe::Metrics;
+use crate::ratelimit::redis::RedisStore;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// One stored response.
+#[derive(Debug)]
+pub struct Entry {
+    /// Status.
+    pub status: u16,
+    /// End-to-end headers worth replaying.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Body.
+    pub body: Bytes,
+    /// Stored at (Unix ms).
+    pub stored_ms: u64,
+    /// Expires at (Unix ms).
+    pub expires_ms: u64,
+    /// The request headers the upstream's `Vary` names, and their values at store time.
+    pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    route: Arc<str>,
+    path: Box<str>,
+}
+
+impl Entry {
+    fn weight(&self) -> u64 {
+        (self.body.len() + self.headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum::<usize>() + 256) as u64
+    }
+
+    fn vary_matches(&self, req: &HeaderMap) -> bool {
+        self.vary.iter().all(|(n, v)| req.get(n) == v.as_ref())
+    }
+}
+
+#[derive(Clone)]
+struct Weighter;
+
+impl quick_cache::Weighter<Box<str>, Arc<Entry>> for Weighter {
+    fn weight(&self, _k: &Box<str>, v: &Arc<Entry>) -> u64 {
+        v.weight()
+    }
+}
+
+#[derive(Default)]
+struct Invalidations {
+    all_before: u64,
+    routes: HashMap<Arc<str>, u64>,
+    prefixes: Vec<(String, u64)>,
+}
+
+impl Invalidations {
+    fn valid(&self, e: &Entry) -> bool {
+        e.stored_ms > self.all_before
+            && self.routes.get(&e.route).is_none_or(|t| e.stored_ms > *t)
+            && self.prefixes.iter().all(|(p, t)| e.stored_ms > *t || !e.path.starts_with(p.as_str()))
+    }
+}
+
+/// The lookup key of one request, and what is needed to store its response.
+pub struct CacheRequest {
+    key: Box<str>,
+    route: Arc<str>,
+    path: Box<str>,
+    ttl_ms: u64,
+    scope: CacheScope,
+    statuses: Vec<u16>,
+    /// The client asked not to be served from cache.
+    pub bypass: bool,
+    /// A HEAD request (served from GET entries, never stores).
+    pub head: bool,
+}
+
+/// Being the one request that fetches a missing key; others wait for its result.
+pub struct Leader {
+    tx: watch::Sender<Option<Arc<Entry>>>,
+    key: Box<str>,
+    cache: Arc<ResponseCache>,
+}
+
+impl Leader {
+    /// Shares the stored entry with the waiters.
+    pub fn complete(self, entry: Option<Arc<Entry>>) {
+        if let Some(e) = entry {
+            let _ = self.tx.send(Some(e));
+        }
+        // Dropping `self` removes the flight; waiters without a value fetch on their own.
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.cache.inflight.lock() {
+            m.remove(&self.key);
+        }
+    }
+}
+
+/// Waiters' side of a fetch in progress.
+type Flight = watch::Receiver<Option<Arc<Entry>>>;
+
+/// Lookup result.
+pub enum Lookup {
+    /// Served from cache.
+    Hit(Arc<Entry>),
+    /// Fetch it (and store if allowed).
+    Miss(Option<Leader>),
+}
+
+/// The response cache, shared by all snapshots of a gateway.
+pub struct ResponseCache {
+    mem: quick_cache::sync::Cache<Box<str>, Arc<Entry>, Weighter>,
+    max_entry: usize,
+    inflight: Mutex<HashMap<Box<str>, Flight>>,
+    invalid: ArcSwap<Invalidations>,
+    redis: Option<Arc<RedisStore>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Builds the lookup key: method class, canonical path, sorted query, scope identity.
+pub fn request(
+    route_id: &Arc<str>,
+    cfg: &CacheConfig,
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+    principal: Option<&str>,
+    headers: &HeaderMap,
+) -> CacheRequest {
+    let mut q: Vec<&str> = query.map(|q| q.split('&').filter(|s| !s.is_empty()).collect()).unwrap_or_default();
+    q.sort_unstable();
+    let scope = match cfg.scope {
+        CacheScope::Public => String::new(),
+        // A private route without a principal cannot be cached for anyone.
+        CacheScope::Private => format!("p:{}", principal.unwrap_or("\u{0}anonymous")),
+    };
+    let key = format!("GET {route_id} {path}?{}|{scope}", q.join("&"));
+    let cc =
+        headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+    let bypass = cc.contains("no-cache")
+        || cc.contains("no-store")
+        || headers.get(header::PRAGMA).is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache"));
+    CacheRequest {
+        key: key.into(),
+        route: route_id.clone(),
+        path: path.into(),
+        ttl_ms: cfg.ttl.get().as_millis() as u64,
+        scope: cfg.scope,
+        statuses: cfg.statuses.clone(),
+        bypass: bypass || (cfg.scope == CacheScope::Private && principal.is_none()),
+        head: method == http::Method::HEAD,
+    }
+}
+
+impl ResponseCache {
+    /// A cache with the configured budget; `redis` when `state.backend: redis`.
+    pub fn new(cfg: &CacheStoreConfig, redis: Option<Arc<RedisStore>>) -> Arc<Self> {
+        let budget = cfg.max_bytes.bytes().max(1024);
+        Arc::new(Self {
+            mem: quick_cache::sync::Cache::with_weighter((budget / 1024) as usize + 16, budget, Weighter),
+            max_entry: cfg.max_entry_size.bytes() as usize,
+            inflight: Mutex::new(HashMap::new()),
+            invalid: ArcSwap::from_pointee(Invalidations::default()),
+            redis,
+        })
+    }
+
+    /// Bytes held in memory.
+    pub fn weight(&self) -> u64 {
+        self.mem.weight()
+    }
+
+    /// Largest body stored.
+    pub fn max_entry(&self) -> usize {
+        self.max_entry
+    }
+
+    /// Looks `req` up; on a miss, makes the caller the leader of the key's fetch, or waits for
+    /// the current leader (single flight).
+    pub async fn lookup(self: &Arc<Self>, req: &CacheRequest, headers: &HeaderMap) -> Lookup {
+        if !req.bypass
+            && let Some(e) = self.get(&req.key).await
+            && e.vary_matches(headers)
+        {
+            return Lookup::Hit(e);
+        }
+        let rx = {
+            let mut m = self.inflight.lock().expect("not poisoned");
+            match m.get(&req.key) {
+                Some(rx) => Some(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    m.insert(req.key.clone(), rx);
+                    drop(m);
+                    return Lookup::Miss(Some(Leader { tx, key: req.key.clone(), cache: self.clone() }));
+                }
+            }
+        };
+        if let Some(mut rx) = rx
+            && !req.bypass
+            && let Ok(v) = rx.wait_for(|v| v.is_some()).await
+            && let Some(e) = v.clone()
+            && e.vary_matches(headers)
+        {
+            return Lookup::Hit(e);
+        }
+        Lookup::Miss(None)
+    }
+
+    async fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        let now = now_ms();
+        let inv = self.invalid.load();
+        if let Some(e) = self.mem.get(key) {
+            if e.expires_ms > now && inv.valid(&e) {
+                return Some(e);
+            }
+            self.mem.remove(key);
+        }
+        let redis = self.redis.as_ref()?;
+        let rkey = redis_key(redis, key);
+        let raw: Option<Vec<u8>> = redis.run(|mut c| async move { c.get(rkey).await }).await.flatten();
+        let e = Arc::new(decode(&raw?)?);
+        (e.expires_ms > now && inv.valid(&e)).then_some(e)
+    }
+
+    /// Whether an upstream response may be stored for `req` (before reading its body).
+    pub fn storable(&self, req: &CacheRequest, status: u16, headers: &HeaderMap) -> bool {
+        if req.head || !req.statuses.contains(&status) {
+            return false;
+        }
+        let cc =
+            headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
+        let cc = cc.to_ascii_lowercase();
+        if cc.contains("no-store") {
+            return false;
+        }
+        if req.scope == CacheScope::Public && (cc.contains("private") || headers.contains_key(header::SET_COOKIE)) {
+            return false;
+        }
+        if headers.get_all(header::VARY).iter().any(|v| v.as_bytes().contains(&b'*')) {
+            return false;
+        }
+        headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_none_or(|n| n <= self.max_entry)
+    }
+
+    /// Stores a response read whole.
+    pub async fn store(
+        &self,
+        req: &CacheRequest,
+        status: u16,
+        headers: &HeaderMap,
+        req_headers: &HeaderMap,
+        body: Bytes,
+    ) -> Arc<Entry> {
+        let now = now_ms();
+        let vary = headers
+            .get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .map(|n| {
+                let v = req_headers.get(&n).cloned();
+                (n, v)
+            })
+            .collect();
+        let kept = headers
+            .iter()
+            .filter(|(n, _)| {
+                !matches!(
+                    *n,
+                    &header::DATE
+                        | &header::SET_COOKIE
+                        | &header::CONNECTION
+                        | &header::TRANSFER_ENCODING
+                        | &header::AGE
+                ) && n.as_str() != "x-request-id"
+            })
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let e = Arc::new(Entry {
+            status,
+            headers: kept,
+            body,
+            stored_ms: now,
+            expires_ms: now + req.ttl_ms,
+            vary,
+            route: req.route.clone(),
+            path: req.path.clone(),
+        });
+        self.mem.insert(req.key.clone(), e.clone());
+        if let Some(redis) = &self.redis {
+            let rkey = redis_key(redis, &req.key);
+            let bytes = encode(&e);
+            let ttl = req.ttl_ms.max(1);
+            let _: Option<()> = redis.run(|mut c| async move { c.pset_ex(rkey, bytes, ttl).await }).await;
+        }
+        e
+    }
+
+    /// Invalidates by route id, path prefix, or everything; returns the Redis keys deleted.
+    pub async fn invalidate(&self, route: Option<&str>, prefix: Option<&str>) -> usize {
+        let now = now_ms();
+        let cur = self.invalid.load();
+        let mut next = Invalidations {
+            all_before: cur.all_before,
+            routes: cur.routes.clone(),
+            prefixes: cur.prefixes.iter().filter(|(_, t)| now.saturating_sub(*t) < 86_400_000).cloned().collect(),
+        };
+        match (route, prefix) {
+            (Some(r), _) => {
+                next.routes.insert(r.into(), now);
+            }
+            (None, Some(p)) => next.prefixes.push((p.to_string(), now)),
+            (None, None) => next.all_before = now,
+        }
+        self.invalid.store(Arc::new(next));
+        let Some(redis) = &self.redis else { return 0 };
+        let pattern = match (route, prefix) {
+            (Some(r), _) => redis.key("c", &format!("GET {} *", glob_escape(r))),
+            (None, Some(p)) => redis.key("c", &format!("GET * {}*", glob_escape(p))),
+            (None, None) => redis.key("c", "*"),
+        };
+        redis
+            .run(|mut c| async move {
+                let mut deleted = 0usize;
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(500)
+                        .query_async(&mut c)
+                        .await?;
+                    if !keys.is_empty() {
+                        deleted += keys.len();
+                        let _: () = c.del(keys).await?;
+                    }
+                    if next == 0 {
+                        return Ok(deleted);
+                    }
+                    cursor = next;
+                }
+            })
+            .await
+            .unwrap_or(0)
+    }
+}
+
+fn redis_key(redis: &RedisStore, key: &str) -> String {
+    redis.key("c", key)
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            o.push('\\');
+        }
+        o.push(c);
+    }
+    o
+}
+
+fn encode(e: &Entry) -> Vec<u8> {
+    let meta = serde_json::json!({
+        "s": e.status, "t": e.stored_ms, "x": e.expires_ms, "r": &*e.route, "p": &*e.path,
+        "h": e.headers.iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect::<Vec<_>>(),
+        "v": e.vary.iter().map(|(n, v)| (n.as_str(), v.as_ref().and_then(|v| v.to_str().ok()))).collect::<Vec<_>>(),
+    });
+    let m = serde_json::to_vec(&meta).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + m.len() + e.body.len());
+    out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    out.extend_from_slice(&m);
+    out.extend_from_slice(&e.body);
+    out
+}
+
+fn decode(raw: &[u8]) -> Option<Entry> {
+    let n = u32::from_be_bytes(raw.get(..4)?.try_into().ok()?) as usize;
+    let meta: serde_json::Value = serde_json::from_slice(raw.get(4..4 + n)?).ok()?;
+    let body = Bytes::copy_from_slice(raw.get(4 + n..)?);
+    let pair = |v: &serde_json::Value| -> Option<(HeaderName, Option<HeaderValue>)> {
+        let n = HeaderName::from_bytes(v.get(0)?.as_str()?.as_bytes()).ok()?;
+        let val = v.get(1)?.as_str().and_then(|s| HeaderValue::from_str(s).ok());
+        Some((n, val))
+    };
+    Some(Entry {
+        status: meta["s"].as_u64()? as u16,
+        stored_ms: meta["t"].as_u64()?,
+        expires_ms: meta["x"].as_u64()?,
+        route: meta["r"].as_str()?.into(),
+        path: meta["p"].as_str()?.into(),
+        headers: meta["h"].as_array()?.iter().filter_map(pair).filter_map(|(n, v)| Some((n, v?))).collect(),
+        vary: meta["v"].as_array()?.iter().filter_map(pair).collect(),
+        body,
+    })
+}
+
+/// Counts a cache outcome.
+pub fn count(metrics: &Metrics, route: &Arc<str>, outcome: &'static str) {
+    metrics.cache(route, outcome);
+}

@@ -1,0 +1,122 @@
+//! The trading halt: one switch that makes routes marked `halt: block` (new orders, amends,
+//! strategy start) answer 503 `trading_halted` at once, while `halt: allow` routes (cancels,
+//! reads, risk status) keep working. Engaged from the admin API, from the config, or
+//! automatically by a successful emergency stop through the gateway. With Redis the state is
+//! shared: every instance re-reads it every `halt_sync_interval` (default 500 ms). Every change
+//! is logged with who and why.
+
+use crate::observe::Metrics;
+use crate::ratelimit::redis::RedisStore;
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Re-read period of the shared halt state.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Who set the halt, why and when.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct HaltInfo {
+    /// Engaged.
+    pub halted: bool,
+    /// Who changed it.
+    pub by: String,
+    /// Why.
+    pub reason: String,
+    /// When (Unix ms).
+    pub at_ms: u64,
+}
+
+/// The halt switch.
+pub struct Halt {
+    halted: AtomicBool,
+    info: ArcSwap<HaltInfo>,
+    redis: Option<Arc<RedisStore>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Halt {
+    /// A switch starting in `initial`; with Redis, a task keeps it in sync.
+    pub fn new(initial: bool, redis: Option<Arc<RedisStore>>, metrics: Arc<Metrics>, sync: Duration) -> Arc<Self> {
+        let h = Arc::new(Self {
+            halted: AtomicBool::new(initial),
+            info: ArcSwap::from_pointee(HaltInfo {
+                halted: initial,
+                by: "config".into(),
+                reason: if initial { "trading.halted in the config".into() } else { String::new() },
+                at_ms: 0,
+            }),
+            redis,
+            metrics,
+        });
+        h.metrics.halted.set(i64::from(initial));
+        if h.redis.is_some() {
+            let weak = Arc::downgrade(&h);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(sync);
+                loop {
+                    tick.tick().await;
+                    let Some(h) = weak.upgrade() else { return };
+                    h.pull().await;
+                }
+            });
+        }
+        h
+    }
+
+    /// Engaged? (one atomic load)
+    pub fn is_halted(&self) -> bool {
+        self.halted.load(Ordering::Acquire)
+    }
+
+    /// Current state with who and why.
+    pub fn info(&self) -> HaltInfo {
+        (**self.info.load()).clone()
+    }
+
+    fn apply(&self, info: HaltInfo) {
+        let was = self.halted.swap(info.halted, Ordering::AcqRel);
+        if was != info.halted {
+            tracing::warn!(halted = info.halted, by = %info.by, reason = %info.reason, "trading halt changed");
+        }
+        self.metrics.halted.set(i64::from(info.halted));
+        self.info.store(Arc::new(info));
+    }
+
+    /// Engages or lifts the halt, here and (with Redis) for every instance.
+    pub async fn set(&self, halted: bool, by: &str, reason: &str) -> bool {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let info = HaltInfo { halted, by: by.into(), reason: reason.into(), at_ms };
+        let mut shared = true;
+        if let Some(redis) = &self.redis {
+            let k = redis.key("halt", "state");
+            let v = serde_json::to_string(&info).unwrap_or_default();
+            shared = redis
+                .run(|mut c| async move { redis::cmd("SET").arg(k).arg(v).query_async::<()>(&mut c).await })
+                .await
+                .is_some();
+            if !shared {
+                tracing::error!("could not share the trading halt through Redis; applied on this instance only");
+            }
+        }
+        self.apply(info);
+        shared
+    }
+
+    async fn pull(&self) {
+        let Some(redis) = &self.redis else { return };
+        let k = redis.key("halt", "state");
+        let v: Option<Option<String>> =
+            redis.run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await }).await;
+        if let Some(Some(s)) = v
+            && let Ok(info) = serde_json::from_str::<HaltInfo>(&s)
+            && info != **self.info.load()
+        {
+            self.apply(info);
+        }
+    }
+}

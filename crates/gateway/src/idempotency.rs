@@ -1,0 +1,268 @@
+//! Idempotency keys for order routes: exactly-once submission at the edge.
+//!
+//! A record is scoped to (principal, route, key) and remembers a SHA-256 of the request body.
+//! First request: an in-flight marker is set atomically (SET NX semantics, in memory or in
+//! Redis), the request is proxied, and the final response replaces the marker for the TTL.
+//! A duplicate while in flight → 409; after completion → the stored response, replayed with
+//! `Idempotent-Replayed: true` and the upstream untouched; the same key with another body →
+//! 422. If the store cannot be reached the request is refused (503): an order is never sent
+//! without its deduplication. An upstream 5xx releases the key (configurable) so the client
+//! may retry; an outcome the gateway cannot know (timeout, reset after sending) is stored like
+//! any response, so a retry with the same key can never place the order twice.
+
+use crate::ratelimit::redis::RedisStore;
+use aws_lc_rs::digest;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Most records kept in memory; beyond it new keys are refused (fail closed) rather than
+/// evicting records that still protect orders.
+pub const MAX_MEMORY_RECORDS: usize = 200_000;
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A stored response.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// Status.
+    pub status: u16,
+    /// Headers.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Body.
+    pub body: Bytes,
+}
+
+enum Record {
+    Pending { hash: [u8; 32], expires_ms: u64 },
+    Done { hash: [u8; 32], expires_ms: u64, resp: Arc<Stored> },
+}
+
+/// What `begin` found.
+pub enum Begin {
+    /// No record: this request goes upstream.
+    First,
+    /// The same key is being processed.
+    InFlight,
+    /// Completed before: replay.
+    Replay(Arc<Stored>),
+    /// The key was used with another body.
+    Mismatch,
+    /// The store is unreachable (fail closed).
+    Unavailable,
+    /// Memory is full of live records (fail closed).
+    Full,
+}
+
+/// The idempotency store (memory, or Redis when `state.backend: redis`).
+pub struct IdempotencyStore {
+    mem: Mutex<HashMap<String, Record>>,
+    redis: Option<Arc<RedisStore>>,
+}
+
+const BEGIN_LUA: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'P' .. ARGV[1], 'PX', ARGV[2])
+  return ''
+end
+return v
+"#;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// SHA-256 of a body.
+pub fn body_hash(body: &[u8]) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, body);
+    d.as_ref().try_into().expect("32 bytes")
+}
+
+fn hex(h: &[u8; 32]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A valid client key: 1–255 visible ASCII characters.
+pub fn valid_key(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= MAX_KEY_LEN && b.iter().all(|c| (0x21..0x7f).contains(c))
+}
+
+impl IdempotencyStore {
+    /// A store; with `redis`, records live there and are shared by instances.
+    pub fn new(redis: Option<Arc<RedisStore>>) -> Arc<Self> {
+        Arc::new(Self { mem: Mutex::new(HashMap::new()), redis })
+    }
+
+    fn key(scope: &str) -> String {
+        scope.to_string()
+    }
+
+    /// Atomically checks the record for `scope` and marks it in flight if absent.
+    pub async fn begin(&self, scope: &str, hash: [u8; 32], inflight_ms: u64) -> Begin {
+        if let Some(redis) = &self.redis {
+            let k = redis.key("idem", scope);
+            let script = redis::Script::new(BEGIN_LUA);
+            let h = hex(&hash);
+            let Some(v) = redis
+                .run(|mut c| async move { script.key(k).arg(h).arg(inflight_ms).invoke_async::<Vec<u8>>(&mut c).await })
+                .await
+            else {
+                return Begin::Unavailable;
+            };
+            return decode_begin(&v, &hash);
+        }
+        let now = now_ms();
+        let mut m = self.mem.lock().expect("not poisoned");
+        if m.len() >= MAX_MEMORY_RECORDS {
+            m.retain(|_, r| match r {
+                Record::Pending { expires_ms, .. } | Record::Done { expires_ms, .. } => *expires_ms > now,
+            });
+            if m.len() >= MAX_MEMORY_RECORDS {
+                return Begin::Full;
+            }
+        }
+        let k = Self::key(scope);
+        match m.get(&k) {
+            Some(Record::Pending { hash: h, expires_ms }) if *expires_ms > now => {
+                if *h == hash {
+                    Begin::InFlight
+                } else {
+                    Begin::Mismatch
+                }
+            }
+            Some(Record::Done { hash: h, expires_ms, resp }) if *expires_ms > now => {
+                if *h == hash {
+                    Begin::Replay(resp.clone())
+                } else {
+                    Begin::Mismatch
+                }
+            }
+            _ => {
+                m.insert(k, Record::Pending { hash, expires_ms: now + inflight_ms });
+                Begin::First
+            }
+        }
+    }
+
+    /// Replaces the in-flight marker with the final response. Returns false when the store
+    /// failed (the marker then expires on its own).
+    pub async fn complete(&self, scope: &str, hash: [u8; 32], resp: Stored, ttl_ms: u64) -> bool {
+        if let Some(redis) = &self.redis {
+            let k = redis.key("idem", scope);
+            let v = encode_done(&hash, &resp);
+            return redis
+                .run(|mut c| async move {
+                    redis::cmd("SET").arg(k).arg(v).arg("PX").arg(ttl_ms.max(1)).query_async::<()>(&mut c).await
+                })
+                .await
+                .is_some();
+        }
+        let mut m = self.mem.lock().expect("not poisoned");
+        m.insert(Self::key(scope), Record::Done { hash, expires_ms: now_ms() + ttl_ms, resp: Arc::new(resp) });
+        true
+    }
+
+    /// Forgets the record (an upstream 5xx: the client may retry).
+    pub async fn release(&self, scope: &str) {
+        if let Some(redis) = &self.redis {
+            let k = redis.key("idem", scope);
+            let _: Option<()> =
+                redis.run(|mut c| async move { redis::cmd("DEL").arg(k).query_async(&mut c).await }).await;
+            return;
+        }
+        self.mem.lock().expect("not poisoned").remove(scope);
+    }
+}
+
+fn encode_done(hash: &[u8; 32], r: &Stored) -> Vec<u8> {
+    let meta = serde_json::json!({
+        "s": r.status,
+        "h": r.headers.iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect::<Vec<_>>(),
+    });
+    let m = serde_json::to_vec(&meta).unwrap_or_default();
+    let mut out = Vec::with_capacity(1 + 64 + 4 + m.len() + r.body.len());
+    out.push(b'D');
+    out.extend_from_slice(hex(hash).as_bytes());
+    out.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    out.extend_from_slice(&m);
+    out.extend_from_slice(&r.body);
+    out
+}
+
+fn decode_begin(v: &[u8], hash: &[u8; 32]) -> Begin {
+    if v.is_empty() {
+        return Begin::First;
+    }
+    let same = v.get(1..65) == Some(hex(hash).as_bytes());
+    match v[0] {
+        b'P' => {
+            if same {
+                Begin::InFlight
+            } else {
+                Begin::Mismatch
+            }
+        }
+        b'D' if !same => Begin::Mismatch,
+        b'D' => {
+            let parse = || -> Option<Stored> {
+                let n = u32::from_be_bytes(v.get(65..69)?.try_into().ok()?) as usize;
+                let meta: serde_json::Value = serde_json::from_slice(v.get(69..69 + n)?).ok()?;
+                let headers = meta["h"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|p| {
+                        Some((
+                            HeaderName::from_bytes(p.get(0)?.as_str()?.as_bytes()).ok()?,
+                            HeaderValue::from_str(p.get(1)?.as_str()?).ok()?,
+                        ))
+                    })
+                    .collect();
+                Some(Stored {
+                    status: meta["s"].as_u64()? as u16,
+                    headers,
+                    body: Bytes::copy_from_slice(v.get(69 + n..)?),
+                })
+            };
+            parse().map(|s| Begin::Replay(Arc::new(s))).unwrap_or(Begin::Unavailable)
+        }
+        _ => Begin::Unavailable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_lifecycle() {
+        let s = IdempotencyStore::new(None);
+        let h = body_hash(b"{}");
+        assert!(matches!(s.begin("k", h, 10_000).await, Begin::First));
+        assert!(matches!(s.begin("k", h, 10_000).await, Begin::InFlight));
+        assert!(matches!(s.begin("k", body_hash(b"x"), 10_000).await, Begin::Mismatch));
+        s.complete("k", h, Stored { status: 201, headers: vec![], body: Bytes::from_static(b"ok") }, 10_000).await;
+        match s.begin("k", h, 10_000).await {
+            Begin::Replay(r) => assert_eq!((r.status, &r.body[..]), (201, &b"ok"[..])),
+            _ => panic!("expected replay"),
+        }
+        s.release("k").await;
+        assert!(matches!(s.begin("k", h, 10_000).await, Begin::First));
+    }
+
+    #[test]
+    fn done_round_trip() {
+        let h = body_hash(b"b");
+        let r = Stored {
+            status: 409,
+            headers: vec![(HeaderName::from_static("x-a"), HeaderValue::from_static("1"))],
+            body: Bytes::from_static(b"body"),
+        };
+        match decode_begin(&encode_done(&h, &r), &h) {
+            Begin::Replay(s) => assert_eq!((s.status, s.headers.len(), &s.body[..]), (409, 1, &b"body"[..])),
+            _ => panic!(),
+        }
+    }
+}
