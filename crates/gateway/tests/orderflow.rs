@@ -1,0 +1,289 @@
+//! Response caching, idempotency keys and the trading halt, over real sockets (memory and a
+//! real Redis shared by two instances).
+
+mod support;
+
+use http::Method;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use support::*;
+
+fn yaml(up: &str, state: &str, routes: &str) -> String {
+    format!(
+        r#"server: {{ listen: "127.0.0.1:0", admin_listen: "127.0.0.1:0" }}
+logging: {{ level: warn }}
+auth:
+  jwt:
+    issuers:
+      - {{ issuer: b25-auth, audiences: [b25-gateway], algorithms: [HS256], secret: "{TEST_SECRET}" }}
+{state}
+services:
+  up: {{ instances: ["{up}"], health_check: {{ enabled: false }} }}
+routes:
+{routes}"#
+    )
+}
+
+fn who(sub: &str) -> String {
+    bearer(&hs256(TEST_SECRET, &claims(sub, &["viewer", "operator"], serde_json::json!({}))))
+}
+
+/// An upstream that answers with the principal it was told about, with a cache-friendly
+/// `Cache-Control: max-age=60` (no `private`), and counts its hits.
+async fn account_upstream(cache_control: &'static str) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    let addr = upstream(move |req: http::Request<hyper::body::Incoming>| {
+        let n = h.fetch_add(1, Ordering::SeqCst) + 1;
+        let sub = req.headers().get("x-auth-subject").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        async move {
+            http::Response::builder()
+                .header("cache-control", cache_control)
+                .header("content-type", "application/json")
+                .body(full_body(format!(r#"{{"owner":"{sub}","n":{n}}}"#)))
+                .unwrap()
+        }
+    })
+    .await;
+    (addr, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_cache_never_serves_one_principal_to_another() {
+    let (addr, hits) = account_upstream("max-age=60").await;
+    let routes = "  - { id: bal, path: \"/api/v1/account/balance\", methods: [GET], service: up, roles: [viewer], cache: { ttl: 10s, scope: private } }\n";
+    let gw = TestGateway::start(&yaml(&format!("http://{addr}"), "", routes), &[]).await;
+    let (a, b) = (who("alice"), who("bob"));
+    let ra = send(gw.addr(), Method::GET, "/api/v1/account/balance", &[("authorization", &a)], "").await;
+    let rb = send(gw.addr(), Method::GET, "/api/v1/account/balance", &[("authorization", &b)], "").await;
+    assert_eq!(ra.json()["owner"], "alice");
+    assert_eq!(rb.json()["owner"], "bob", "bob got someone else's body");
+    assert_eq!(rb.headers["x-cache"], "MISS");
+    let ra2 = send(gw.addr(), Method::GET, "/api/v1/account/balance", &[("authorization", &a)], "").await;
+    assert_eq!(ra2.headers["x-cache"], "HIT");
+    assert_eq!(ra2.json()["owner"], "alice");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_cache_hit_ttl_single_flight_no_store_and_invalidation() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let routes = "  - { id: sym, path: \"/api/v1/market/symbols\", methods: [GET, HEAD], service: up, public: true, cache: { ttl: 400ms, scope: public } }\n";
+    let gw = TestGateway::start(&yaml(&sim.url(), "", routes), &[]).await;
+    let first = get(gw.addr(), "/api/v1/market/symbols").await;
+    assert_eq!(first.headers["x-cache"], "MISS");
+    let second = get(gw.addr(), "/api/v1/market/symbols").await;
+    assert_eq!(second.headers["x-cache"], "HIT");
+    assert!(second.headers.contains_key("age"));
+    assert_eq!(second.body, first.body);
+    assert_eq!(sim.hits(), 1);
+    // HEAD is served from the GET entry.
+    let head = send(gw.addr(), Method::HEAD, "/api/v1/market/symbols", &[], "").await;
+    assert_eq!(head.headers["x-cache"], "HIT");
+    // Client no-cache bypasses the lookup.
+    let by = send(gw.addr(), Method::GET, "/api/v1/market/symbols", &[("cache-control", "no-cache")], "").await;
+    assert_eq!(by.headers["x-cache"], "BYPASS");
+    assert_eq!(sim.hits(), 2);
+    // After the TTL: a miss again.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(get(gw.addr(), "/api/v1/market/symbols").await.headers["x-cache"], "MISS");
+    assert_eq!(sim.hits(), 3);
+    // Invalidation through the admin API.
+    assert_eq!(get(gw.addr(), "/api/v1/market/symbols").await.headers["x-cache"], "HIT");
+    let admin = gw.handle.admin_addr().unwrap();
+    let r = send(admin, Method::POST, "/admin/cache/invalidate", &[], r#"{"route":"sym"}"#).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(get(gw.addr(), "/api/v1/market/symbols").await.headers["x-cache"], "MISS");
+    send(admin, Method::POST, "/admin/cache/invalidate", &[], r#"{"prefix":"/api/v1/market"}"#).await;
+    assert_eq!(get(gw.addr(), "/api/v1/market/symbols").await.headers["x-cache"], "MISS");
+    send(admin, Method::POST, "/admin/cache/invalidate", &[], r#"{"all":true}"#).await;
+    assert_eq!(get(gw.addr(), "/api/v1/market/symbols").await.headers["x-cache"], "MISS");
+    assert_eq!(sim.hits(), 6);
+
+    // 100 concurrent misses for one key: one upstream request.
+    sim.knobs().set_latency(Duration::from_millis(200));
+    send(admin, Method::POST, "/admin/cache/invalidate", &[], r#"{"all":true}"#).await;
+    let before = sim.hits();
+    let addr = gw.addr();
+    let replies = futures_util::future::join_all((0..100).map(|_| get(addr, "/api/v1/market/symbols"))).await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    assert_eq!(sim.hits() - before, 1, "single flight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_store_and_private_responses_are_not_cached_publicly() {
+    for cc in ["no-store", "private, max-age=60"] {
+        let (addr, hits) = account_upstream(cc).await;
+        let routes = "  - { id: p, path: \"/api/v1/market/ticker/{s}\", methods: [GET], service: up, public: true, cache: { ttl: 10s, scope: public } }\n";
+        let gw = TestGateway::start(&yaml(&format!("http://{addr}"), "", routes), &[]).await;
+        for _ in 0..3 {
+            let r = get(gw.addr(), "/api/v1/market/ticker/X").await;
+            assert_eq!(r.headers["x-cache"], "MISS", "{cc}");
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 3, "{cc} was cached");
+    }
+}
+
+const ORDERS: &str = "  - { id: create, path: \"/api/v1/orders\", methods: [POST], service: up, roles: [operator], json: true, idempotency: { required: true, ttl: 1h }, halt: block }\n  - { id: cancel, path: \"/api/v1/orders/{id}\", methods: [DELETE], service: up, roles: [operator], halt: allow }\n  - { id: get, path: \"/api/v1/orders/{id}\", methods: [GET], service: up, roles: [viewer] }\n  - { id: stop, path: \"/api/v1/risk/emergency-stop\", methods: [POST], service: up, roles: [operator], engage_halt: true }\n";
+
+fn order(id: &str) -> String {
+    format!(r#"{{"symbol":"BTCUSDT","side":"buy","quantity":1,"price":100,"client_order_id":"{id}"}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_replays_conflicts_and_mismatches() {
+    let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let gw = TestGateway::start(&yaml(&sim.url(), "", ORDERS), &[]).await;
+    let op = who("trader-1");
+    let h = |key: &'static str| {
+        [("authorization", op.clone()), ("content-type", "application/json".into()), ("idempotency-key", key.into())]
+    };
+    let post = |key: &'static str, body: String| {
+        let hs = h(key);
+        let addr = gw.addr();
+        async move {
+            let refs: Vec<(&str, &str)> = hs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            send(addr, Method::POST, "/api/v1/orders", &refs, body).await
+        }
+    };
+    let first = post("k-1", order("c1")).await;
+    assert_eq!(first.status, 201);
+    let again = post("k-1", order("c1")).await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body, first.body, "identical response");
+    assert_eq!(sim.hits(), 1);
+    post("k-1", order("other")).await.assert_error(422, "idempotency_key_reused");
+    // Missing key on a route that requires one.
+    let refs = [("authorization", op.as_str()), ("content-type", "application/json")];
+    send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("x")).await.assert_error(400, "bad_request");
+    // 20 at once: one reaches the upstream, the others get 409 or the replay.
+    sim.knobs().set_latency(Duration::from_millis(150));
+    let replies = futures_util::future::join_all((0..20).map(|_| post("k-2", order("c2")))).await;
+    let created = replies.iter().filter(|r| r.status == 201).count();
+    let conflicts = replies.iter().filter(|r| r.status == 409).count();
+    assert_eq!(created + conflicts, 20, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(created >= 1);
+    assert_eq!(sim.hits(), 2, "the concurrent duplicates reached the upstream");
+    assert_eq!(sim.orders().iter().filter(|o| o["client_order_id"] == "c2").count(), 1);
+    // Another principal's key space is separate.
+    let other = who("trader-2");
+    let refs = [("authorization", other.as_str()), ("content-type", "application/json"), ("idempotency-key", "k-1")];
+    assert_eq!(send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("c3")).await.status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_fails_closed_when_redis_is_down() {
+    let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let state =
+        format!("state: {{ backend: redis, redis: {{ url: \"redis://127.0.0.1:{}\", timeout: 50ms }} }}", dead_port());
+    let gw = TestGateway::start(&yaml(&sim.url(), &state, ORDERS), &[]).await;
+    let op = who("trader-1");
+    let refs = [("authorization", op.as_str()), ("content-type", "application/json"), ("idempotency-key", "k")];
+    send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("c"))
+        .await
+        .assert_error(503, "idempotency_unavailable");
+    assert_eq!(sim.hits(), 0, "an order went out without its deduplication");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_cache_and_idempotency_through_redis() {
+    let redis = RedisServer::start();
+    let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let state = format!("state: {{ backend: redis, redis: {{ url: \"{}\", timeout: 300ms }} }}", redis.url());
+    let routes = format!(
+        "{ORDERS}  - {{ id: active, path: \"/api/v1/orders/active\", methods: [GET], service: up, roles: [viewer], cache: {{ ttl: 30s, scope: public }} }}\n"
+    );
+    let a = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
+    let b = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
+    let v = who("viewer-1");
+    let ra = send(a.addr(), Method::GET, "/api/v1/orders/active", &[("authorization", &v)], "").await;
+    assert_eq!(ra.headers["x-cache"], "MISS");
+    let rb = send(b.addr(), Method::GET, "/api/v1/orders/active", &[("authorization", &v)], "").await;
+    assert_eq!(rb.headers["x-cache"], "HIT", "instance b did not see a's cache entry");
+    assert_eq!(rb.body, ra.body);
+    let op = who("trader-1");
+    let refs = [("authorization", op.as_str()), ("content-type", "application/json"), ("idempotency-key", "shared-1")];
+    let first = send(a.addr(), Method::POST, "/api/v1/orders", &refs, order("s1")).await;
+    assert_eq!(first.status, 201);
+    let second = send(b.addr(), Method::POST, "/api/v1/orders", &refs, order("s1")).await;
+    assert_eq!(second.status, 201);
+    assert_eq!(second.headers["idempotent-replayed"], "true");
+    assert_eq!(second.body, first.body);
+    assert_eq!(sim.orders().iter().filter(|o| o["client_order_id"] == "s1").count(), 1);
+    // The trading halt is shared too (within the sync interval).
+    let r = send(
+        a.handle.admin_addr().unwrap(),
+        Method::POST,
+        "/admin/halt",
+        &[],
+        r#"{"halted":true,"by":"test","reason":"drill"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let refs2 = [("authorization", op.as_str()), ("content-type", "application/json"), ("idempotency-key", "shared-2")];
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = send(b.addr(), Method::POST, "/api/v1/orders", &refs2, order("s2")).await;
+        if r.status == 503 {
+            r.assert_error(503, "trading_halted");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the halt never reached instance b");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trading_halt_blocks_new_orders_only_and_emergency_stop_engages_it() {
+    let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let risk = b25_sim::start(b25_sim::Service::RiskManager, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let config = yaml(
+        &sim.url(),
+        "",
+        &ORDERS.replace(
+            "id: stop, path: \"/api/v1/risk/emergency-stop\", methods: [POST], service: up",
+            "id: stop, path: \"/api/v1/risk/emergency-stop\", methods: [POST], service: risk",
+        ),
+    )
+    .replace(
+        "routes:\n",
+        &format!("  risk: {{ instances: [\"{}\"], health_check: {{ enabled: false }} }}\nroutes:\n", risk.url()),
+    );
+    let gw = TestGateway::start(&config, &[]).await;
+    let admin = gw.handle.admin_addr().unwrap();
+    let op = who("trader-1");
+    let post = |key: &'static str| {
+        let op = op.clone();
+        let addr = gw.addr();
+        async move {
+            let refs = [("authorization", op.as_str()), ("content-type", "application/json"), ("idempotency-key", key)];
+            send(addr, Method::POST, "/api/v1/orders", &refs, order(key)).await
+        }
+    };
+    assert_eq!(post("h1").await.status, 201);
+    let r = send(admin, Method::POST, "/admin/halt", &[], r#"{"halted":true,"by":"risk-desk","reason":"drill"}"#).await;
+    assert_eq!(r.json()["halted"], true);
+    assert_eq!(r.json()["by"], "risk-desk");
+    let hits = sim.hits();
+    post("h2").await.assert_error(503, "trading_halted");
+    assert_eq!(sim.hits(), hits, "a blocked order reached the upstream");
+    let auth = [("authorization", op.as_str())];
+    assert_eq!(
+        send(gw.addr(), Method::DELETE, "/api/v1/orders/ord-1", &auth, "").await.status,
+        200,
+        "cancels still work"
+    );
+    assert_eq!(send(gw.addr(), Method::GET, "/api/v1/orders/ord-1", &auth, "").await.status, 200, "reads still work");
+    let m = String::from_utf8_lossy(&get(admin, "/metrics").await.body).to_string();
+    assert!(m.contains("b25_gateway_trading_halted 1"), "{m}");
+    // Lifting it restores order flow.
+    send(admin, Method::POST, "/admin/halt", &[], r#"{"halted":false,"by":"risk-desk","reason":"drill over"}"#).await;
+    assert_eq!(post("h3").await.status, 201);
+    // A successful emergency stop through the gateway engages it.
+    let r = send(gw.addr(), Method::POST, "/api/v1/risk/emergency-stop", &[("authorization", op.as_str())], "").await;
+    assert!(r.status.is_success(), "{}", r.status);
+    assert_eq!(get(admin, "/admin/halt").await.json()["halted"], true);
+    post("h4").await.assert_error(503, "trading_halted");
+}
