@@ -26,6 +26,7 @@ use crate::ratelimit::{Limited, ceil_secs};
 use crate::router::Match;
 use crate::snapshot::Route;
 use crate::snapshot::Snapshot;
+use crate::websocket;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::HeaderName;
@@ -63,6 +64,8 @@ pub struct Shared {
     pub idempotency: Arc<IdempotencyStore>,
     /// The trading halt.
     pub halt: Arc<Halt>,
+    /// Open WebSocket connections.
+    pub ws: Arc<crate::websocket::Tracker>,
     unmatched: Arc<str>,
     gateway: Arc<str>,
 }
@@ -76,6 +79,7 @@ impl Shared {
             cache: ResponseCache::new(&cfg.cache, redis.clone()),
             idempotency: IdempotencyStore::new(redis.clone()),
             halt: Halt::new(cfg.trading.halted, redis.clone(), metrics.clone(), sync),
+            ws: Arc::default(),
             redis,
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
@@ -231,6 +235,20 @@ async fn serve(
         Match::NotFound => return Err(GatewayError::new(ErrorKind::NotFound, "no route for this path")),
     };
     rec.route = route.id.clone();
+
+    // WebSocket upgrades: a browser token moves into Authorization (and out of what is
+    // forwarded); a cross-site Origin is refused before anything else.
+    let ws = route.config.websocket && websocket::is_upgrade(&parts.method, &parts.headers);
+    let mut ws_query = None;
+    if ws {
+        ws_query = websocket::take_token(&snapshot.config.websocket, &mut parts.headers, parts.uri.query());
+        if let Some(origin) = parts.headers.get(header::ORIGIN)
+            && !snapshot.cors.as_ref().is_some_and(|c| c.allows(origin))
+        {
+            shared.metrics.websocket(&route.id, "origin_refused");
+            return Err(GatewayError::new(ErrorKind::CorsRejected, "WebSocket origin not allowed"));
+        }
+    }
     let limiter = &snapshot.ratelimit;
     let redis = shared.redis.as_deref();
     let client_ip = limiter.client_ip(conn.peer.ip(), &parts.headers);
@@ -257,6 +275,11 @@ async fn serve(
 
     if route.config.halt == HaltMode::Block && shared.halt.is_halted() {
         return Err(GatewayError::new(ErrorKind::TradingHalted, "trading is halted; cancels and reads still work"));
+    }
+
+    if ws {
+        let path = path.into_owned();
+        return websocket_proxy(shared, snapshot, conn, parts, &route, &path, ws_query, principal, request_id).await;
     }
 
     // Response cache (GET/HEAD routes with a `cache` block).
@@ -542,6 +565,89 @@ fn cached_response(e: &Entry, head: bool, outcome: &'static str) -> Response<Gat
     r.headers_mut().insert(&X_CACHE, HeaderValue::from_static(outcome));
     r.headers_mut().insert(header::AGE, HeaderValue::from(now.saturating_sub(e.stored_ms) / 1000));
     r
+}
+
+/// Connects a WebSocket upgrade to the upstream and hands both sides to a relay task.
+#[allow(clippy::too_many_arguments)]
+async fn websocket_proxy(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    conn: ConnInfo,
+    mut parts: http::request::Parts,
+    route: &Route,
+    path: &str,
+    query: Option<String>,
+    principal: Option<Arc<Principal>>,
+    request_id: &HeaderValue,
+) -> Result<Response<GatewayBody>, GatewayError> {
+    let cfg = &snapshot.config.websocket;
+    let slot = shared.ws.admit(cfg, principal.as_ref().map(|p| &p.subject)).inspect_err(|_| {
+        shared.metrics.websocket(&route.id, "limit");
+    })?;
+    let key = parts
+        .headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .ok_or_else(|| GatewayError::new(ErrorKind::BadRequest, "missing Sec-WebSocket-Key"))?;
+    let client_upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or_else(|| GatewayError::new(ErrorKind::BadRequest, "this connection cannot be upgraded"))?;
+    let upstream_path = route.rewrite(path);
+    let target = match query.as_deref().filter(|q| !q.is_empty()) {
+        Some(q) => format!("{upstream_path}?{q}"),
+        None => upstream_path.into_owned(),
+    };
+    let host = parts.headers.remove(header::HOST);
+    let mut h = parts.headers.clone();
+    headers::strip_hop_by_hop(&mut h);
+    // Compression extensions are not relayed (messages are re-framed by the relay).
+    h.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers::set_forwarded(&mut h, conn.peer.ip(), conn.tls, host);
+    h.insert(&request_id::X_REQUEST_ID, request_id.clone());
+    set_principal(snapshot, &mut h, principal.as_deref());
+    let mut req = Request::new(UpstreamBody::Full(Full::new(Bytes::new())));
+    *req.uri_mut() = PathAndQuery::try_from(target)
+        .map_err(|_| GatewayError::new(ErrorKind::BadRequest, "invalid request target"))?
+        .into();
+    *req.headers_mut() = h;
+    let mut resp = route.upstream.upgrade(req, route.timeout).await.inspect_err(|_| {
+        shared.metrics.websocket(&route.id, "upstream_failed");
+    })?;
+    let protocol = resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+    match websocket::check_answer(resp.status(), resp.headers(), &key) {
+        Ok(true) => {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            shared.metrics.websocket(&route.id, "upgraded");
+            let relay = websocket::Relay {
+                client: client_upgrade,
+                upstream: upstream_upgrade,
+                cfg: cfg.clone(),
+                principal,
+                slot,
+                route: route.id.clone(),
+                metrics: shared.metrics.clone(),
+                shutdown: shared.ws.subscribe(),
+            };
+            tokio::spawn(relay.run());
+            Ok(websocket::switching(&key, protocol.as_ref()))
+        }
+        Ok(false) => {
+            // The upstream refused: pass its answer on, and close the client connection so
+            // nothing the client sends next (frames it believed upgraded) is read as a request.
+            shared.metrics.websocket(&route.id, "upstream_refused");
+            let (mut p, body) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut p.headers);
+            p.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Ok(Response::from_parts(p, GatewayBody::Upstream(body)))
+        }
+        Err(e) => {
+            shared.metrics.websocket(&route.id, "bad_upstream");
+            Err(e.closing())
+        }
+    }
 }
 
 /// Authenticates for `route` and checks its roles: 401 (with `WWW-Authenticate`) or 403.

@@ -39,3 +39,4 @@ pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod version;
+pub mod websocket;

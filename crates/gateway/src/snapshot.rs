@@ -59,10 +59,14 @@ impl Route {
         let prefix = c.add_prefix.as_deref().unwrap_or("").trim_end_matches('/');
         let mut out = String::with_capacity(prefix.len() + rest.len() + 1);
         out.push_str(prefix);
-        if !rest.starts_with('/') {
+        // `/api/v1/market/stream` stripped whole and prefixed with `/ws` is `/ws`, not `/ws/`.
+        if !rest.is_empty() && !rest.starts_with('/') {
             out.push('/');
         }
         out.push_str(rest);
+        if out.is_empty() {
+            out.push('/');
+        }
         out.into()
     }
 }

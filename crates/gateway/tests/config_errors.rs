@@ -121,7 +121,7 @@ fn shipped_config_passes_check() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("routes (34)"), "{stdout}");
+    assert!(stdout.contains("routes (35)"), "{stdout}");
     assert!(stdout.contains("configuration OK"));
     // As in the issue and like `nginx -t`: the file may also be given positionally.
     let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway"))

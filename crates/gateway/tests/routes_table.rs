@@ -56,7 +56,14 @@ async fn every_shipped_route_reaches_its_service_intact() {
         assert_eq!(sim.hits(), before + 1, "{}: exactly one upstream request", route.id);
         let rec = sim.requests().pop().expect("recorded");
         assert_eq!(rec.method, method, "{}", route.id);
-        assert_eq!(rec.uri.path(), path, "{}: path and parameters", route.id);
+        let mut expected = path.clone();
+        if let Some(strip) = &route.strip_prefix {
+            expected = expected.strip_prefix(strip.as_str()).unwrap_or(&expected).to_string();
+        }
+        if let Some(add) = &route.add_prefix {
+            expected = format!("{}{}", add.trim_end_matches('/'), expected);
+        }
+        assert_eq!(rec.uri.path(), expected, "{}: path and parameters", route.id);
         assert_eq!(rec.uri.query(), Some(query.as_str()), "{}: query string", route.id);
         assert_eq!(rec.body, body.as_bytes(), "{}: body", route.id);
         assert_eq!(

@@ -149,6 +149,7 @@ async fn jwt_attacks_get_401_and_never_reach_upstream() {
     attacks.push(("wrong iss", hs256(TEST_SECRET, &claims("u", &["admin"], json!({"iss": "evil"})))));
     attacks.push(("missing iss", hs256(TEST_SECRET, &claims("u", &["admin"], json!({"iss": null})))));
     attacks.push(("wrong aud", hs256(TEST_SECRET, &claims("u", &["admin"], json!({"aud": "other"})))));
+    attacks.push(("missing sub", hs256(TEST_SECRET, &claims("u", &["admin"], json!({"sub": null})))));
     attacks.push(("HS384 not allowed", {
         let h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS384);
         hs256_with_header(h, TEST_SECRET.as_bytes(), &c)

@@ -248,7 +248,11 @@ impl JwtVerifier {
             Some(Value::String(s)) => self.roles.principal(s.split_whitespace()),
             _ => RoleSet::default(),
         };
-        let subject = claims.get("sub").and_then(Value::as_str).unwrap_or("");
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or(AuthFailure::invalid("missing_claim"))?;
         let mut p = Principal::new(subject, roles, &self.roles, AuthMethod::Jwt, exp);
         if let Some(claim) = &self.rate_claim {
             match claims.get(claim) {
@@ -314,7 +318,9 @@ impl Issuer {
             v.validate_nbf = true;
             v.set_issuer(&[&ic.issuer]);
             v.set_audience(&ic.audiences);
-            v.set_required_spec_claims(&["exp", "iss", "aud"]);
+            // `sub` is required: private cache entries, idempotency records and per-principal
+            // limits are keyed by it, so tokens without one must not share a principal.
+            v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
             validations.push((alg, v));
         }
         let jwks = match &ic.jwks_url {

@@ -96,6 +96,9 @@ pub struct Config {
     /// Trading halt.
     #[serde(default)]
     pub trading: TradingConfig,
+    /// WebSocket proxying.
+    #[serde(default)]
+    pub websocket: WebSocketConfig,
     /// Upstream services by name.
     pub services: BTreeMap<String, ServiceConfig>,
     /// The route table.
@@ -424,6 +427,44 @@ pub struct TradingConfig {
     pub halt_sync_interval: Option<HumanDuration>,
 }
 
+/// `websocket:` section: limits and token sources for `websocket: true` routes.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// A connection with no message either way for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// Longest a connection may live.
+    pub max_lifetime: HumanDuration,
+    /// Open connections allowed in total.
+    pub max_connections: usize,
+    /// Open connections allowed per principal.
+    pub max_per_principal: usize,
+    /// Largest message relayed (frame-aware limit).
+    pub max_message_size: ByteSize,
+    /// Query parameter that may carry the token for browsers (removed before forwarding).
+    pub token_query_param: Option<String>,
+    /// `Sec-WebSocket-Protocol` entry prefix that may carry the token (e.g. `bearer.`); the
+    /// entry is removed before forwarding.
+    pub token_subprotocol_prefix: Option<String>,
+    /// Close the connection (code 1008) when the JWT that opened it expires.
+    pub close_on_token_expiry: bool,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: HumanDuration::from_secs(300),
+            max_lifetime: HumanDuration::from_secs(24 * 3600),
+            max_connections: 10_000,
+            max_per_principal: 20,
+            max_message_size: ByteSize::mib(1),
+            token_query_param: Some("access_token".into()),
+            token_subprotocol_prefix: Some("bearer.".into()),
+            close_on_token_expiry: true,
+        }
+    }
+}
+
 /// What a route does while trading is halted.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -554,14 +595,25 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         errors.push(ConfigError::new("", "the document must be a mapping with services and routes"));
         return None;
     };
-    const KNOWN: [&str; 10] =
-        ["server", "logging", "auth", "cors", "state", "rate_limits", "cache", "trading", "services", "routes"];
+    const KNOWN: [&str; 11] = [
+        "server",
+        "logging",
+        "auth",
+        "cors",
+        "state",
+        "rate_limits",
+        "cache",
+        "trading",
+        "websocket",
+        "services",
+        "routes",
+    ];
     for key in root.keys() {
         if !KNOWN.contains(&key.as_str()) {
             errors.push(ConfigError::new(
                 key.clone(),
                 format!(
-                    "unknown field `{key}`, expected one of `server`, `logging`, `auth`, `cors`, `state`, `rate_limits`, `cache`, `trading`, `services`, `routes`"
+                    "unknown field `{key}`, expected one of `server`, `logging`, `auth`, `cors`, `state`, `rate_limits`, `cache`, `trading`, `websocket`, `services`, `routes`"
                 ),
             ));
         }
@@ -607,6 +659,10 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         Some(v) => section::<TradingConfig>(v, "trading", errors).unwrap_or_default(),
         None => TradingConfig::default(),
     };
+    let websocket = match root.remove("websocket") {
+        Some(v) => section::<WebSocketConfig>(v, "websocket", errors).unwrap_or_default(),
+        None => WebSocketConfig::default(),
+    };
     let mut services = BTreeMap::new();
     match root.remove("services") {
         Some(Value::Object(map)) => {
@@ -638,7 +694,8 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         Some(_) => errors.push(ConfigError::new("routes", "must be a list of routes")),
         None => errors.push(ConfigError::new("routes", "missing: at least one route is required")),
     }
-    let config = Config { server, logging, auth, cors, state, rate_limits, cache, trading, services, routes };
+    let config =
+        Config { server, logging, auth, cors, state, rate_limits, cache, trading, websocket, services, routes };
     validate::validate(&config, &broken, errors);
     Some(config)
 }

@@ -458,7 +458,27 @@ fn validate_state(c: &Config, err: &mut impl FnMut(String, String)) {
             err(format!("server.required_services[{i}]"), format!("unknown service {s:?}"));
         }
     }
+    if let Some(t) = &s_admin_token(c)
+        && t.len() < 16
+    {
+        err("server.admin_token".into(), "must be at least 16 characters".into());
+    }
+    if c.trading.halt_sync_interval.is_some_and(|d| d.get().is_zero()) {
+        err("trading.halt_sync_interval".into(), "must be greater than 0".into());
+    }
+    if c.websocket.max_connections == 0 || c.websocket.max_per_principal == 0 {
+        err("websocket".into(), "max_connections and max_per_principal must be at least 1".into());
+    }
+    for (name, d) in [("idle_timeout", c.websocket.idle_timeout), ("max_lifetime", c.websocket.max_lifetime)] {
+        if d.get().is_zero() {
+            err(format!("websocket.{name}"), "must be greater than 0".into());
+        }
+    }
     if c.rate_limits.max_keys == 0 {
         err("rate_limits.max_keys".into(), "must be at least 1".into());
     }
+}
+
+fn s_admin_token(c: &Config) -> Option<String> {
+    c.server.admin_token.as_ref().map(|t| t.expose().to_string())
 }

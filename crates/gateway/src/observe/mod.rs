@@ -131,6 +131,31 @@ pub struct IdempotencyLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of WebSocket outcome series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WsLabels {
+    /// Route id.
+    pub route: Arc<str>,
+    /// `upgraded`, `refused`, `upstream_refused`, `bad_upstream`, `closed`, `token_expired`, …
+    pub outcome: &'static str,
+}
+
+/// Labels of WebSocket byte series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WsBytesLabels {
+    /// Route id.
+    pub route: Arc<str>,
+    /// `to_upstream` or `to_client`.
+    pub direction: &'static str,
+}
+
+/// Labels of per-route gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route id.
+    pub route: Arc<str>,
+}
+
 /// All metric families, registered once per process.
 pub struct Metrics {
     registry: Registry,
@@ -157,6 +182,9 @@ pub struct Metrics {
     pub halted: Gauge,
     /// Bytes held by the in-memory response cache.
     pub cache_bytes: Gauge,
+    ws_events: Family<WsLabels, Counter>,
+    ws_bytes: Family<WsBytesLabels, Counter>,
+    ws_active: Family<RouteLabels, Gauge>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -219,6 +247,16 @@ impl Metrics {
         registry.register("cache_bytes", "Bytes held by the in-memory response cache", cache_bytes.clone());
         registry.register("idempotency_requests", "Idempotency-key outcomes by route", idempotency.clone());
         registry.register("trading_halted", "1 while the trading halt is engaged", halted.clone());
+        let ws_events = Family::<WsLabels, Counter>::default();
+        let ws_bytes = Family::<WsBytesLabels, Counter>::default();
+        let ws_active = Family::<RouteLabels, Gauge>::default();
+        registry.register("websocket_events", "WebSocket upgrades and closes by route and outcome", ws_events.clone());
+        registry.register(
+            "websocket_message_bytes",
+            "WebSocket payload bytes relayed by route and direction",
+            ws_bytes.clone(),
+        );
+        registry.register("websocket_connections_active", "Open WebSocket connections by route", ws_active.clone());
         registry.register("auth_attempts", "Authentication attempts by method", auth_attempts.clone());
         registry.register(
             "auth_failures",
@@ -262,6 +300,9 @@ impl Metrics {
             idempotency,
             halted,
             cache_bytes,
+            ws_events,
+            ws_bytes,
+            ws_active,
         }
     }
 
@@ -351,6 +392,24 @@ impl Metrics {
     /// Counts an idempotency outcome.
     pub fn idempotency(&self, route: &Arc<str>, outcome: &'static str) {
         self.idempotency.get_or_create(&IdempotencyLabels { route: route.clone(), outcome }).inc();
+    }
+
+    /// Counts a WebSocket event.
+    pub fn websocket(&self, route: &Arc<str>, outcome: &'static str) {
+        self.ws_events.get_or_create(&WsLabels { route: route.clone(), outcome }).inc();
+    }
+
+    /// Moves the open-connections gauge of a route.
+    pub fn websocket_active(&self, route: &Arc<str>, delta: i64) {
+        self.ws_active.get_or_create(&RouteLabels { route: route.clone() }).inc_by(delta);
+    }
+
+    /// Counts relayed bytes.
+    pub fn websocket_bytes(&self, route: &Arc<str>, to_upstream: u64, to_client: u64) {
+        self.ws_bytes
+            .get_or_create(&WsBytesLabels { route: route.clone(), direction: "to_upstream" })
+            .inc_by(to_upstream);
+        self.ws_bytes.get_or_create(&WsBytesLabels { route: route.clone(), direction: "to_client" }).inc_by(to_client);
     }
 
     /// The open-connections gauge.

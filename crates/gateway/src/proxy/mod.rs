@@ -510,6 +510,26 @@ impl Upstream {
         unreachable!("the loop returns on its last attempt")
     }
 
+    /// Sends an upgrade request (no retry: a WebSocket handshake is not replayed) and returns
+    /// the upstream's answer, whatever its status.
+    pub async fn upgrade(&self, mut req: Request<Body>, timeout: Duration) -> Result<Response<Incoming>, GatewayError> {
+        let now_ms = self.now_ms();
+        let Some(idx) = self.balancer.pick(&self.instances, None, now_ms, None) else {
+            return Err(GatewayError::new(ErrorKind::NoHealthyUpstream, "no healthy instance of the service"));
+        };
+        let inst = &self.instances[idx];
+        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = inst
+            .uri(pq)
+            .map_err(|e| GatewayError::new(ErrorKind::Internal, "cannot build upstream request").with_detail(e))?;
+        *req.version_mut() = Version::HTTP_11;
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(classify(&e).with_detail(format!("{}: {}", inst.url, error_chain(&e)))),
+            Err(_) => Err(GatewayError::new(ErrorKind::UpstreamTimeout, "the upstream service did not answer in time")),
+        }
+    }
+
     /// Runs one round of health checks on every instance, concurrently.
     pub async fn check_all(&self) {
         if !self.health.enabled {

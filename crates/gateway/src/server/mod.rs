@@ -264,7 +264,13 @@ async fn run(
     drop(listener);
     let open = graceful.count();
     tracing::info!(connections = open, grace = ?grace, "listener closed; finishing in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    // WebSockets were detached from hyper at the upgrade: close them ourselves (1001).
+    shared.ws.shutdown();
+    let drained = async {
+        graceful.shutdown().await;
+        shared.ws.wait_closed().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         let cut = RequestRecord::in_flight(&shared.metrics);
         tracing::warn!(requests_cut = cut, "shutdown grace period over; cutting what is still in flight");
     }

@@ -1,0 +1,281 @@
+//! WebSocket and streaming over real sockets with tokio-tungstenite clients.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+async fn connect(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    let stream = TcpStream::connect(addr).await.unwrap();
+    tokio_tungstenite::client_async(req, stream).await.map(|(ws, _)| ws)
+}
+
+fn status_of(e: &tokio_tungstenite::tungstenite::Error) -> u16 {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(r) => r.status().as_u16(),
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+}
+
+async fn shipped() -> (HashMap<&'static str, b25_sim::SimServer>, TestGateway) {
+    let sims = start_sims().await;
+    let env = shipped_env(&sims);
+    let gw = TestGateway::start(&shipped_yaml(), &env).await;
+    (sims, gw)
+}
+
+/// Next non-ticker message.
+async fn next_echo(ws: &mut Ws) -> Message {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next()).await.expect("a message").expect("open").expect("valid");
+        if let Message::Text(t) = &m
+            && t.contains("\"type\":\"ticker\"")
+        {
+            continue;
+        }
+        return m;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_stream_and_1000_echoes_in_order() {
+    let (sims, gw) = shipped().await;
+    let auth = bearer(&token(&["viewer"]));
+    let mut ws = connect(gw.addr(), "/ws", &[("authorization", &auth)]).await.expect("upgrade");
+    // The simulator's ticker stream arrives through the gateway.
+    let first = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    assert!(first.to_text().unwrap().contains("ticker"), "{first:?}");
+    for i in 0..1000 {
+        ws.send(Message::text(format!("m-{i}"))).await.unwrap();
+    }
+    for i in 0..1000 {
+        assert_eq!(next_echo(&mut ws).await.to_text().unwrap(), format!("m-{i}"));
+    }
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(next_echo(&mut ws).await.into_data().as_ref(), &[1, 2, 3]);
+    // The upstream saw the principal, not the client's credentials in the query.
+    let rec = sims["dashboard"].requests().into_iter().find(|r| r.uri.path() == "/ws").unwrap();
+    assert_eq!(rec.headers["x-auth-subject"], "user-viewer");
+    // Browser tokens: query parameter and subprotocol; neither reaches the upstream.
+    let t = token(&["viewer"]);
+    let mut ws2 = connect(gw.addr(), &format!("/ws?access_token={t}&x=1"), &[]).await.expect("query token");
+    ws2.send(Message::text("q")).await.unwrap();
+    assert_eq!(next_echo(&mut ws2).await.to_text().unwrap(), "q");
+    let proto = format!("bearer.{t}, b25.v1");
+    let mut ws3 = connect(gw.addr(), "/api/v1/market/stream", &[("sec-websocket-protocol", &proto)]).await;
+    // The upstream does not pick a protocol, so a strict client may refuse; what matters is the
+    // gateway accepted the token and never forwarded it.
+    if let Ok(ws3) = ws3.as_mut() {
+        let _ = ws3.close(None).await;
+    }
+    for r in sims["dashboard"].requests() {
+        assert!(!r.uri.query().unwrap_or("").contains("access_token"), "query token forwarded: {:?}", r.uri);
+        let p = r.headers.get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        assert!(!p.contains("bearer."), "subprotocol token forwarded: {p}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upgrades_never_reach_the_upstream() {
+    let (sims, gw) = shipped().await;
+    assert_eq!(status_of(&connect(gw.addr(), "/ws", &[]).await.unwrap_err()), 401);
+    assert_eq!(status_of(&connect(gw.addr(), "/ws", &[("authorization", "Bearer nope")]).await.unwrap_err()), 401);
+    let auth = bearer(&token(&["viewer"]));
+    let evil = connect(gw.addr(), "/ws", &[("authorization", &auth), ("origin", "https://evil.example")]).await;
+    assert_eq!(status_of(&evil.unwrap_err()), 403);
+    let ok_origin = connect(gw.addr(), "/ws", &[("authorization", &auth), ("origin", TEST_ORIGIN)]).await;
+    assert!(ok_origin.is_ok(), "the dashboard origin is allowed");
+    assert_eq!(sims["dashboard"].hits(), 1, "only the allowed upgrade reached the upstream");
+    // Wrong role.
+    let sim = b25_sim::start(b25_sim::Service::Dashboard, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let yaml = format!(
+        "server: {{ listen: \"127.0.0.1:0\", admin_listen: \"\" }}\nlogging: {{ level: warn }}\nauth:\n  jwt:\n    issuers:\n      - {{ issuer: b25-auth, audiences: [b25-gateway], algorithms: [HS256], secret: \"{TEST_SECRET}\" }}\nservices:\n  d: {{ instances: [\"{}\"], health_check: {{ enabled: false }} }}\nroutes:\n  - {{ id: ws, path: /ws, methods: [GET], service: d, roles: [admin], websocket: true }}\n",
+        sim.url()
+    );
+    let gw2 = TestGateway::start(&yaml, &[]).await;
+    assert_eq!(status_of(&connect(gw2.addr(), "/ws", &[("authorization", &auth)]).await.unwrap_err()), 403);
+    assert_eq!(sim.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_closes_when_the_token_expires() {
+    let (_sims, gw) = shipped().await;
+    let t = hs256(TEST_SECRET, &claims("short-lived", &["viewer"], serde_json::json!({"exp": now() + 2})));
+    let mut ws = connect(gw.addr(), "/ws", &[("authorization", &bearer(&t))]).await.expect("upgrade");
+    let t0 = Instant::now();
+    let close = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("closed in time") {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let took = t0.elapsed();
+    assert_eq!(close.unwrap().code, CloseCode::Policy, "1008 on token expiry");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "closed after {took:?}");
+}
+
+/// A raw upstream that answers every upgrade with `answer` and counts request heads.
+async fn raw_upstream(answer: &'static str) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(p) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        seen.drain(..p + 4);
+                        let _ = s.write_all(answer.as_bytes()).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+fn one_ws_route(url: &str) -> String {
+    format!(
+        "server: {{ listen: \"127.0.0.1:0\", admin_listen: \"\" }}\nlogging: {{ level: warn }}\nauth:\n  jwt:\n    issuers:\n      - {{ issuer: b25-auth, audiences: [b25-gateway], algorithms: [HS256], secret: \"{TEST_SECRET}\" }}\nservices:\n  d: {{ instances: [\"{url}\"], health_check: {{ enabled: false }} }}\nroutes:\n  - {{ id: ws, path: /ws, methods: [GET], service: d, roles: [viewer], websocket: true }}\n  - {{ id: secret, path: /secret, methods: [GET], service: d, roles: [admin] }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_does_not_switch_or_answers_badly_is_502() {
+    let auth = bearer(&token(&["viewer"]));
+    for answer in [
+        "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: d3Jvbmc=\r\n\r\n",
+    ] {
+        let (addr, _) = raw_upstream(answer).await;
+        let gw = TestGateway::start(&one_ws_route(&format!("http://{addr}")), &[]).await;
+        let err = connect(gw.addr(), "/ws", &[("authorization", &auth)]).await.unwrap_err();
+        assert_eq!(status_of(&err), 502, "{answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_is_passed_on_and_nothing_pipelined_after_it_slips_through() {
+    let (addr, heads) = raw_upstream("HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n").await;
+    let gw = TestGateway::start(&one_ws_route(&format!("http://{addr}")), &[]).await;
+    let auth = bearer(&token(&["viewer"]));
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nGET /secret HTTP/1.1\r\nHost: gw\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.expect("closed").unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(text.matches("HTTP/1.1 ").count() <= 2, "{text}");
+    assert!(!text.contains("HTTP/1.1 200"), "the pipelined request was answered with success: {text}");
+    assert_eq!(heads.load(std::sync::atomic::Ordering::SeqCst), 1, "the pipelined request reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_50_websockets_with_going_away() {
+    let (_sims, gw) = shipped().await;
+    let mut clients = Vec::new();
+    // One principal may hold 20 (websocket.max_per_principal); the 21st is refused.
+    let one = bearer(&token(&["viewer"]));
+    for _ in 0..20 {
+        clients.push(connect(gw.addr(), "/ws", &[("authorization", &one)]).await.expect("upgrade"));
+    }
+    assert_eq!(status_of(&connect(gw.addr(), "/ws", &[("authorization", &one)]).await.unwrap_err()), 429);
+    for i in 0..30 {
+        let t = bearer(&hs256(TEST_SECRET, &claims(&format!("user-{i}"), &["viewer"], serde_json::json!({}))));
+        clients.push(connect(gw.addr(), "/ws", &[("authorization", &t)]).await.expect("upgrade"));
+    }
+    assert_eq!(gw.handle.shared().ws.active(), 50);
+    let TestGateway { handle } = gw;
+    handle.shutdown();
+    let readers = clients.into_iter().map(|mut ws| async move {
+        loop {
+            match tokio::time::timeout(WAIT, ws.next()).await {
+                Ok(Some(Ok(Message::Close(f)))) => return f.map(|f| f.code),
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    });
+    let codes = futures_util::future::join_all(readers).await;
+    assert!(codes.iter().all(|c| *c == Some(CloseCode::Away)), "{codes:?}");
+    tokio::time::timeout(WAIT, handle.wait()).await.expect("the gateway stopped after closing them");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_pass_through_unbuffered() {
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+    let (tx_release, rx_release) = tokio::sync::oneshot::channel::<()>();
+    let rx_release = std::sync::Arc::new(tokio::sync::Mutex::new(Some(rx_release)));
+    let up = upstream(move |_req| {
+        let rx = rx_release.clone();
+        async move {
+            let (tx, rx_body) = tokio::sync::mpsc::channel::<Result<Frame<bytes::Bytes>, std::io::Error>>(4);
+            tokio::spawn(async move {
+                tx.send(Ok(Frame::data(bytes::Bytes::from_static(b"event: tick\ndata: 1\n\n")))).await.unwrap();
+                if let Some(r) = rx.lock().await.take() {
+                    let _ = r.await;
+                }
+                tx.send(Ok(Frame::data(bytes::Bytes::from_static(b"data: 2\n\n")))).await.unwrap();
+            });
+            let mut rx_body = rx_body;
+            let stream = futures_util::stream::poll_fn(move |cx| rx_body.poll_recv(cx));
+            http::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .unwrap()
+        }
+    })
+    .await;
+    let yaml = config_yaml(
+        &[("up", format!("http://{up}"))],
+        "  - { id: sse, path: /events, methods: [GET], service: up, public: true }\n",
+    );
+    let gw = TestGateway::start(&yaml, &[]).await;
+    let mut tx = h1::<http_body_util::Empty<bytes::Bytes>>(gw.addr()).await;
+    let resp = tx
+        .send_request(http::Request::get("/events").header("host", "gw").body(http_body_util::Empty::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let first =
+        tokio::time::timeout(WAIT, body.frame()).await.expect("first event before the stream ends").unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "event: tick\ndata: 1\n\n");
+    tx_release.send(()).unwrap();
+    let rest = tokio::time::timeout(WAIT, body.collect()).await.unwrap().unwrap().to_bytes();
+    assert_eq!(rest, "data: 2\n\n");
+}
