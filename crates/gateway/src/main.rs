@@ -108,6 +108,9 @@ fn check(path: &Path) -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
             print!("{}", c.summary());
+            for w in c.runtime_problems() {
+                println!("warning: {}: {w} (`run` refuses this)", path.display());
+            }
             println!("{}: configuration OK", path.display());
             ExitCode::SUCCESS
         }

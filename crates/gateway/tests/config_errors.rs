@@ -123,14 +123,29 @@ fn shipped_config_passes_check() {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("routes (35)"), "{stdout}");
     assert!(stdout.contains("configuration OK"));
-    // As in the issue and like `nginx -t`: the file may also be given positionally.
+    // As in the issue and like `nginx -t`: the file may also be given positionally, and the
+    // shipped file validates with no environment at all (a warning names the placeholder
+    // secret that `run` refuses).
     let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway"))
         .current_dir(&root)
         .args(["check", "config/gateway.yaml"])
-        .env("B25_JWT_SECRET", "a-long-enough-secret-for-hs256-0123456789")
+        .env_remove("B25_JWT_SECRET")
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("warning") && stdout.contains("B25_JWT_SECRET"), "{stdout}");
+    // `run` refuses the placeholder, before binding anything.
+    let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway"))
+        .current_dir(&root)
+        .args(["run", "config/gateway.yaml"])
+        .env_remove("B25_JWT_SECRET")
+        .env("B25_GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("B25_GATEWAY_ADMIN_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("placeholder secret"));
 }
 
 #[test]

@@ -788,6 +788,22 @@ impl Config {
             .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT)
     }
 
+    /// Problems that are fine for `check` but must stop `run` (placeholder secrets).
+    pub fn runtime_problems(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        if let Some(jwt) = &self.auth.jwt {
+            for (i, iss) in jwt.issuers.iter().enumerate() {
+                if iss.secret.as_ref().is_some_and(|s| s.expose() == security::PLACEHOLDER_SECRET) {
+                    out.push(ConfigError::new(
+                        format!("auth.jwt.issuers[{i}].secret"),
+                        "the placeholder secret must be replaced: set B25_JWT_SECRET (at least 32 bytes)",
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// A one-screen summary for `b25-gateway check`.
     pub fn summary(&self) -> String {
         use std::fmt::Write;

@@ -25,6 +25,9 @@ pub const MIN_HS_SECRET_BYTES: usize = 32;
 /// CORS preflight cache time.
 pub const DEFAULT_CORS_MAX_AGE: HumanDuration = HumanDuration::from_secs(600);
 
+/// The shipped config's stand-in secret: `check` accepts it with a warning, `run` refuses it.
+pub const PLACEHOLDER_SECRET: &str = "change-me-set-B25_JWT_SECRET-to-a-real-secret";
+
 /// A secret value: never printed by `Debug`, `check`, logs or the admin API.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]

@@ -105,6 +105,10 @@ impl GatewayHandle {
 /// gateway reports ready after the first health-check round.
 pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartError> {
     let server_cfg = config.server.clone();
+    let runtime = config.runtime_problems();
+    if !runtime.is_empty() {
+        return Err(StartError::Config(crate::config::ConfigErrors { file: file.to_string(), errors: runtime }));
+    }
     let snapshot = Snapshot::build(config)
         .map_err(|errors| StartError::Config(crate::config::ConfigErrors { file: file.to_string(), errors }))?;
     let metrics = Arc::new(Metrics::new());
