@@ -10,6 +10,7 @@
 use crate::auth::Principal;
 use crate::body::{BodyFailure, BodyStats, GatewayBody, Observed, RequestBody, UpstreamBody};
 use crate::cache::{self, Entry, Lookup, ResponseCache};
+use crate::config::ConfigErrors;
 use crate::config::HaltMode;
 use crate::error::{ErrorKind, GatewayError, Origin};
 use crate::halt::Halt;
@@ -66,6 +67,13 @@ pub struct Shared {
     pub halt: Arc<Halt>,
     /// Open WebSocket connections.
     pub ws: Arc<crate::websocket::Tracker>,
+    /// The TLS certificate resolver (reloaded with the config).
+    pub certs: std::sync::Mutex<Option<Arc<crate::server::tls::CertResolver>>>,
+    /// The config file, for reloads.
+    pub config_file: std::sync::Mutex<Option<String>>,
+    /// Outcome of the last reload (for the admin API).
+    pub last_reload: arc_swap::ArcSwap<serde_json::Value>,
+    reload_lock: tokio::sync::Mutex<()>,
     unmatched: Arc<str>,
     gateway: Arc<str>,
 }
@@ -80,6 +88,10 @@ impl Shared {
             idempotency: IdempotencyStore::new(redis.clone()),
             halt: Halt::new(cfg.trading.halted, redis.clone(), metrics.clone(), sync),
             ws: Arc::default(),
+            certs: std::sync::Mutex::new(None),
+            config_file: std::sync::Mutex::new(None),
+            last_reload: arc_swap::ArcSwap::from_pointee(serde_json::json!({"status": "none"})),
+            reload_lock: tokio::sync::Mutex::new(()),
             redis,
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
@@ -94,6 +106,67 @@ impl Shared {
     /// available instance.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire) && self.required_up()
+    }
+
+    /// Reloads the config file: parse and validate it fully, build the new snapshot off the
+    /// hot path (health checks and JWKS included), then swap it in with one store. Live
+    /// requests and WebSockets keep the snapshot they started with. A bad file changes nothing:
+    /// the errors are logged, counted and shown by the admin API.
+    pub async fn reload(&self) -> Result<(), ConfigErrors> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let file = self.config_file.lock().expect("not poisoned").clone().unwrap_or_default();
+        let result = self.build_next(&file).await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        match &result {
+            Ok(()) => {
+                self.metrics.reload("success");
+                tracing::info!(file = %file, "configuration reloaded");
+                self.last_reload.store(Arc::new(serde_json::json!({"status": "success", "at_unix_ms": now})));
+            }
+            Err(e) => {
+                self.metrics.reload("failure");
+                for err in &e.errors {
+                    tracing::error!(file = %file, error = %err, "reload refused; the running configuration stays");
+                }
+                let errors: Vec<String> = e.errors.iter().map(|e| e.to_string()).collect();
+                self.last_reload
+                    .store(Arc::new(serde_json::json!({"status": "failure", "at_unix_ms": now, "errors": errors})));
+            }
+        }
+        result
+    }
+
+    async fn build_next(&self, file: &str) -> Result<(), ConfigErrors> {
+        let fail = |errors| ConfigErrors { file: file.to_string(), errors };
+        let config = crate::config::load(std::path::Path::new(file))?;
+        let runtime = config.runtime_problems();
+        if !runtime.is_empty() {
+            return Err(fail(runtime));
+        }
+        let old = self.snapshot.load_full();
+        if config.server.listen != old.config.server.listen
+            || config.server.admin_listen != old.config.server.admin_listen
+        {
+            tracing::warn!("listener addresses changed: they take effect at the next restart");
+        }
+        let tls = config.server.tls.clone();
+        let next = Snapshot::build(config).map_err(fail)?;
+        if let (Some(t), Some(r)) = (&tls, self.certs.lock().expect("not poisoned").clone()) {
+            r.reload(t).map_err(|e| fail(vec![crate::config::ConfigError::new("server.tls", e.to_string())]))?;
+        }
+        // Off the hot path: the new upstreams' first health round and JWKS fetch.
+        if let Some(j) = &next.auth.jwt {
+            j.start_background().await;
+        }
+        futures_util::future::join_all(next.upstreams.values().map(|u| u.check_all())).await;
+        for u in next.upstreams.values() {
+            u.spawn_health_checks();
+        }
+        self.snapshot.store(Arc::new(next));
+        Ok(())
     }
 
     fn required_up(&self) -> bool {
@@ -156,6 +229,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         aborted: false,
         metrics: shared.metrics.clone(),
         access_log,
+        trace_id: None,
     }));
     let rec = pending.0.as_mut().expect("set above");
     let origin = snapshot.cors.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
@@ -185,6 +259,22 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
     }
     resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id);
     let mut rec = pending.0.take().expect("set above");
+    if snapshot.config.logging.server_timing {
+        // Time to the response headers: the gateway's own share and the upstream's.
+        let total = rec.start.elapsed().as_micros() as u64;
+        let up = rec.upstream_us.unwrap_or(0);
+        let v = match rec.upstream_us {
+            Some(_) => format!(
+                "gateway;dur={:.3}, upstream;dur={:.3}",
+                total.saturating_sub(up) as f64 / 1000.0,
+                up as f64 / 1000.0
+            ),
+            None => format!("gateway;dur={:.3}", total as f64 / 1000.0),
+        };
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            resp.headers_mut().insert(&SERVER_TIMING, v);
+        }
+    }
     rec.status = resp.status().as_u16();
     resp.map(|b| Observed::new(b, rec))
 }
@@ -358,6 +448,7 @@ async fn serve(
     headers::set_forwarded(h, conn.peer.ip(), conn.tls, host);
     h.insert(&request_id::X_REQUEST_ID, request_id.clone());
     set_principal(snapshot, h, principal.as_deref());
+    rec.trace_id = Some(crate::pipeline::trace::propagate(h));
 
     let guarded = RequestBody::new(body, rec.body.clone(), route.max_body, snapshot.body_idle);
     let buffer =
@@ -544,6 +635,8 @@ async fn serve(
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// Marks a replayed response.
 static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// `Server-Timing` (W3C).
+static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 /// `HIT`, `MISS` or `BYPASS`.
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 

@@ -157,7 +157,19 @@ async fn run(config: Config, path: &Path, demo: bool) -> anyhow::Result<()> {
         handle.ready().await;
         demo::print(&config, handle.addr(), handle.admin_addr());
     }
-    shutdown_signal().await;
+    // SIGHUP reloads; SIGTERM / SIGINT drain and stop.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("SIGHUP handler");
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = handle.reload().await;
+            }
+        }
+    }
     tracing::info!("shutdown signal received");
     handle.shutdown();
     handle.wait().await;

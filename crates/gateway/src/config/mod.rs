@@ -202,11 +202,13 @@ pub struct LoggingConfig {
     pub access_log: bool,
     /// `json` (default) or `text` for humans at a terminal.
     pub format: LogFormat,
+    /// Add a `Server-Timing` header (gateway and upstream time) to responses.
+    pub server_timing: bool,
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self { level: "info".into(), access_log: true, format: LogFormat::Json }
+        Self { level: "info".into(), access_log: true, format: LogFormat::Json, server_timing: true }
     }
 }
 

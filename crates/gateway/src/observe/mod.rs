@@ -185,6 +185,14 @@ pub struct Metrics {
     ws_events: Family<WsLabels, Counter>,
     ws_bytes: Family<WsBytesLabels, Counter>,
     ws_active: Family<RouteLabels, Gauge>,
+    reloads: Family<ReloadLabels, Counter>,
+}
+
+/// Labels of the reload series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `success` or `failure`.
+    pub outcome: &'static str,
 }
 
 fn duration_histogram() -> Histogram {
@@ -257,6 +265,11 @@ impl Metrics {
             ws_bytes.clone(),
         );
         registry.register("websocket_connections_active", "Open WebSocket connections by route", ws_active.clone());
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register("config_reloads", "Configuration reloads by outcome", reloads.clone());
+        for outcome in ["success", "failure"] {
+            let _ = reloads.get_or_create(&ReloadLabels { outcome });
+        }
         registry.register("auth_attempts", "Authentication attempts by method", auth_attempts.clone());
         registry.register(
             "auth_failures",
@@ -303,6 +316,7 @@ impl Metrics {
             ws_events,
             ws_bytes,
             ws_active,
+            reloads,
         }
     }
 
@@ -412,6 +426,11 @@ impl Metrics {
         self.ws_bytes.get_or_create(&WsBytesLabels { route: route.clone(), direction: "to_client" }).inc_by(to_client);
     }
 
+    /// Counts a reload.
+    pub fn reload(&self, outcome: &'static str) {
+        self.reloads.get_or_create(&ReloadLabels { outcome }).inc();
+    }
+
     /// The open-connections gauge.
     pub fn connections(&self) -> &Gauge {
         &self.connections
@@ -468,6 +487,8 @@ pub struct RequestRecord {
     pub metrics: Arc<Metrics>,
     /// Whether to write the access line.
     pub access_log: bool,
+    /// W3C trace id, when the request went upstream.
+    pub trace_id: Option<String>,
 }
 
 impl RequestRecord {
@@ -491,6 +512,7 @@ impl RequestRecord {
                 duration_us = elapsed.as_micros() as u64,
                 upstream_us = self.upstream_us,
                 client_ip = %self.client_ip,
+                trace_id = self.trace_id.as_deref(),
                 aborted = self.aborted,
             );
         }

@@ -5,4 +5,5 @@
 pub mod cors;
 pub mod normalize;
 pub mod request_id;
+pub mod trace;
 pub mod validate;

@@ -101,7 +101,47 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> Result<Response<Gatew
                 serde_json::json!({"invalidated": true, "route": route, "prefix": prefix, "redis_keys_deleted": deleted}),
             ))
         }
-        (_, "/admin/halt" | "/admin/cache/invalidate") => {
+        (Method::POST, "/admin/reload") => {
+            let ok = shared.reload().await.is_ok();
+            let status = if ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+            Ok(json(status, (**shared.last_reload.load()).clone()))
+        }
+        (Method::GET, "/admin/reload") => Ok(json(StatusCode::OK, (**shared.last_reload.load()).clone())),
+        (Method::GET, "/admin/config") => {
+            // Secrets serialize as "<redacted>".
+            let snap = shared.snapshot.load();
+            Ok(json(StatusCode::OK, serde_json::to_value(&*snap.config).unwrap_or_default()))
+        }
+        (Method::GET, "/admin/routes") => {
+            let snap = shared.snapshot.load();
+            let routes: Vec<_> = snap
+                .config
+                .routes
+                .iter()
+                .map(|r| serde_json::json!({"id": r.id, "path": r.path, "methods": r.methods, "service": r.service, "roles": r.roles, "public": r.public, "websocket": r.websocket, "cache": r.cache.is_some(), "idempotency": r.idempotency.is_some(), "halt": r.halt}))
+                .collect();
+            Ok(json(StatusCode::OK, serde_json::json!({"routes": routes})))
+        }
+        (Method::GET, "/admin/services") => {
+            let snap = shared.snapshot.load();
+            let services: serde_json::Map<String, serde_json::Value> =
+                snap.upstreams.iter().map(|(n, u)| (n.clone(), u.health_json())).collect();
+            Ok(json(StatusCode::OK, serde_json::json!({"services": services})))
+        }
+        (Method::GET, "/admin/stats") => {
+            let snap = shared.snapshot.load();
+            Ok(json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "rate_limit_keys_tracked": snap.ratelimit.tracked_keys(),
+                    "cache_bytes": shared.cache.weight(),
+                    "websocket_connections": shared.ws.active(),
+                    "redis": shared.redis.as_ref().map(|r| if r.is_down() { "down" } else { "up" }),
+                    "trading_halt": shared.halt.info(),
+                }),
+            ))
+        }
+        (_, "/admin/halt" | "/admin/cache/invalidate" | "/admin/reload") => {
             Err(GatewayError::method_not_allowed(HeaderValue::from_static("GET, POST")))
         }
         _ => Err(GatewayError::new(ErrorKind::NotFound, "no such admin endpoint")),

@@ -11,7 +11,7 @@
 
 mod admin;
 mod sniff;
-mod tls;
+pub mod tls;
 
 use crate::config::Config;
 use crate::gateway::{self, ConnInfo, Shared};
@@ -95,6 +95,11 @@ impl GatewayHandle {
     pub fn shutdown(&self) {
         self.stop.send_replace(true);
     }
+    /// Reloads the config file (see [`Shared::reload`]).
+    pub async fn reload(&self) -> Result<(), crate::config::ConfigErrors> {
+        self.shared.reload().await
+    }
+
     /// Waits for the gateway to stop.
     pub async fn wait(self) {
         let _ = self.done.await;
@@ -126,10 +131,15 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
     };
     let listener = bind(&server_cfg.listen).await?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: server_cfg.listen.clone(), source })?;
-    let tls = match &server_cfg.tls {
-        Some(t) => Some(tls::acceptor(t, server_cfg.http2)?),
-        None => None,
+    let (tls, certs) = match &server_cfg.tls {
+        Some(t) => {
+            let (a, r) = tls::acceptor(t, server_cfg.http2)?;
+            (Some(a), Some(r))
+        }
+        None => (None, None),
     };
+    *shared.certs.lock().expect("not poisoned") = certs;
+    *shared.config_file.lock().expect("not poisoned") = Some(file.to_string());
     let admin = if server_cfg.admin_listen.is_empty() { None } else { Some(bind(&server_cfg.admin_listen).await?) };
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
 
