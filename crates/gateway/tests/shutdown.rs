@@ -141,6 +141,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert!(v["duration_us"].as_u64().unwrap() >= 1_500_000);
     assert!(v["upstream_us"].as_u64().unwrap() >= 1_500_000);
     assert!(v["timestamp"].is_string());
+    assert_eq!(v["trace_id"].as_str().map(str::len), Some(32), "the trace id is in the access log");
     let status = tokio::task::block_in_place(|| gw.wait_exit());
     assert_eq!(status.code(), Some(0));
 }

@@ -1,0 +1,215 @@
+//! Operations: hot reload under load (routes added and removed, a WebSocket kept open), an
+//! invalid reload refused and reported, a TLS certificate replaced by a reload, W3C trace
+//! context and Server-Timing.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use http::Method;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use support::*;
+
+fn cfg_text(sim: &str, dash: &str, extra_route: bool, tls: &str) -> String {
+    let extra = if extra_route {
+        "  - { id: extra, path: \"/api/v1/market/trades/{s}\", methods: [GET], service: md, public: true }\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"server: {{ listen: "127.0.0.1:0", admin_listen: "127.0.0.1:0"{tls} }}
+logging: {{ level: warn }}
+auth:
+  jwt:
+    issuers:
+      - {{ issuer: b25-auth, audiences: [b25-gateway], algorithms: [HS256], secret: "{TEST_SECRET}" }}
+services:
+  md: {{ instances: ["{sim}"], health_check: {{ enabled: false }} }}
+  dash: {{ instances: ["{dash}"], health_check: {{ enabled: false }} }}
+routes:
+  - {{ id: t, path: "/api/v1/market/ticker/{{s}}", methods: [GET], service: md, public: true }}
+  - {{ id: ws, path: /ws, methods: [GET], service: dash, roles: [viewer], websocket: true }}
+{extra}"#
+    )
+}
+
+async fn start_from_file(file: &std::path::Path) -> b25_gateway::server::GatewayHandle {
+    let cfg = b25_gateway::config::load(file).unwrap_or_else(|e| panic!("{e}"));
+    let h = b25_gateway::server::start(cfg, &file.display().to_string()).await.unwrap();
+    h.ready().await;
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_reloads_under_load_drop_nothing() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dash = b25_sim::start(b25_sim::Service::Dashboard, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = temp_dir("reload");
+    let file = dir.join("gw.yaml");
+    std::fs::write(&file, cfg_text(&sim.url(), &dash.url(), false, "")).unwrap();
+    let gw = start_from_file(&file).await;
+    let addr = gw.addr();
+    // A WebSocket opened before the reloads.
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}/ws"))
+            .unwrap();
+    req.headers_mut().insert("authorization", bearer(&token(&["viewer"])).parse().unwrap());
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(req, tokio::net::TcpStream::connect(addr).await.unwrap()).await.unwrap();
+    // Continuous traffic.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, bad) = (stop.clone(), ok.clone(), bad.clone());
+        tokio::spawn(async move {
+            let mut tx = h1::<http_body_util::Empty<bytes::Bytes>>(addr).await;
+            while !stop.load(Ordering::Relaxed) {
+                let req = http::Request::get("/api/v1/market/ticker/X")
+                    .header("host", "gw")
+                    .body(http_body_util::Empty::new())
+                    .unwrap();
+                match tx.send_request(req).await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        bad.fetch_add(1, Ordering::Relaxed);
+                        tx = h1(addr).await;
+                    }
+                }
+            }
+        })
+    };
+    for i in 0..20 {
+        let with_extra = i % 2 == 0;
+        std::fs::write(&file, cfg_text(&sim.url(), &dash.url(), with_extra, "")).unwrap();
+        gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+        let r = get(addr, "/api/v1/market/trades/X").await;
+        assert_eq!(r.status, if with_extra { 200 } else { 404 }, "reload {i}: the route table did not change");
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 20, "the load ran");
+    assert_eq!(bad.load(Ordering::Relaxed), 0, "a request failed during the reloads");
+    ws.send(tokio_tungstenite::tungstenite::Message::text("still here")).await.unwrap();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        if m.to_text().unwrap() == "still here" {
+            break;
+        }
+    }
+    let m = String::from_utf8_lossy(&get(gw.admin_addr().unwrap(), "/metrics").await.body).to_string();
+    assert!(m.contains("b25_gateway_config_reloads_total{outcome=\"success\"} 20"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_reload_keeps_the_old_config_and_says_so() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = temp_dir("badreload");
+    let file = dir.join("gw.yaml");
+    std::fs::write(&file, cfg_text(&sim.url(), &sim.url(), true, "")).unwrap();
+    let gw = start_from_file(&file).await;
+    std::fs::write(&file, "services: { md: { instances: [\"ftp://x\"] } }\nroutes: [ { id: t, path: /x, methods: [GET], service: nope, public: true } ]\n").unwrap();
+    let admin = gw.admin_addr().unwrap();
+    let r = send(admin, Method::POST, "/admin/reload", &[], "").await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["status"], "failure");
+    assert!(r.json()["errors"].to_string().contains("unknown service"), "{}", r.json());
+    assert_eq!(get(gw.addr(), "/api/v1/market/trades/X").await.status, 200, "the old config still serves");
+    assert_eq!(get(admin, "/admin/reload").await.json()["status"], "failure");
+    let m = String::from_utf8_lossy(&get(admin, "/metrics").await.body).to_string();
+    assert!(m.contains("b25_gateway_config_reloads_total{outcome=\"failure\"} 1"), "{m}");
+    // The admin API shows the running config, secrets redacted.
+    let c = get(admin, "/admin/config").await;
+    assert!(!String::from_utf8_lossy(&c.body).contains(TEST_SECRET));
+    assert!(String::from_utf8_lossy(&c.body).contains("<redacted>"));
+    assert_eq!(get(admin, "/admin/routes").await.json()["routes"].as_array().unwrap().len(), 3);
+    assert!(get(admin, "/admin/services").await.json()["services"]["md"]["circuit_breaker"].is_string());
+}
+
+fn cert(dir: &std::path::Path, name: &str) -> (rustls::pki_types::CertificateDer<'static>, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    (ck.cert.der().clone(), name.into())
+}
+
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_certificate_is_served_after_reload_and_old_connections_live_on() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = temp_dir("certreload");
+    let (old, _) = cert(&dir, "a");
+    let tls = format!(", tls: {{ cert: \"{0}/cert.pem\", key: \"{0}/key.pem\" }}", dir.display());
+    let file = dir.join("gw.yaml");
+    std::fs::write(&file, cfg_text(&sim.url(), &sim.url(), false, &tls)).unwrap();
+    let gw = start_from_file(&file).await;
+    let conn1 = tls_connect(gw.addr(), std::slice::from_ref(&old)).await;
+    assert_eq!(conn1.get_ref().1.peer_certificates().unwrap()[0], old);
+    let (mut tx1, c1) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn1)).await.unwrap();
+    tokio::spawn(c1);
+    let (new, _) = cert(&dir, "b");
+    gw.reload().await.unwrap();
+    let conn2 = tls_connect(gw.addr(), &[old.clone(), new.clone()]).await;
+    assert_eq!(conn2.get_ref().1.peer_certificates().unwrap()[0], new, "new handshakes get the new certificate");
+    let req = http::Request::get("/api/v1/market/ticker/X")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(tx1.send_request(req).await.unwrap().status(), 200, "the old connection lives on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_is_propagated_or_created_and_server_timing_is_sent() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let gw = TestGateway::start(
+        &config_yaml(
+            &[("up", sim.url())],
+            "  - { id: t, path: \"/api/v1/market/ticker/{s}\", methods: [GET], service: up, public: true }\n",
+        ),
+        &[],
+    )
+    .await;
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = send(
+        gw.addr(),
+        Method::GET,
+        "/api/v1/market/ticker/X",
+        &[("traceparent", incoming), ("tracestate", "b25=1")],
+        "",
+    )
+    .await;
+    let st = r.headers["server-timing"].to_str().unwrap();
+    assert!(st.contains("gateway;dur=") && st.contains("upstream;dur="), "{st}");
+    let rec = sim.requests().pop().unwrap();
+    let out = rec.headers["traceparent"].to_str().unwrap();
+    assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{out}");
+    assert!(!out.contains("00f067aa0ba902b7"), "a new parent id: {out}");
+    assert_eq!(rec.headers["tracestate"], "b25=1");
+    get(gw.addr(), "/api/v1/market/ticker/X").await;
+    let created = sim.requests().pop().unwrap().headers["traceparent"].to_str().unwrap().to_string();
+    assert!(b25_gateway::pipeline::trace::parse(&created).is_some(), "{created}");
+}
