@@ -11,12 +11,16 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 # Rate-limit tests start their own redis-server processes (standalone and cluster).
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+# promtool checks /metrics, the alert rules and their unit tests.
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+python3 -c 'import venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing: ${need_apt[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
     # Debian starts the packaged service where it can; the tests run their own servers.
     { command -v service >/dev/null 2>&1 && service redis-server stop; } >/dev/null 2>&1 || true
+    { command -v service >/dev/null 2>&1 && service prometheus stop; } >/dev/null 2>&1 || true
   else
     echo "missing tools: ${need_apt[*]} (install them, or run this script as root on Debian/Ubuntu)" >&2
     exit 1
@@ -45,8 +49,11 @@ if [ "$status" -ne 0 ]; then
 fi
 
 echo "== README demo smoke test"
-demo=0
-if scripts/demo-smoke.sh; then passed=$((passed + 1)); else demo=1; fi
+extra=0
+if scripts/demo-smoke.sh; then passed=$((passed + 1)); else extra=$((extra + 1)); fi
 
-echo "summary: ${passed} passed, $((failed + demo)) failed"
-exit "$demo"
+echo "== deployment files (hadolint, kubernetes-validate, promtool rules, OpenAPI)"
+if scripts/check-deploy.sh; then passed=$((passed + 1)); else extra=$((extra + 1)); fi
+
+echo "summary: ${passed} passed, $((failed + extra)) failed"
+[ "$extra" -eq 0 ]

@@ -230,6 +230,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         metrics: shared.metrics.clone(),
         access_log,
         trace_id: None,
+        headers_us: None,
     }));
     let rec = pending.0.as_mut().expect("set above");
     let origin = snapshot.cors.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
@@ -259,6 +260,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
     }
     resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id);
     let mut rec = pending.0.take().expect("set above");
+    rec.headers_us = Some(rec.start.elapsed().as_micros() as u64);
     if snapshot.config.logging.server_timing {
         // Time to the response headers: the gateway's own share and the upstream's.
         let total = rec.start.elapsed().as_micros() as u64;

@@ -213,3 +213,20 @@ async fn trace_context_is_propagated_or_created_and_server_timing_is_sent() {
     let created = sim.requests().pop().unwrap().headers["traceparent"].to_str().unwrap().to_string();
     assert!(b25_gateway::pipeline::trace::parse(&created).is_some(), "{created}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_config_file_reloads_itself() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = temp_dir("watch");
+    let file = dir.join("gw.yaml");
+    let text = |extra| cfg_text(&sim.url(), &sim.url(), extra, ", watch_config: true");
+    std::fs::write(&file, text(false)).unwrap();
+    let gw = start_from_file(&file).await;
+    assert_eq!(get(gw.addr(), "/api/v1/market/trades/X").await.status, 404);
+    std::fs::write(&file, text(true)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get(gw.addr(), "/api/v1/market/trades/X").await.status != 200 {
+        assert!(std::time::Instant::now() < deadline, "the changed file was never picked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

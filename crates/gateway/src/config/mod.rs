@@ -123,6 +123,8 @@ pub struct ServerConfig {
     pub shutdown_delay: HumanDuration,
     /// Services that must have a healthy instance for readiness to be 200.
     pub required_services: Vec<String>,
+    /// Reload automatically when the config file changes (checked every second).
+    pub watch_config: bool,
     /// Bearer token required by the admin API (`/admin/*`); without it the admin listener
     /// must be on loopback.
     pub admin_token: Option<Secret>,
@@ -145,6 +147,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             required_services: Vec::new(),
             admin_token: None,
+            watch_config: false,
         }
     }
 }

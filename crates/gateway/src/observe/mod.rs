@@ -10,7 +10,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -32,6 +31,15 @@ pub struct HttpLabels {
     pub method: &'static str,
     /// Response status.
     pub status: u16,
+}
+
+/// Labels of `build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// Crate version.
+    pub version: &'static str,
+    /// Git commit.
+    pub commit: &'static str,
 }
 
 /// Labels of the per-service upstream series.
@@ -186,6 +194,14 @@ pub struct Metrics {
     ws_bytes: Family<WsBytesLabels, Counter>,
     ws_active: Family<RouteLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
+    request_size: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    response_size: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    overhead: Family<RouteLabels, Histogram, fn() -> Histogram>,
+}
+
+/// Size buckets: 64 B to 16 MiB, ×4.
+fn size_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(64.0, 4.0, 10))
 }
 
 /// Labels of the reload series.
@@ -265,6 +281,16 @@ impl Metrics {
             ws_bytes.clone(),
         );
         registry.register("websocket_connections_active", "Open WebSocket connections by route", ws_active.clone());
+        let request_size = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(size_histogram);
+        let response_size = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(size_histogram);
+        let overhead = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
+        registry.register("http_request_size_bytes", "Request body bytes by route", request_size.clone());
+        registry.register("http_response_size_bytes", "Response body bytes by route", response_size.clone());
+        registry.register(
+            "gateway_overhead_seconds",
+            "Gateway time per proxied request: time to response headers minus the upstream's",
+            overhead.clone(),
+        );
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register("config_reloads", "Configuration reloads by outcome", reloads.clone());
         for outcome in ["success", "failure"] {
@@ -285,11 +311,12 @@ impl Metrics {
         registry.register("upstream_errors", "Upstream failures by service and kind", upstream_errors.clone());
         registry.register("http_requests_in_flight", "Requests being served", in_flight.clone());
         registry.register("connections_active", "Open client connections", connections.clone());
-        registry.register(
-            "build",
-            "Build information",
-            Info::new(vec![("version", env!("CARGO_PKG_VERSION")), ("commit", crate::version::GIT_COMMIT)]),
-        );
+        // A gauge rather than an OpenMetrics `info`, which the Prometheus text format lacks.
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION"), commit: crate::version::GIT_COMMIT })
+            .set(1);
+        registry.register("build_info", "Build information (always 1)", build);
         Self {
             registry,
             requests,
@@ -317,6 +344,9 @@ impl Metrics {
             ws_bytes,
             ws_active,
             reloads,
+            request_size,
+            response_size,
+            overhead,
         }
     }
 
@@ -325,6 +355,13 @@ impl Metrics {
         let mut out = String::with_capacity(16 * 1024);
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The Prometheus text format (0.0.4), for scrapers and tools that do not ask for
+    /// OpenMetrics (`promtool check metrics`, curl): counter families are named with their
+    /// `_total` suffix, and there is no `# EOF`.
+    pub fn encode_prometheus(&self) -> String {
+        to_prometheus_text(&self.encode())
     }
 
     /// Counts an upstream failure.
@@ -489,6 +526,8 @@ pub struct RequestRecord {
     pub access_log: bool,
     /// W3C trace id, when the request went upstream.
     pub trace_id: Option<String>,
+    /// Time to the response headers (µs).
+    pub headers_us: Option<u64>,
 }
 
 impl RequestRecord {
@@ -498,6 +537,14 @@ impl RequestRecord {
         let labels = HttpLabels { route: self.route.clone(), method: method_label(&self.method), status: self.status };
         self.metrics.requests.get_or_create(&labels).inc();
         self.metrics.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        let route = RouteLabels { route: self.route.clone() };
+        self.metrics.request_size.get_or_create(&route).observe(self.body.bytes.load(Ordering::Relaxed) as f64);
+        self.metrics.response_size.get_or_create(&route).observe(self.bytes_out as f64);
+        if let Some(up) = self.upstream_us
+            && let Some(head) = self.headers_us
+        {
+            self.metrics.overhead.get_or_create(&route).observe(head.saturating_sub(up) as f64 / 1e6);
+        }
         self.metrics.in_flight.dec();
         if self.access_log {
             tracing::info!(
@@ -543,4 +590,24 @@ pub fn init_logging(cfg: &crate::config::LoggingConfig) -> tracing_appender::non
         crate::config::LogFormat::Text => builder.try_init(),
     };
     guard
+}
+
+/// Converts prometheus-client's OpenMetrics text to the Prometheus text format.
+pub fn to_prometheus_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        om.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }

@@ -20,6 +20,8 @@ use tokio::sync::watch;
 
 /// Content type of the OpenMetrics text format written by prometheus-client.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Largest admin request body.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
@@ -53,8 +55,20 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> Result<Response<Gatew
     let path = req.uri().path().to_string();
     match path.as_str() {
         "/metrics" => {
-            let mut r = Response::new(GatewayBody::full(shared.metrics.encode()));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+            // Content negotiation: OpenMetrics when asked for (Prometheus does), else the
+            // Prometheus text format.
+            let om = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|s| s.contains("application/openmetrics-text")));
+            let (body, ct) = if om {
+                (shared.metrics.encode(), OPENMETRICS)
+            } else {
+                (shared.metrics.encode_prometheus(), PROMETHEUS_TEXT)
+            };
+            let mut r = Response::new(GatewayBody::full(body));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
             return Ok(r);
         }
         "/health/readiness" | "/ready" => return Ok(readiness(shared)),

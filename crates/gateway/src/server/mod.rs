@@ -183,6 +183,9 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
         });
     }
 
+    if server_cfg.watch_config {
+        spawn_config_watch(std::sync::Arc::downgrade(&shared), file.to_string());
+    }
     let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop.subscribe())));
     let grace = server_cfg.shutdown_grace.get();
     let delay = server_cfg.shutdown_delay.get();
@@ -305,4 +308,24 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+/// Reloads when the config file's modification time or size changes (polled every second:
+/// no platform file-watch dependency, and editors that replace the file are handled alike).
+fn spawn_config_watch(shared: std::sync::Weak<Shared>, file: String) {
+    tokio::spawn(async move {
+        let stamp = |f: &str| std::fs::metadata(f).ok().map(|m| (m.modified().ok(), m.len()));
+        let mut last = stamp(&file);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(shared) = shared.upgrade() else { return };
+            let now = stamp(&file);
+            if now != last && now.is_some() {
+                last = now;
+                tracing::info!(file = %file, "config file changed: reloading");
+                let _ = shared.reload().await;
+            }
+        }
+    });
 }
