@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# b25-gateway load benchmark: direct upstream, nginx, HAProxy and three gateway setups,
+# loaded the same way in ONE run on loopback, results in bench/RESULTS.md.
+#
+#   bench/run.sh            # full run (≈ 5 minutes after the release build)
+#   ROUNDS=1 DURATION=5s bench/run.sh   # quick look
+#
+# Installs what it needs (wrk, nginx, haproxy from Debian; oha with cargo), binds only to
+# 127.0.0.1, and stops every process it started by PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+RATE=${RATE:-5000}
+RATE_DURATION=${RATE_DURATION:-10s}
+WORK=$(mktemp -d /tmp/b25-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v haproxy >/dev/null || need+=(haproxy)
+if ((${#need[@]})); then
+  [ "$(id -u)" = 0 ] || { echo "missing ${need[*]}: run as root to install" >&2; exit 1; }
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  { service nginx stop; service haproxy stop; } >/dev/null 2>&1 || true
+fi
+command -v oha >/dev/null || cargo install oha --locked
+echo "building release binaries…"
+cargo build --release -q -p b25-gateway -p b25-sim
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+UP=$(free_port)
+./target/release/b25-sim --host 127.0.0.1 --base-port "$UP" >"$WORK/sim.log" 2>&1 & PIDS+=($!); SIM_PID=$!
+wait_port "$UP"
+PATH_Q="/api/v1/market/ticker/BTCUSDT"
+
+# nginx: one worker per core, upstream keep-alive, no access log.
+NG=$(free_port)
+cat >"$WORK/nginx.conf" <<NGINX
+worker_processes 2;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NG;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+nginx -c "$WORK/nginx.conf" -g 'daemon off;' >"$WORK/nginx.out" 2>&1 & PIDS+=($!); NG_PID=$!
+
+# HAProxy: two threads, connection reuse, no logging.
+HA=$(free_port)
+cat >"$WORK/haproxy.cfg" <<HAP
+global
+  nbthread 2
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:$HA
+  default_backend b
+backend b
+  server s1 127.0.0.1:$UP maxconn 1024
+HAP
+haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.out" 2>&1 & PIDS+=($!); HA_PID=$!
+
+SECRET="bench-secret-0123456789-0123456789-abcdef"
+TOKEN=$(python3 - "$SECRET" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
+h = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+p = b(json.dumps({"sub": "bench", "roles": ["viewer"], "iss": "b25-auth", "aud": "b25-gateway", "iat": int(time.time()), "exp": int(time.time()) + 86400}).encode())
+s = b(hmac.new(sys.argv[1].encode(), f"{h}.{p}".encode(), hashlib.sha256).digest())
+print(f"{h}.{p}.{s}")
+PY
+)
+
+gw_config() { # name port extra-top-level route-extras
+  cat >"$WORK/$1.yaml" <<YAML
+server: { listen: "127.0.0.1:$2", admin_listen: "127.0.0.1:$(free_port)" }
+logging: { level: error, access_log: $5 }
+auth:
+  jwt:
+    issuers:
+      - { issuer: b25-auth, audiences: [b25-gateway], algorithms: [HS256], secret: "$SECRET" }
+$3
+services:
+  md:
+    instances: ["http://127.0.0.1:$UP"]
+    health_check: { enabled: false }
+routes:
+  - { id: t, path: "/api/v1/market/ticker/{s}", methods: [GET], service: md, $4 }
+YAML
+}
+GB=$(free_port); GF=$(free_port); GC=$(free_port)
+gw_config gw-bare "$GB" "" "public: true" false
+gw_config gw-full "$GF" "rate_limits: { per_principal: { rate: 10000000, burst: 10000000 } }" "roles: [viewer]" true
+gw_config gw-cache "$GC" "" "public: true, cache: { ttl: 1h, scope: public }" false
+./target/release/b25-gateway run "$WORK/gw-bare.yaml" >"$WORK/gw-bare.log" 2>&1 & PIDS+=($!); GB_PID=$!
+./target/release/b25-gateway run "$WORK/gw-full.yaml" >"$WORK/gw-full-access.log" 2>&1 & PIDS+=($!); GF_PID=$!
+./target/release/b25-gateway run "$WORK/gw-cache.yaml" >"$WORK/gw-cache.log" 2>&1 & PIDS+=($!); GC_PID=$!
+for p in "$NG" "$HA" "$GB" "$GF" "$GC"; do wait_port "$p"; done
+
+declare -A PORT=([direct]=$UP [nginx]=$NG [haproxy]=$HA [gw-bare]=$GB [gw-full]=$GF [gw-cache-hit]=$GC)
+declare -A PIDOF=([direct]=$SIM_PID [nginx]=$NG_PID [haproxy]=$HA_PID [gw-bare]=$GB_PID [gw-full]=$GF_PID [gw-cache-hit]=$GC_PID)
+TARGETS=(direct nginx haproxy gw-bare gw-full gw-cache-hit)
+hdr() { [ "$1" = gw-full ] && echo "Authorization: Bearer $TOKEN" || echo "X-Bench: 1"; }
+
+# CPU seconds of a target: its process and children (nginx workers), from /proc.
+cpu_ticks() {
+  local total=0 p
+  for p in $1 $(pgrep -P "$1" || true); do
+    [ -r "/proc/$p/stat" ] && total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$total"
+}
+rss_kib() { local m=0 p v; for p in $1 $(pgrep -P "$1" || true); do v=$(awk '/VmHWM/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0); m=$((m + v)); done; echo "$m"; }
+HZ=$(getconf CLK_TCK)
+
+declare -A RPS CPU
+echo "warming up…"
+for t in "${TARGETS[@]}"; do wrk -t2 -c"$CONNS" -d2s -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" >/dev/null; done
+for r in $(seq 1 "$ROUNDS"); do
+  # Rotate the order each round so no target always runs first or last.
+  order=("${TARGETS[@]:$(( (r - 1) % ${#TARGETS[@]} ))}" "${TARGETS[@]:0:$(( (r - 1) % ${#TARGETS[@]} ))}")
+  for t in "${order[@]}"; do
+    c0=$(cpu_ticks "${PIDOF[$t]}")
+    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q")
+    c1=$(cpu_ticks "${PIDOF[$t]}")
+    reqs=$(echo "$out" | awk '/requests in/{print $1}')
+    rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
+    non2xx=$(echo "$out" | awk '/Non-2xx/{print $NF}')
+    [ -z "$non2xx" ] || echo "warning: $t had $non2xx non-2xx responses" >&2
+    RPS[$t]="${RPS[$t]:-} $rps"
+    CPU[$t]="${CPU[$t]:-} $(python3 -c "print(($c1-$c0)/$HZ/$reqs*1e6)")"
+    echo "round $r $t: $rps req/s"
+  done
+done
+
+declare -A P50 P99 P999
+for t in "${TARGETS[@]}"; do
+  j=$(oha -z "$RATE_DURATION" -q "$RATE" --latency-correction -c 32 --no-tui --output-format json \
+        -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" 2>/dev/null || true)
+  read -r P50[$t] P99[$t] P999[$t] < <(echo "$j" | python3 -c 'import json,sys
+d=json.load(sys.stdin)["latencyPercentiles"]
+print(*(f"{d[k]*1000:.3f}" for k in ("p50","p99","p99.9")))' 2>/dev/null || echo "- - -")
+done
+
+median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f'{statistics.median(v):.0f} ({min(v):.0f}–{max(v):.0f})')" $1; }
+med() { python3 -c "import statistics,sys; print(statistics.median([float(x) for x in sys.argv[1:]]))" $1; }
+NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
+{
+  echo "# Benchmark results"
+  echo
+  echo "Run on $(date -u +%Y-%m-%dT%H:%MZ) on this machine ($(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo)); load generator on the same cores."
+  echo "wrk -t2 -c$CONNS -d$DURATION, $ROUNDS rounds, order rotated, median (min–max); latency: oha at $RATE req/s for $RATE_DURATION with latency correction."
+  echo "Versions: $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR==1{print $3}'), b25-gateway $(./target/release/b25-gateway --version | awk '{print $2}'), wrk $(wrk -v 2>&1 | awk 'NR==1{print $2}'), $(oha --version)."
+  echo
+  echo "| target | req/s | × nginx | CPU µs/req | × nginx | p50 ms | p99 ms | p99.9 ms | peak RSS MiB |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  for t in "${TARGETS[@]}"; do
+    r=$(med "${RPS[$t]}"); c=$(med "${CPU[$t]}")
+    printf "| %s | %s | %.2f | %.1f | %.2f | %s | %s | %s | %.1f |\n" "$t" "$(median "${RPS[$t]}")" \
+      "$(python3 -c "print($r/$NG_RPS)")" "$c" "$(python3 -c "print($c/$NG_CPU)")" "${P50[$t]}" "${P99[$t]}" "${P999[$t]}" \
+      "$(python3 -c "print($(rss_kib "${PIDOF[$t]}")/1024)")"
+  done
+  echo
+  echo "Targets: \`direct\` b25-sim itself; \`nginx\` and \`haproxy\` as keep-alive reverse proxies (2 workers/threads, no logs);"
+  echo "\`gw-bare\` a public route, no policies, access log off; \`gw-full\` JWT HS256 + per-principal rate limit + metrics +"
+  echo "JSON access log to a file; \`gw-cache-hit\` a public cached route. CPU is the target's own processes (from /proc),"
+  echo "divided by the requests it served."
+} >bench/RESULTS.md
+cat bench/RESULTS.md
