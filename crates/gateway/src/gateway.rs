@@ -165,6 +165,7 @@ impl Shared {
         for u in next.upstreams.values() {
             u.spawn_health_checks();
         }
+        self.metrics.prime(&next);
         self.snapshot.store(Arc::new(next));
         Ok(())
     }

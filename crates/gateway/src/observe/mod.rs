@@ -415,11 +415,6 @@ impl Metrics {
         self.breaker_transitions.get_or_create(&TransitionLabels { service: service.clone(), from, to }).inc();
     }
 
-    /// Sets the breaker gauge (at start, so every service has a series).
-    pub fn breaker_init(&self, service: &Arc<str>) {
-        self.breaker_state.get_or_create(&ServiceLabels { service: service.clone() }).set(0);
-    }
-
     /// Counts a retry.
     pub fn retry(&self, service: &Arc<str>) {
         self.retries.get_or_create(&ServiceLabels { service: service.clone() }).inc();
@@ -466,6 +461,51 @@ impl Metrics {
     /// Counts a reload.
     pub fn reload(&self, outcome: &'static str) {
         self.reloads.get_or_create(&ReloadLabels { outcome }).inc();
+    }
+
+    /// Creates the series a snapshot will use, at zero, so dashboards and alerts see every
+    /// family from the first scrape (prometheus-client omits families without series).
+    pub fn prime(&self, snap: &crate::snapshot::Snapshot) {
+        for (name, up) in &snap.upstreams {
+            let service: Arc<str> = name.as_str().into();
+            let _ = self.breaker_state.get_or_create(&ServiceLabels { service: service.clone() });
+            let _ = self.retries.get_or_create(&ServiceLabels { service: service.clone() });
+            let _ = self.retry_budget_exhausted.get_or_create(&ServiceLabels { service: service.clone() });
+            let _ = self.upstream_duration.get_or_create(&ServiceLabels { service: service.clone() });
+            for kind in
+                ["upstream_unavailable", "upstream_reset", "upstream_timeout", "no_healthy_upstream", "circuit_open"]
+            {
+                let _ = self.upstream_errors.get_or_create(&UpstreamErrorLabels { service: service.clone(), kind });
+            }
+            for inst in up.instances() {
+                let _ = self
+                    .ejections
+                    .get_or_create(&EjectionLabels { service: service.clone(), instance: inst.label.clone() });
+            }
+        }
+        for kind in ["error", "timeout"] {
+            let _ = self.redis_errors.get_or_create(&RedisErrorLabels { kind });
+        }
+        for method in ["jwt", "api_key", "none"] {
+            let _ = self.auth_attempts.get_or_create(&AuthLabels { method });
+        }
+        for r in &snap.config.routes {
+            let route: Arc<str> = r.id.as_str().into();
+            if r.cache.is_some() {
+                for outcome in ["hit", "miss", "bypass"] {
+                    let _ = self.cache.get_or_create(&CacheLabels { route: route.clone(), outcome });
+                }
+            }
+            if r.idempotency.is_some() {
+                for outcome in ["first", "replayed", "conflict", "mismatch", "store_error"] {
+                    let _ = self.idempotency.get_or_create(&IdempotencyLabels { route: route.clone(), outcome });
+                }
+            }
+            if r.websocket {
+                let _ = self.ws_active.get_or_create(&RouteLabels { route: route.clone() });
+                let _ = self.ws_events.get_or_create(&WsLabels { route: route.clone(), outcome: "upgraded" });
+            }
+        }
     }
 
     /// The open-connections gauge.

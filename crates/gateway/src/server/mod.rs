@@ -123,6 +123,7 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
         }
         _ => None,
     };
+    metrics.prime(&snapshot);
     let shared = Arc::new(Shared::new(snapshot, metrics, redis));
 
     let bind = |addr: &str| {
