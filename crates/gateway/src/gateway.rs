@@ -71,9 +71,17 @@ pub struct Shared {
     pub certs: std::sync::Mutex<Option<Arc<crate::server::tls::CertResolver>>>,
     /// The config file, for reloads.
     pub config_file: std::sync::Mutex<Option<String>>,
+    /// Hands a newly bound main listener to the accept loop (a reload that moved it).
+    pub rebind: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<tokio::net::TcpListener>>>,
+    /// Where the main listener is bound now.
+    pub listen_addr: std::sync::Mutex<Option<std::net::SocketAddr>>,
+    /// The admin listener's task and address (replaced when a reload moves it).
+    pub admin: std::sync::Mutex<(Option<tokio::task::JoinHandle<()>>, Option<std::net::SocketAddr>)>,
     /// Outcome of the last reload (for the admin API).
     pub last_reload: arc_swap::ArcSwap<serde_json::Value>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Hands a newly bound admin listener (or `None`: turn it off) to its supervisor task.
+    pub admin_rebind: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Option<tokio::net::TcpListener>>>>,
     unmatched: Arc<str>,
     gateway: Arc<str>,
 }
@@ -90,8 +98,12 @@ impl Shared {
             ws: Arc::default(),
             certs: std::sync::Mutex::new(None),
             config_file: std::sync::Mutex::new(None),
+            rebind: std::sync::Mutex::new(None),
+            listen_addr: std::sync::Mutex::new(None),
+            admin: std::sync::Mutex::new((None, None)),
             last_reload: arc_swap::ArcSwap::from_pointee(serde_json::json!({"status": "none"})),
             reload_lock: tokio::sync::Mutex::new(()),
+            admin_rebind: std::sync::Mutex::new(None),
             redis,
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
@@ -147,11 +159,19 @@ impl Shared {
             return Err(fail(runtime));
         }
         let old = self.snapshot.load_full();
-        if config.server.listen != old.config.server.listen
-            || config.server.admin_listen != old.config.server.admin_listen
-        {
-            tracing::warn!("listener addresses changed: they take effect at the next restart");
-        }
+        // Moved listeners are bound before anything changes, so a bad address fails the reload.
+        let new_main = if config.server.listen != old.config.server.listen {
+            Some(bind_for("server.listen", &config.server.listen).await.map_err(|e| fail(vec![e]))?)
+        } else {
+            None
+        };
+        let new_admin =
+            if config.server.admin_listen != old.config.server.admin_listen && !config.server.admin_listen.is_empty() {
+                Some(bind_for("server.admin_listen", &config.server.admin_listen).await.map_err(|e| fail(vec![e]))?)
+            } else {
+                None
+            };
+        let admin_off = config.server.admin_listen.is_empty() && !old.config.server.admin_listen.is_empty();
         let tls = config.server.tls.clone();
         let next = Snapshot::build(config).map_err(fail)?;
         if let (Some(t), Some(r)) = (&tls, self.certs.lock().expect("not poisoned").clone()) {
@@ -167,6 +187,19 @@ impl Shared {
         }
         self.metrics.prime(&next);
         self.snapshot.store(Arc::new(next));
+        if let Some(l) = new_main {
+            let addr = l.local_addr().ok();
+            if let Some(tx) = self.rebind.lock().expect("not poisoned").as_ref() {
+                let _ = tx.send(l);
+                *self.listen_addr.lock().expect("not poisoned") = addr;
+                tracing::info!(addr = ?addr, "main listener moved");
+            }
+        }
+        if (new_admin.is_some() || admin_off)
+            && let Some(tx) = self.admin_rebind.lock().expect("not poisoned").as_ref()
+        {
+            let _ = tx.send(new_admin);
+        }
         Ok(())
     }
 
@@ -186,6 +219,12 @@ pub struct ConnInfo {
     /// Set by the connection's reader when a request head had both `Content-Length` and
     /// `Transfer-Encoding` (hyper hides one of them from the parsed request).
     pub framing_conflict: Arc<AtomicBool>,
+}
+
+async fn bind_for(field: &str, addr: &str) -> Result<tokio::net::TcpListener, crate::config::ConfigError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| crate::config::ConfigError::new(field, format!("cannot listen on {addr}: {e}")))
 }
 
 /// What the request path tells the response stage besides the response.

@@ -230,3 +230,42 @@ async fn a_watched_config_file_reloads_itself() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_the_listeners() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = temp_dir("move");
+    let file = dir.join("gw.yaml");
+    std::fs::write(&file, cfg_text(&sim.url(), &sim.url(), false, "")).unwrap();
+    let gw = start_from_file(&file).await;
+    let (old_main, old_admin) = (gw.addr(), gw.admin_addr().unwrap());
+    let (p1, p2) = (dead_port(), dead_port());
+    let moved = cfg_text(&sim.url(), &sim.url(), false, "").replace(
+        "listen: \"127.0.0.1:0\", admin_listen: \"127.0.0.1:0\"",
+        &format!("listen: \"127.0.0.1:{p1}\", admin_listen: \"127.0.0.1:{p2}\""),
+    );
+    std::fs::write(&file, moved).unwrap();
+    gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gw.addr().port(), p1);
+    assert_eq!(get(gw.addr(), "/api/v1/market/ticker/X").await.status, 200, "the new main listener serves");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(old_main).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the old main listener still accepts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while gw.admin_addr().unwrap().port() != p2 || tokio::net::TcpStream::connect(("127.0.0.1", p2)).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the admin listener did not move");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(gw.admin_addr().unwrap(), "/health/liveness").await.status, 200);
+    assert!(tokio::net::TcpStream::connect(old_admin).await.is_err(), "the old admin listener still accepts");
+    // A reload to an address that cannot be bound changes nothing.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = blocker.local_addr().unwrap().port();
+    let bad =
+        std::fs::read_to_string(&file).unwrap().replace(&format!("127.0.0.1:{p1}"), &format!("127.0.0.1:{taken}"));
+    std::fs::write(&file, bad).unwrap();
+    assert!(gw.reload().await.is_err());
+    assert_eq!(get(gw.addr(), "/api/v1/market/ticker/X").await.status, 200);
+}

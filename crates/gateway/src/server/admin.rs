@@ -16,7 +16,6 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 /// Content type of the OpenMetrics text format written by prometheus-client.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -25,7 +24,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Largest admin request body.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
-pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, _stop: watch::Receiver<bool>) {
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };

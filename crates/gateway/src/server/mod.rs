@@ -69,13 +69,14 @@ pub struct GatewayHandle {
 }
 
 impl GatewayHandle {
-    /// The main listener's bound address (useful with port 0).
+    /// The main listener's bound address (useful with port 0); follows a reload that moved it.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.shared.listen_addr.lock().expect("not poisoned").unwrap_or(self.addr)
     }
-    /// The admin listener's bound address, if enabled.
+    /// The admin listener's bound address, if enabled; follows a reload that moved it.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
+        let moved = self.shared.admin.lock().expect("not poisoned").1;
+        moved.or(self.admin_addr)
     }
     /// Shared state (snapshot, metrics, readiness).
     pub fn shared(&self) -> &Arc<Shared> {
@@ -187,7 +188,31 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
     if server_cfg.watch_config {
         spawn_config_watch(std::sync::Arc::downgrade(&shared), file.to_string());
     }
-    let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, shared.clone(), stop.subscribe())));
+    if let Some(l) = admin {
+        *shared.admin.lock().expect("not poisoned") = (Some(tokio::spawn(serve_admin(l, shared.clone()))), admin_addr);
+    }
+    // The admin listener's supervisor: a reload that moves it sends the new listener here.
+    let (admin_tx, mut admin_rx) = tokio::sync::mpsc::unbounded_channel::<Option<TcpListener>>();
+    *shared.admin_rebind.lock().expect("not poisoned") = Some(admin_tx);
+    {
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            while let Some(next) = admin_rx.recv().await {
+                let Some(shared) = weak.upgrade() else { return };
+                let mut admin = shared.admin.lock().expect("not poisoned");
+                if let Some(old) = admin.0.take() {
+                    old.abort();
+                }
+                admin.1 = next.as_ref().and_then(|l| l.local_addr().ok());
+                tracing::info!(addr = ?admin.1, "admin listener moved");
+                if let Some(l) = next {
+                    admin.0 = Some(tokio::spawn(serve_admin(l, shared.clone())));
+                }
+            }
+        });
+    }
+    let (rebind_tx, rebind_rx) = tokio::sync::mpsc::unbounded_channel();
+    *shared.rebind.lock().expect("not poisoned") = Some(rebind_tx);
     let grace = server_cfg.shutdown_grace.get();
     let delay = server_cfg.shutdown_delay.get();
     let done = tokio::spawn(run(
@@ -199,7 +224,7 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
         delay,
         grace,
         server_cfg.limits.header_timeout.get(),
-        admin_task,
+        rebind_rx,
     ));
     let admin_str = admin_addr.map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, admin = %admin_str, tls = server_cfg.tls.is_some(), "listening");
@@ -207,8 +232,13 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Serves the admin listener (also used when a reload moves it).
+pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
+    admin::serve(listener, shared).await
+}
+
 async fn run(
-    listener: TcpListener,
+    mut listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
@@ -216,7 +246,7 @@ async fn run(
     delay: Duration,
     grace: Duration,
     header_timeout: Duration,
-    admin_task: Option<tokio::task::JoinHandle<()>>,
+    mut rebind: tokio::sync::mpsc::UnboundedReceiver<TcpListener>,
 ) {
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder);
@@ -235,6 +265,10 @@ async fn run(
                 }
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+            Some(l) = rebind.recv() => {
+                // A reload moved the listener: accept on the new one; open connections stay.
+                listener = l;
+            }
             res = listener.accept() => match res {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
@@ -292,7 +326,7 @@ async fn run(
         let cut = RequestRecord::in_flight(&shared.metrics);
         tracing::warn!(requests_cut = cut, "shutdown grace period over; cutting what is still in flight");
     }
-    if let Some(a) = admin_task {
+    if let Some(a) = shared.admin.lock().expect("not poisoned").0.take() {
         a.abort();
     }
     tracing::info!("stopped");
