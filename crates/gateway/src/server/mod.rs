@@ -231,12 +231,12 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
     Ok(GatewayHandle { addr, admin_addr, shared, stop, done })
 }
 
-#[allow(clippy::too_many_arguments)]
 /// Serves the admin listener (also used when a reload moves it).
 pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
     admin::serve(listener, shared).await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     mut listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
