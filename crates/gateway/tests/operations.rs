@@ -17,14 +17,11 @@ fn cfg_text(sim: &str, dash: &str, extra_route: bool, tls: &str) -> String {
     } else {
         ""
     };
+    let auth = test_auth_section();
     format!(
         r#"server: {{ listen: "127.0.0.1:0", admin_listen: "127.0.0.1:0"{tls} }}
 logging: {{ level: warn }}
-auth:
-  jwt:
-    issuers:
-      - {{ issuer: b25-auth, audiences: [b25-gateway], algorithms: [HS256], secret: "{TEST_SECRET}" }}
-services:
+{auth}services:
   md: {{ instances: ["{sim}"], health_check: {{ enabled: false }} }}
   dash: {{ instances: ["{dash}"], health_check: {{ enabled: false }} }}
 routes:

@@ -10,14 +10,11 @@ use std::time::Duration;
 use support::*;
 
 fn yaml(up: &str, state: &str, routes: &str) -> String {
+    let auth = test_auth_section();
     format!(
         r#"server: {{ listen: "127.0.0.1:0", admin_listen: "127.0.0.1:0" }}
 logging: {{ level: warn }}
-auth:
-  jwt:
-    issuers:
-      - {{ issuer: b25-auth, audiences: [b25-gateway], algorithms: [HS256], secret: "{TEST_SECRET}" }}
-{state}
+{auth}{state}
 services:
   up: {{ instances: ["{up}"], health_check: {{ enabled: false }} }}
 routes:

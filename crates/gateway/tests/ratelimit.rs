@@ -9,14 +9,11 @@ use std::time::{Duration, Instant};
 use support::*;
 
 fn yaml(sim: &str, state: &str, rate_limits: &str, routes: &str, trusted: &str) -> String {
+    let auth = test_auth_section();
     format!(
         r#"server: {{ listen: "127.0.0.1:0", admin_listen: "127.0.0.1:0", trusted_proxies: [{trusted}] }}
 logging: {{ level: warn }}
-auth:
-  jwt:
-    issuers:
-      - {{ issuer: b25-auth, audiences: [b25-gateway], algorithms: [HS256], secret: "{TEST_SECRET}" }}
-{state}
+{auth}{state}
 rate_limits:
 {rate_limits}
 services:

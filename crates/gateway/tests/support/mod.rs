@@ -89,6 +89,13 @@ pub fn claims(sub: &str, roles: &[&str], extra: serde_json::Value) -> serde_json
     c
 }
 
+/// An `auth:` section trusting HS256 tokens signed with [`TEST_SECRET`] (see [`token`]).
+pub fn test_auth_section() -> String {
+    format!(
+        "auth:\n  jwt:\n    issuers:\n      - {{ issuer: b25-auth, audiences: [b25-gateway], algorithms: [HS256], secret: \"{TEST_SECRET}\" }}\n"
+    )
+}
+
 /// An HS256 token signed with `secret`.
 pub fn hs256(secret: &str, claims: &serde_json::Value) -> String {
     jsonwebtoken::encode(
