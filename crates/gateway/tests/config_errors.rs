@@ -169,3 +169,10 @@ fn check_lists_every_error_with_file_and_path_and_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("routes[0].service"));
 }
+
+#[test]
+fn absurd_durations_are_refused_not_overflowed_later() {
+    assert_error(&format!("{BASE_SERVICES}{}", route(", timeout: 1000000h")), "routes[0].timeout", "at most 1h");
+    let yaml = format!("server: {{ shutdown_grace: 1000000h }}\n{BASE_SERVICES}{}", route(""));
+    assert_error(&yaml, "server.shutdown_grace", "at most");
+}

@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 
 /// Paths the gateway answers itself on the main listener.
 pub const RESERVED_PATHS: [&str; 4] = ["/health", "/health/liveness", "/health/readiness", "/version"];
+/// Longest upstream timeout accepted (a trading request waiting longer is a bug).
+const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 /// hyper refuses HTTP/1 read buffers smaller than this.
 const MIN_HEADER_BYTES: u64 = 8192;
 
@@ -106,8 +108,8 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
             }
         }
         for (field, d) in [("timeout", svc.timeout), ("connect_timeout", svc.connect_timeout)] {
-            if d.get().is_zero() {
-                err(format!("{p}.{field}"), "must be greater than 0".into());
+            if d.get().is_zero() || d.get() > MAX_TIMEOUT {
+                err(format!("{p}.{field}"), "must be greater than 0 and at most 1h".into());
             }
         }
         for (i, inst) in svc.instances.iter().enumerate() {
@@ -182,6 +184,38 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
 
     validate_auth(c, &mut err);
     validate_state(c, &mut err);
+    // Durations that feed timers: an absurd value must be refused here rather than overflow a
+    // deadline later (a panic at runtime).
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+    let mut long: Vec<(String, std::time::Duration, std::time::Duration)> = vec![
+        ("server.shutdown_grace".into(), s.shutdown_grace.get(), DAY),
+        ("server.shutdown_delay".into(), s.shutdown_delay.get(), DAY),
+        ("server.limits.header_timeout".into(), s.limits.header_timeout.get(), DAY),
+        ("server.limits.body_idle_timeout".into(), s.limits.body_idle_timeout.get(), DAY),
+        ("websocket.idle_timeout".into(), c.websocket.idle_timeout.get(), 7 * DAY),
+        ("websocket.max_lifetime".into(), c.websocket.max_lifetime.get(), 30 * DAY),
+    ];
+    for (name, svc) in &c.services {
+        let p = format!("services.{name}");
+        long.push((format!("{p}.health_check.interval"), svc.health_check.interval.get(), DAY));
+        long.push((format!("{p}.health_check.timeout"), svc.health_check.timeout.get(), DAY));
+        long.push((format!("{p}.pool_idle_timeout"), svc.pool_idle_timeout.get(), DAY));
+        long.push((format!("{p}.circuit_breaker.window"), svc.circuit_breaker.window.get(), DAY));
+        long.push((format!("{p}.circuit_breaker.max_open_interval"), svc.circuit_breaker.max_open_interval.get(), DAY));
+        long.push((format!("{p}.outlier_detection.max_ejection"), svc.outlier_detection.max_ejection.get(), DAY));
+        long.push((format!("{p}.retry.backoff_max"), svc.retry.backoff_max.get(), DAY));
+    }
+    if let Some(jwt) = &c.auth.jwt {
+        for (i, iss) in jwt.issuers.iter().enumerate() {
+            long.push((format!("auth.jwt.issuers[{i}].jwks_refresh"), iss.jwks_refresh.get(), 7 * DAY));
+            long.push((format!("auth.jwt.issuers[{i}].jwks_timeout"), iss.jwks_timeout.get(), DAY));
+        }
+    }
+    for (path, d, max) in long {
+        if d > max {
+            err(path, format!("at most {}", super::units::format_duration(max)));
+        }
+    }
     let jwt_on = c.auth.jwt.is_some();
     let keys_on = c.auth.api_keys.is_some();
     let known_roles = c.auth.roles.keys().cloned().collect::<Vec<_>>().join(", ");
@@ -218,9 +252,9 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
             err(format!("{p}.add_prefix"), format!("{prefix:?} must be a plain path starting with '/'"));
         }
         if let Some(t) = r.timeout
-            && t.get().is_zero()
+            && (t.get().is_zero() || t.get() > MAX_TIMEOUT)
         {
-            err(format!("{p}.timeout"), "must be greater than 0".into());
+            err(format!("{p}.timeout"), "must be greater than 0 and at most 1h".into());
         }
         for (j, role) in r.roles.iter().enumerate() {
             if !c.auth.roles.contains_key(role) {

@@ -379,7 +379,8 @@ impl Upstream {
     /// here.
     pub async fn forward(&self, req: Request<Body>, call: Call<'_>) -> Result<Response<Incoming>, GatewayError> {
         let started = Instant::now();
-        let deadline = started + call.timeout;
+        // checked: an absurd configured timeout must not overflow `Instant` (a panic per request).
+        let deadline = started.checked_add(call.timeout).unwrap_or(started + Duration::from_secs(86_400));
         let (parts, body) = req.into_parts();
         let method = parts.method.clone();
         let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
