@@ -186,6 +186,7 @@ impl Shared {
             u.spawn_health_checks();
         }
         self.metrics.prime(&next);
+        next.resolve_metrics(&self.metrics);
         self.snapshot.store(Arc::new(next));
         if let Some(l) = new_main {
             let addr = l.local_addr().ok();
@@ -271,6 +272,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         access_log,
         trace_id: None,
         headers_us: None,
+        route_metrics: None,
     }));
     let rec = pending.0.as_mut().expect("set above");
     let origin = snapshot.cors.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
@@ -367,6 +369,7 @@ async fn serve(
         Match::NotFound => return Err(GatewayError::new(ErrorKind::NotFound, "no route for this path")),
     };
     rec.route = route.id.clone();
+    rec.route_metrics = route.metrics.get().cloned();
 
     // WebSocket upgrades: a browser token moves into Authorization (and out of what is
     // forwarded); a cross-site Origin is refused before anything else.

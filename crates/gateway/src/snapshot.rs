@@ -41,6 +41,8 @@ pub struct Route {
     pub limits: RouteLimits,
     /// Position in the config (rate-limit keys).
     pub index: u32,
+    /// Metric handles, resolved once (see [`Snapshot::resolve_metrics`]).
+    pub metrics: std::sync::OnceLock<Arc<crate::observe::RouteMetrics>>,
     /// The route as configured (content types, cache, idempotency for later layers).
     pub config: RouteConfig,
 }
@@ -89,9 +91,18 @@ pub struct Snapshot {
     pub routes: RouteTable<Arc<Route>>,
     /// Services by name (for `/health`).
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// Every route, in config order.
+    pub all_routes: Vec<Arc<Route>>,
 }
 
 impl Snapshot {
+    /// Resolves every route's metric handles (called before the snapshot serves traffic).
+    pub fn resolve_metrics(&self, metrics: &crate::observe::Metrics) {
+        for r in &self.all_routes {
+            let _ = r.metrics.set(metrics.route(&r.id));
+        }
+    }
+
     /// Builds the snapshot from a validated config.
     pub fn build(config: Config) -> Result<Self, Vec<ConfigError>> {
         let mut upstreams = BTreeMap::new();
@@ -140,6 +151,7 @@ impl Snapshot {
                     .collect(),
                 limits: RouteLimits::new(r.rate_limit.as_ref(), r.principal_rate_limit.as_ref()),
                 index: i as u32,
+                metrics: std::sync::OnceLock::new(),
                 config: r.clone(),
             });
             let methods = r.methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok()).collect();
@@ -162,6 +174,7 @@ impl Snapshot {
                 limits,
                 routes,
                 upstreams,
+                all_routes: specs.iter().map(|(_, r, _)| r.clone()).collect(),
             }),
             Ok(_) => Err(errors),
             Err(e) => {

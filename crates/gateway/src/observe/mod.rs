@@ -520,6 +520,26 @@ impl Default for Metrics {
     }
 }
 
+/// A route's metric handles, resolved when the snapshot is built (no label hashing per request).
+#[derive(Debug)]
+pub struct RouteMetrics {
+    request_size: Histogram,
+    response_size: Histogram,
+    overhead: Histogram,
+}
+
+impl Metrics {
+    /// Resolves the handles of one route.
+    pub fn route(&self, route: &Arc<str>) -> Arc<RouteMetrics> {
+        let l = RouteLabels { route: route.clone() };
+        Arc::new(RouteMetrics {
+            request_size: self.request_size.get_or_create_owned(&l),
+            response_size: self.response_size.get_or_create_owned(&l),
+            overhead: self.overhead.get_or_create_owned(&l),
+        })
+    }
+}
+
 /// A method as a bounded label value.
 pub fn method_label(m: &Method) -> &'static str {
     match *m {
@@ -568,6 +588,8 @@ pub struct RequestRecord {
     pub trace_id: Option<String>,
     /// Time to the response headers (µs).
     pub headers_us: Option<u64>,
+    /// The matched route's pre-resolved handles.
+    pub route_metrics: Option<Arc<RouteMetrics>>,
 }
 
 impl RequestRecord {
@@ -577,13 +599,16 @@ impl RequestRecord {
         let labels = HttpLabels { route: self.route.clone(), method: method_label(&self.method), status: self.status };
         self.metrics.requests.get_or_create(&labels).inc();
         self.metrics.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
-        let route = RouteLabels { route: self.route.clone() };
-        self.metrics.request_size.get_or_create(&route).observe(self.body.bytes.load(Ordering::Relaxed) as f64);
-        self.metrics.response_size.get_or_create(&route).observe(self.bytes_out as f64);
+        let rm = match &self.route_metrics {
+            Some(rm) => rm.clone(),
+            None => self.metrics.route(&self.route),
+        };
+        rm.request_size.observe(self.body.bytes.load(Ordering::Relaxed) as f64);
+        rm.response_size.observe(self.bytes_out as f64);
         if let Some(up) = self.upstream_us
             && let Some(head) = self.headers_us
         {
-            self.metrics.overhead.get_or_create(&route).observe(head.saturating_sub(up) as f64 / 1e6);
+            rm.overhead.observe(head.saturating_sub(up) as f64 / 1e6);
         }
         self.metrics.in_flight.dec();
         if self.access_log {

@@ -125,6 +125,7 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
         _ => None,
     };
     metrics.prime(&snapshot);
+    snapshot.resolve_metrics(&metrics);
     let shared = Arc::new(Shared::new(snapshot, metrics, redis));
 
     let bind = |addr: &str| {
