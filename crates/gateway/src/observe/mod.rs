@@ -526,6 +526,21 @@ pub struct RouteMetrics {
     request_size: Histogram,
     response_size: Histogram,
     overhead: Histogram,
+    /// (requests counter, duration histogram) per common (method, status), filled on first use.
+    by_status: Box<[std::sync::OnceLock<(Counter, Histogram)>]>,
+}
+
+/// Statuses that get a pre-resolved slot; others use the family lookup.
+const COMMON_STATUSES: [u16; 24] = [
+    101, 200, 201, 202, 204, 301, 302, 304, 400, 401, 403, 404, 405, 408, 409, 413, 414, 415, 422, 429, 500, 502, 503,
+    504,
+];
+const METHODS: [&str; 10] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "OTHER"];
+
+fn slot(method: &'static str, status: u16) -> Option<usize> {
+    let m = METHODS.iter().position(|x| *x == method)?;
+    let s = COMMON_STATUSES.iter().position(|x| *x == status)?;
+    Some(m * COMMON_STATUSES.len() + s)
 }
 
 impl Metrics {
@@ -536,6 +551,7 @@ impl Metrics {
             request_size: self.request_size.get_or_create_owned(&l),
             response_size: self.response_size.get_or_create_owned(&l),
             overhead: self.overhead.get_or_create_owned(&l),
+            by_status: (0..METHODS.len() * COMMON_STATUSES.len()).map(|_| std::sync::OnceLock::new()).collect(),
         })
     }
 }
@@ -596,9 +612,27 @@ impl RequestRecord {
     /// Records metrics and writes the access log line.
     pub fn finish(self) {
         let elapsed = self.start.elapsed();
-        let labels = HttpLabels { route: self.route.clone(), method: method_label(&self.method), status: self.status };
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        let method = method_label(&self.method);
+        let fast = self.route_metrics.as_ref().zip(slot(method, self.status));
+        match fast {
+            // Pre-resolved handles: no label hashing, no lock.
+            Some((rm, i)) => {
+                let (c, h) = rm.by_status[i].get_or_init(|| {
+                    let labels = HttpLabels { route: self.route.clone(), method, status: self.status };
+                    (
+                        self.metrics.requests.get_or_create_owned(&labels),
+                        self.metrics.duration.get_or_create_owned(&labels),
+                    )
+                });
+                c.inc();
+                h.observe(elapsed.as_secs_f64());
+            }
+            None => {
+                let labels = HttpLabels { route: self.route.clone(), method, status: self.status };
+                self.metrics.requests.get_or_create(&labels).inc();
+                self.metrics.duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+            }
+        }
         let rm = match &self.route_metrics {
             Some(rm) => rm.clone(),
             None => self.metrics.route(&self.route),

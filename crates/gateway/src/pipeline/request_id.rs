@@ -29,10 +29,17 @@ pub fn from_headers(headers: &HeaderMap) -> HeaderValue {
     generate()
 }
 
-/// A new UUIDv7 in its hyphenated form.
+/// A new UUIDv7 in its hyphenated form. The random bits come from a thread-local generator,
+/// not the OS: no `getrandom` system call per request (request ids are not secrets).
 pub fn generate() -> HeaderValue {
+    let ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let mut rnd = [0u8; 10];
+    rnd[..8].copy_from_slice(&crate::proxy::balance::random().to_le_bytes());
+    rnd[8..].copy_from_slice(&crate::proxy::balance::random().to_le_bytes()[..2]);
+    let id = uuid::Builder::from_unix_timestamp_millis(ms, &rnd).into_uuid();
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let s = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+    let s = id.hyphenated().encode_lower(&mut buf);
     HeaderValue::from_str(s).expect("uuid is ascii")
 }
 
@@ -57,5 +64,9 @@ mod tests {
         h.append(&X_REQUEST_ID, HeaderValue::from_static("b"));
         assert_eq!(from_headers(&h).len(), 36, "two ids: make a new one");
         assert_eq!(from_headers(&HeaderMap::new()).len(), 36);
+        let a = uuid::Uuid::parse_str(generate().to_str().unwrap()).unwrap();
+        let b = uuid::Uuid::parse_str(generate().to_str().unwrap()).unwrap();
+        assert_eq!(a.get_version_num(), 7);
+        assert_ne!(a, b);
     }
 }
