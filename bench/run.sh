@@ -184,5 +184,7 @@ NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
   echo "\`gw-bare\` a public route, no policies, access log off; \`gw-full\` JWT HS256 + per-principal rate limit + metrics +"
   echo "JSON access log to a file; \`gw-cache-hit\` a public cached route. CPU is the target's own processes (from /proc),"
   echo "divided by the requests it served."
+  echo
+  echo "Single-change A/B measurements (allocators, hot-path changes): [EXPERIMENTS.md](EXPERIMENTS.md)."
 } >bench/RESULTS.md
 cat bench/RESULTS.md
