@@ -82,5 +82,106 @@ fn routing(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, ratelimit, routing);
+fn auth(c: &mut Criterion) {
+    use b25_gateway::config::security::{ApiKeyConfig, ApiKeysConfig, IssuerConfig, JwtConfig};
+    use b25_gateway::config::{AuthConfig, Secret};
+    let secret = "bench-secret-0123456789-0123456789-abcdef";
+    let yaml_secret: Secret = serde_json::from_value(serde_json::json!(secret)).unwrap();
+    let mut cfg = AuthConfig::default();
+    let issuer = |cache| JwtConfig {
+        issuers: vec![IssuerConfig {
+            issuer: "b25-auth".into(),
+            audiences: vec!["b25-gateway".into()],
+            algorithms: vec!["HS256".into()],
+            secret: Some(yaml_secret.clone()),
+            public_key_file: None,
+            jwks_file: None,
+            jwks_url: None,
+            jwks_refresh: HumanDuration::from_secs(300),
+            jwks_min_refresh: HumanDuration::from_secs(10),
+            jwks_timeout: HumanDuration::from_secs(2),
+        }],
+        leeway: HumanDuration::from_secs(5),
+        max_token_size: b25_gateway::config::ByteSize::kib(8),
+        roles_claim: "roles".into(),
+        cache_size: cache,
+        forward_token: true,
+    };
+    let now = jsonwebtoken::get_current_timestamp();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "u", "roles": ["viewer"], "iss": "b25-auth", "aud": "b25-gateway", "iat": now, "exp": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    for (name, cache) in [("jwt/hs256_verify_cold", 0), ("jwt/hs256_verify_cached", 1000)] {
+        cfg.jwt = Some(issuer(cache));
+        let a = b25_gateway::auth::Authenticator::new(&cfg, None, &mut Vec::new());
+        let v = a.jwt.clone().unwrap();
+        c.bench_function(name, |b| b.iter(|| rt.block_on(v.verify(black_box(&token))).unwrap()));
+    }
+    cfg.jwt = None;
+    cfg.api_keys = Some(ApiKeysConfig {
+        header: "x-api-key".into(),
+        keys: (0..10)
+            .map(|i| ApiKeyConfig {
+                id: format!("k{i}"),
+                sha256: b25_gateway::auth::apikey::hash_hex(&format!("key-{i}")),
+                roles: vec!["viewer".into()],
+            })
+            .collect(),
+    });
+    let a = b25_gateway::auth::Authenticator::new(&cfg, None, &mut Vec::new());
+    let mut h = http::HeaderMap::new();
+    h.insert("x-api-key", "key-7".parse().unwrap());
+    let m = a.configured();
+    c.bench_function("apikey/check_10_keys", |b| b.iter(|| rt.block_on(a.authenticate(black_box(&h), m)).unwrap()));
+}
+
+fn headers(c: &mut Criterion) {
+    let mut base = http::HeaderMap::new();
+    for (k, v) in [
+        ("host", "gw.example"),
+        ("user-agent", "bench/1.0"),
+        ("accept", "application/json"),
+        ("authorization", "Bearer abc"),
+        ("connection", "keep-alive"),
+        ("x-forwarded-for", "203.0.113.7"),
+    ] {
+        base.insert(k, v.parse().unwrap());
+    }
+    let peer: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+    c.bench_function("headers/rewrite_for_upstream", |b| {
+        b.iter(|| {
+            let mut h = base.clone();
+            b25_gateway::proxy::headers::strip_hop_by_hop(&mut h);
+            let host = h.remove(http::header::HOST);
+            b25_gateway::proxy::headers::set_forwarded(&mut h, peer, false, host);
+            b25_gateway::pipeline::trace::propagate(&mut h);
+            black_box(h)
+        })
+    });
+}
+
+fn cache(c: &mut Criterion) {
+    use b25_gateway::cache::{Lookup, ResponseCache, request};
+    use b25_gateway::config::{CacheConfig, CacheScope, CacheStoreConfig};
+    let store = ResponseCache::new(&CacheStoreConfig::default(), None);
+    let cfg = CacheConfig { ttl: HumanDuration::from_secs(3600), scope: CacheScope::Public, statuses: vec![200] };
+    let route: Arc<str> = "t".into();
+    let h = http::HeaderMap::new();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let req = request(&route, &cfg, &Method::GET, "/api/v1/market/ticker/BTC", Some("b=2&a=1"), None, &h);
+    rt.block_on(store.store(&req, 200, &h, &h, bytes::Bytes::from_static(b"{\"p\":1}")));
+    c.bench_function("cache/key_and_hit", |b| {
+        b.iter(|| {
+            let r =
+                request(&route, &cfg, &Method::GET, black_box("/api/v1/market/ticker/BTC"), Some("b=2&a=1"), None, &h);
+            matches!(rt.block_on(store.lookup(&r, &h)), Lookup::Hit(_))
+        })
+    });
+}
+
+criterion_group!(benches, ratelimit, routing, auth, headers, cache);
 criterion_main!(benches);
