@@ -131,10 +131,6 @@ pub struct ResponseCache {
     redis: Option<Arc<RedisStore>>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Builds the lookup key: method class, canonical path, sorted query, scope identity.
 pub fn request(
     route_id: &Arc<str>,
@@ -226,7 +222,7 @@ impl ResponseCache {
     }
 
     async fn get(&self, key: &str) -> Option<Arc<Entry>> {
-        let now = now_ms();
+        let now = crate::unix_ms();
         let inv = self.invalid.load();
         if let Some(e) = self.mem.get(key) {
             if e.expires_ms > now && inv.valid(&e) {
@@ -274,7 +270,7 @@ impl ResponseCache {
         req_headers: &HeaderMap,
         body: Bytes,
     ) -> Arc<Entry> {
-        let now = now_ms();
+        let now = crate::unix_ms();
         let vary = headers
             .get_all(header::VARY)
             .iter()
@@ -322,7 +318,7 @@ impl ResponseCache {
 
     /// Invalidates by route id, path prefix, or everything; returns the Redis keys deleted.
     pub async fn invalidate(&self, route: Option<&str>, prefix: Option<&str>) -> usize {
-        let now = now_ms();
+        let now = crate::unix_ms();
         let cur = self.invalid.load();
         let mut next = Invalidations {
             all_before: cur.all_before,

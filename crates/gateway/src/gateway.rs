@@ -128,10 +128,7 @@ impl Shared {
         let _one_at_a_time = self.reload_lock.lock().await;
         let file = self.config_file.lock().expect("not poisoned").clone().unwrap_or_default();
         let result = self.build_next(&file).await;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = crate::unix_ms();
         match &result {
             Ok(()) => {
                 self.metrics.reload("success");
@@ -698,8 +695,7 @@ fn stored_response(status: u16, headers: &[(HeaderName, HeaderValue)], body: Byt
 /// A cache hit: the stored response with `X-Cache` and `Age`.
 fn cached_response(e: &Entry, head: bool, outcome: &'static str) -> Response<GatewayBody> {
     let mut r = stored_response(e.status, &e.headers, if head { Bytes::new() } else { e.body.clone() });
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let now = crate::unix_ms();
     r.headers_mut().insert(&X_CACHE, HeaderValue::from_static(outcome));
     r.headers_mut().insert(header::AGE, HeaderValue::from(now.saturating_sub(e.stored_ms) / 1000));
     r

@@ -86,10 +86,7 @@ impl Halt {
 
     /// Engages or lifts the halt, here and (with Redis) for every instance.
     pub async fn set(&self, halted: bool, by: &str, reason: &str) -> bool {
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let at_ms = crate::unix_ms();
         let info = HaltInfo { halted, by: by.into(), reason: reason.into(), at_ms };
         let mut shared = true;
         if let Some(redis) = &self.redis {

@@ -70,10 +70,6 @@ end
 return v
 "#;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// SHA-256 of a body.
 pub fn body_hash(body: &[u8]) -> [u8; 32] {
     let d = digest::digest(&digest::SHA256, body);
@@ -114,7 +110,7 @@ impl IdempotencyStore {
             };
             return decode_begin(&v, &hash);
         }
-        let now = now_ms();
+        let now = crate::unix_ms();
         let mut m = self.mem.lock().expect("not poisoned");
         if m.len() >= MAX_MEMORY_RECORDS {
             m.retain(|_, r| match r {
@@ -161,7 +157,7 @@ impl IdempotencyStore {
                 .is_some();
         }
         let mut m = self.mem.lock().expect("not poisoned");
-        m.insert(Self::key(scope), Record::Done { hash, expires_ms: now_ms() + ttl_ms, resp: Arc::new(resp) });
+        m.insert(Self::key(scope), Record::Done { hash, expires_ms: crate::unix_ms() + ttl_ms, resp: Arc::new(resp) });
         true
     }
 

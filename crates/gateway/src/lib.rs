@@ -40,3 +40,9 @@ pub mod server;
 pub mod snapshot;
 pub mod version;
 pub mod websocket;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it): wall time for records that
+/// outlive the process or cross instances (cache entries, idempotency records, halt state).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -255,8 +255,7 @@ impl Relay {
         let mut c = WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(ws_cfg)).await;
         let mut u = WebSocketStream::from_raw_socket(TokioIo::new(upstream), Role::Client, Some(ws_cfg)).await;
         self.metrics.websocket_active(&self.route, 1);
-        let now_unix =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now_unix = crate::unix_ms() / 1000;
         let token_left = self
             .principal
             .as_ref()

@@ -351,10 +351,7 @@ impl Issuer {
     async fn refresh(&self, scheduled: bool) {
         let Some(src) = &self.jwks else { return };
         let _guard = src.fetch_lock.lock().await;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now_ms = crate::unix_ms();
         let last = src.last_fetch_ms.load(Ordering::Relaxed);
         if !scheduled && last != 0 && now_ms.saturating_sub(last) < src.min_refresh.as_millis() as u64 {
             return;

@@ -32,8 +32,7 @@ pub fn from_headers(headers: &HeaderMap) -> HeaderValue {
 /// A new UUIDv7 in its hyphenated form. The random bits come from a thread-local generator,
 /// not the OS: no `getrandom` system call per request (request ids are not secrets).
 pub fn generate() -> HeaderValue {
-    let ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let ms = crate::unix_ms();
     let mut rnd = [0u8; 10];
     rnd[..8].copy_from_slice(&crate::proxy::balance::random().to_le_bytes());
     rnd[8..].copy_from_slice(&crate::proxy::balance::random().to_le_bytes()[..2]);

@@ -254,10 +254,6 @@ fn connector(connect_timeout: Duration) -> HttpConnector {
     c
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 fn idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
@@ -302,7 +298,7 @@ impl Upstream {
             hash_header: lb.hash_header.as_deref().and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
             hash_claim: lb.hash_claim.clone(),
             base: Instant::now(),
-            epoch_ms: unix_ms(),
+            epoch_ms: crate::unix_ms(),
         })
     }
 
@@ -554,7 +550,7 @@ impl Upstream {
         };
         let ok = (200..300).contains(&status);
         inst.last_status.store(status as u32, Ordering::Relaxed);
-        inst.last_check_ms.store(unix_ms(), Ordering::Relaxed);
+        inst.last_check_ms.store(crate::unix_ms(), Ordering::Relaxed);
         if ok {
             inst.consecutive_fail.store(0, Ordering::Relaxed);
             let n = inst.consecutive_ok.fetch_add(1, Ordering::Relaxed) + 1;
