@@ -80,15 +80,7 @@ HAP
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.out" 2>&1 & PIDS+=($!); HA_PID=$!
 
 SECRET="bench-secret-0123456789-0123456789-abcdef"
-TOKEN=$(python3 - "$SECRET" <<'PY'
-import base64, hashlib, hmac, json, sys, time
-b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
-h = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-p = b(json.dumps({"sub": "bench", "roles": ["viewer"], "iss": "b25-auth", "aud": "b25-gateway", "iat": int(time.time()), "exp": int(time.time()) + 86400}).encode())
-s = b(hmac.new(sys.argv[1].encode(), f"{h}.{p}".encode(), hashlib.sha256).digest())
-print(f"{h}.{p}.{s}")
-PY
-)
+TOKEN=$(python3 bench/token.py "$SECRET")
 
 gw_config() { # name port extra-top-level route-extras
   cat >"$WORK/$1.yaml" <<YAML

@@ -151,13 +151,13 @@ fn headers(c: &mut Criterion) {
     ] {
         base.insert(k, v.parse().unwrap());
     }
-    let peer: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+    let peer = http::HeaderValue::from_static("127.0.0.1");
     c.bench_function("headers/rewrite_for_upstream", |b| {
         b.iter(|| {
             let mut h = base.clone();
             b25_gateway::proxy::headers::strip_hop_by_hop(&mut h);
             let host = h.remove(http::header::HOST);
-            b25_gateway::proxy::headers::set_forwarded(&mut h, peer, false, host);
+            b25_gateway::proxy::headers::set_forwarded(&mut h, &peer, false, host);
             b25_gateway::pipeline::trace::propagate(&mut h);
             black_box(h)
         })

@@ -127,7 +127,9 @@ fn serve(path: &Path, demo: bool) -> ExitCode {
         demo::add_api_key(&mut config);
     }
     let _guard = b25_gateway::observe::init_logging(&config.logging);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The control runtime: accept loop, admin listener, health checks, reloads, Redis. Client
+    // connections are served on the worker threads (`server.workers`).
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

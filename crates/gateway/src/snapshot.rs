@@ -107,8 +107,9 @@ impl Snapshot {
     pub fn build(config: Config) -> Result<Self, Vec<ConfigError>> {
         let mut upstreams = BTreeMap::new();
         let mut errors = Vec::new();
+        let workers = config.server.worker_count();
         for (name, svc) in &config.services {
-            match Upstream::new(name, svc) {
+            match Upstream::new(name, svc, workers) {
                 Ok(u) => {
                     upstreams.insert(name.clone(), Arc::new(u));
                 }

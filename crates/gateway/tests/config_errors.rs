@@ -176,3 +176,13 @@ fn absurd_durations_are_refused_not_overflowed_later() {
     let yaml = format!("server: {{ shutdown_grace: 1000000h }}\n{BASE_SERVICES}{}", route(""));
     assert_error(&yaml, "server.shutdown_grace", "at most");
 }
+
+#[test]
+fn absurd_worker_counts_are_refused() {
+    let yaml = format!("server: {{ workers: 100000 }}\n{BASE_SERVICES}{}", route(""));
+    assert_error(&yaml, "server.workers", "more than 1024");
+    let ok = format!("server: {{ workers: 3 }}\n{BASE_SERVICES}{}", route(""));
+    assert_eq!(parse(&ok).unwrap().server.worker_count(), 3);
+    let auto = format!("server: {{ workers: 0 }}\n{BASE_SERVICES}{}", route(""));
+    assert!(parse(&auto).unwrap().server.worker_count() >= 1);
+}

@@ -216,7 +216,11 @@ async fn an_order_is_never_sent_twice_whatever_the_upstream_does() {
     let up = fault_upstream().await;
     let extra = "    health_check: { enabled: false }\n    outlier_detection: { enabled: false }\n    circuit_breaker: { enabled: false }\n    retry: { attempts: 3, min_retries_per_second: 100 }\n";
     let routes = "  - { id: orders, path: \"/api/v1/orders\", methods: [POST], service: up, public: true, json: true, timeout: 500ms }\n";
-    let gw = TestGateway::start(&service_yaml(&[format!("http://{}", up.addr)], extra, routes), &[]).await;
+    // One worker, so one upstream pool: the keep-alive sequences below depend on which
+    // pooled connection the next order takes.
+    let yaml = service_yaml(&[format!("http://{}", up.addr)], extra, routes)
+        .replace("admin_listen: \"127.0.0.1:0\" }", "admin_listen: \"127.0.0.1:0\", workers: 1 }");
+    let gw = TestGateway::start(&yaml, &[]).await;
     let order =
         |id: &str| format!(r#"{{"symbol":"BTCUSDT","side":"buy","quantity":1,"price":1,"client_order_id":"{id}"}}"#);
     let post = |id: String, fault: &'static str| {

@@ -125,6 +125,9 @@ pub struct ServerConfig {
     pub required_services: Vec<String>,
     /// Reload automatically when the config file changes (checked every second).
     pub watch_config: bool,
+    /// Worker threads serving connections, each with its own single-threaded runtime
+    /// (0: one per CPU). Read at start; a reload does not change it.
+    pub workers: usize,
     /// Bearer token required by the admin API (`/admin/*`); without it the admin listener
     /// must be on loopback.
     pub admin_token: Option<Secret>,
@@ -148,6 +151,17 @@ impl Default for ServerConfig {
             required_services: Vec::new(),
             admin_token: None,
             watch_config: false,
+            workers: 0,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The number of worker threads `workers` asks for (0: one per CPU).
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
         }
     }
 }

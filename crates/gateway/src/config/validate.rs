@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 /// Paths the gateway answers itself on the main listener.
 pub const RESERVED_PATHS: [&str; 4] = ["/health", "/health/liveness", "/health/readiness", "/version"];
 /// Longest upstream timeout accepted (a trading request waiting longer is a bug).
+/// Worker threads beyond this are a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 /// hyper refuses HTTP/1 read buffers smaller than this.
 const MIN_HEADER_BYTES: u64 = 8192;
@@ -70,6 +72,9 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
     }
     if s.limits.max_headers == 0 {
         err("server.limits.max_headers".into(), "must be at least 1".into());
+    }
+    if s.workers > MAX_WORKERS {
+        err("server.workers".into(), format!("{} is more than {MAX_WORKERS} (0 means one per CPU)", s.workers));
     }
     for (name, zero) in [
         ("header_timeout", s.limits.header_timeout.get().is_zero()),

@@ -404,11 +404,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Observes one try's time to response headers.
-    pub fn upstream_latency(&self, service: &Arc<str>, d: std::time::Duration) {
-        self.upstream_duration.get_or_create(&ServiceLabels { service: service.clone() }).observe(d.as_secs_f64());
-    }
-
     /// Records a breaker transition and the new state.
     pub fn breaker(&self, service: &Arc<str>, from: &'static str, to: &'static str, state: i64) {
         self.breaker_state.get_or_create(&ServiceLabels { service: service.clone() }).set(state);
@@ -556,6 +551,57 @@ impl Metrics {
     }
 }
 
+/// One service's pre-resolved upstream series: the time-to-headers histogram, and the
+/// per-instance request counters for transport failures (status 0) and common statuses.
+pub struct UpstreamMetrics {
+    service: Arc<str>,
+    instances: Box<[Arc<str>]>,
+    duration: Histogram,
+    /// `[instance][slot]`: slot 0 is status 0, then `COMMON_STATUSES` in order.
+    requests: Box<[Box<[std::sync::OnceLock<Counter>]>]>,
+}
+
+impl UpstreamMetrics {
+    /// Observes one try's time to response headers.
+    pub fn latency(&self, d: std::time::Duration) {
+        self.duration.observe(d.as_secs_f64());
+    }
+
+    /// Counts one try on instance `idx` with its status (0: transport failure).
+    pub fn request(&self, metrics: &Metrics, idx: usize, status: u16) {
+        let slot = if status == 0 { Some(0) } else { COMMON_STATUSES.iter().position(|s| *s == status).map(|i| i + 1) };
+        if let (Some(per), Some(i)) = (self.requests.get(idx), slot) {
+            per[i]
+                .get_or_init(|| {
+                    metrics.upstream_requests.get_or_create_owned(&InstanceLabels {
+                        service: self.service.clone(),
+                        instance: self.instances[idx].clone(),
+                        status,
+                    })
+                })
+                .inc();
+        } else {
+            let instance = self.instances.get(idx).cloned().unwrap_or_else(|| "".into());
+            metrics.upstream_request(&self.service, &instance, status);
+        }
+    }
+}
+
+impl Metrics {
+    /// Resolves the upstream series of one service.
+    pub fn upstream(&self, service: &Arc<str>, instances: &[Arc<str>]) -> UpstreamMetrics {
+        UpstreamMetrics {
+            service: service.clone(),
+            instances: instances.into(),
+            duration: self.upstream_duration.get_or_create_owned(&ServiceLabels { service: service.clone() }),
+            requests: instances
+                .iter()
+                .map(|_| (0..=COMMON_STATUSES.len()).map(|_| std::sync::OnceLock::new()).collect())
+                .collect(),
+        }
+    }
+}
+
 /// A method as a bounded label value.
 pub fn method_label(m: &Method) -> &'static str {
     match *m {
@@ -601,7 +647,7 @@ pub struct RequestRecord {
     /// Whether to write the access line.
     pub access_log: bool,
     /// W3C trace id, when the request went upstream.
-    pub trace_id: Option<String>,
+    pub trace_id: Option<crate::pipeline::trace::TraceId>,
     /// Time to the response headers (µs).
     pub headers_us: Option<u64>,
     /// The matched route's pre-resolved handles.
@@ -658,7 +704,7 @@ impl RequestRecord {
                 duration_us = elapsed.as_micros() as u64,
                 upstream_us = self.upstream_us,
                 client_ip = %self.client_ip,
-                trace_id = self.trace_id.as_deref(),
+                trace_id = self.trace_id.as_ref().map(|t| t.as_str()),
                 aborted = self.aborted,
             );
         }

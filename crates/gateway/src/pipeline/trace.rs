@@ -40,22 +40,62 @@ fn span_id() -> u64 {
     }
 }
 
+/// A W3C trace id: 32 lowercase hex digits (kept on the stack: no allocation per request).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceId([u8; 32]);
+
+impl TraceId {
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits")
+    }
+}
+
+impl std::fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Writes `v` as 16 lowercase hex digits.
+fn hex16(out: &mut [u8], v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in out[..16].iter_mut().enumerate() {
+        *b = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
+    }
+}
+
 /// Rewrites `traceparent` for the upstream and returns the trace id.
-pub fn propagate(h: &mut HeaderMap) -> String {
+pub fn propagate(h: &mut HeaderMap) -> TraceId {
     let mut parents = h.get_all(&TRACEPARENT).iter();
     let incoming = match (parents.next(), parents.next()) {
-        (Some(v), None) => v.to_str().ok().and_then(parse).map(|(t, f)| (t.to_string(), f.to_string())),
+        (Some(v), None) => v.to_str().ok().and_then(parse).map(|(t, f)| {
+            let mut trace = [0u8; 32];
+            trace.copy_from_slice(t.as_bytes());
+            let flags = [f.as_bytes()[0], f.as_bytes()[1]];
+            (TraceId(trace), flags)
+        }),
         _ => None,
     };
     let (trace, flags) = match incoming {
         Some(t) => t,
         None => {
             h.remove(&TRACESTATE);
-            (format!("{:016x}{:016x}", span_id(), random()), "01".to_string())
+            let mut trace = [0u8; 32];
+            hex16(&mut trace[..16], span_id());
+            hex16(&mut trace[16..], random());
+            (TraceId(trace), *b"01")
         }
     };
-    let v = format!("00-{trace}-{:016x}-{flags}", span_id());
-    if let Ok(hv) = HeaderValue::from_str(&v) {
+    // 00-<trace>-<span>-<flags>
+    let mut v = [0u8; 55];
+    v[..3].copy_from_slice(b"00-");
+    v[3..35].copy_from_slice(&trace.0);
+    v[35] = b'-';
+    hex16(&mut v[36..52], span_id());
+    v[52] = b'-';
+    v[53..].copy_from_slice(&flags);
+    if let Ok(hv) = HeaderValue::from_bytes(&v) {
         h.insert(&TRACEPARENT, hv);
     }
     trace
@@ -71,7 +111,7 @@ mod tests {
         h.insert(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         h.insert(&TRACESTATE, HeaderValue::from_static("b25=x"));
         let t = propagate(&mut h);
-        assert_eq!(t, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let out = h[&TRACEPARENT].to_str().unwrap();
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"));
         assert!(!out.contains("00f067aa0ba902b7"), "a new parent span id");
@@ -88,7 +128,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&TRACESTATE, HeaderValue::from_static("orphan=1"));
         let t = propagate(&mut h);
-        assert_eq!(t.len(), 32);
+        assert_eq!(t.as_str().len(), 32);
+        assert!(parse(&format!("00-{}-00f067aa0ba902b7-01", t.as_str())).is_some());
         assert!(parse(h[&TRACEPARENT].to_str().unwrap()).is_some());
         assert!(!h.contains_key(&TRACESTATE));
     }

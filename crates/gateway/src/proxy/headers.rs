@@ -5,7 +5,6 @@
 //! Trailer, Transfer-Encoding, Upgrade, and every header the Connection header names.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use std::net::IpAddr;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -50,16 +49,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Appends the peer to `X-Forwarded-For` (comma-joined into one header) and sets
 /// `X-Forwarded-Proto` and `X-Forwarded-Host` (the client's `Host` or `:authority`).
-pub fn set_forwarded(h: &mut HeaderMap, peer: IpAddr, tls: bool, host: Option<HeaderValue>) {
-    let peer = peer.to_string();
+/// `peer` is the client's IP, formatted once per connection.
+pub fn set_forwarded(h: &mut HeaderMap, peer: &HeaderValue, tls: bool, host: Option<HeaderValue>) {
     let mut prior = h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).peekable();
     let xff = if prior.peek().is_some() {
         let mut s = prior.collect::<Vec<_>>().join(", ");
         s.push_str(", ");
-        s.push_str(&peer);
+        s.push_str(peer.to_str().unwrap_or_default());
         HeaderValue::from_str(&s)
     } else {
-        HeaderValue::from_str(&peer)
+        Ok(peer.clone())
     };
     if let Ok(v) = xff {
         h.insert(&X_FORWARDED_FOR, v);
@@ -99,7 +98,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2, 3.3.3.3"));
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true, Some(HeaderValue::from_static("gw")));
+        set_forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"), true, Some(HeaderValue::from_static("gw")));
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "gw");

@@ -229,7 +229,9 @@ pub struct Upstream {
     budget: RetryBudget,
     retry: RetryConfig,
     outlier: OutlierConfig,
-    client: Client<HttpConnector, Body>,
+    /// One pooled client per worker thread (index 0: any other thread), so a connection's
+    /// task, its pool and the requests using it stay on one thread.
+    clients: Box<[Client<HttpConnector, Body>]>,
     health: HealthCheckConfig,
     health_client: Client<HttpConnector, Empty<Bytes>>,
     /// The hash header name (consistent hashing).
@@ -238,6 +240,8 @@ pub struct Upstream {
     pub hash_claim: Option<String>,
     base: Instant,
     epoch_ms: u64,
+    /// Series resolved on first use (the metrics registry is not known at build time).
+    metrics: std::sync::OnceLock<crate::observe::UpstreamMetrics>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -266,19 +270,24 @@ enum Failure {
 }
 
 impl Upstream {
-    /// Builds the service's client and instances (validated config: instance URLs parse).
-    pub fn new(name: &str, cfg: &ServiceConfig) -> Result<Self, String> {
+    /// Builds the service's clients (one per worker thread, plus one for other threads) and
+    /// instances (validated config: instance URLs parse).
+    pub fn new(name: &str, cfg: &ServiceConfig, workers: usize) -> Result<Self, String> {
         let instances = cfg
             .instances
             .iter()
             .map(|i| Instance::new(i.url(), i.weight()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout.get())
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector(cfg.connect_timeout.get()));
+        let clients = (0..=workers)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(cfg.pool_idle_timeout.get())
+                    .pool_max_idle_per_host(cfg.pool_max_idle)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(connector(cfg.connect_timeout.get()))
+            })
+            .collect();
         let health_client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1)
             .pool_timer(TokioTimer::new())
@@ -292,14 +301,27 @@ impl Upstream {
             budget: RetryBudget::new(&cfg.retry),
             retry: cfg.retry.clone(),
             outlier: cfg.outlier_detection.clone(),
-            client,
+            clients,
             health: cfg.health_check.clone(),
             health_client,
             hash_header: lb.hash_header.as_deref().and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
             hash_claim: lb.hash_claim.clone(),
             base: Instant::now(),
             epoch_ms: crate::unix_ms(),
+            metrics: std::sync::OnceLock::new(),
         })
+    }
+
+    fn series(&self, metrics: &Metrics) -> &crate::observe::UpstreamMetrics {
+        self.metrics.get_or_init(|| {
+            let labels: Vec<Arc<str>> = self.instances.iter().map(|i| i.label.clone()).collect();
+            metrics.upstream(&self.name, &labels)
+        })
+    }
+
+    /// This thread's client.
+    fn client(&self) -> &Client<HttpConnector, Body> {
+        &self.clients[crate::server::workers::index().min(self.clients.len() - 1)]
     }
 
     fn now_ms(&self) -> u64 {
@@ -387,6 +409,7 @@ impl Upstream {
         let mut exclude = None;
         self.budget.deposit();
         let metrics = call.metrics;
+        let series = self.series(metrics);
 
         for attempt in 0..call.attempts.max(1) {
             let now_ms = self.now_ms();
@@ -421,15 +444,15 @@ impl Upstream {
             let per_try = self.retry.per_try_timeout.map_or(remaining, |p| p.get().min(remaining));
             inst.inflight.fetch_add(1, Ordering::Relaxed);
             let sent = Instant::now();
-            let result = tokio::time::timeout(per_try, self.client.request(req)).await;
+            let result = tokio::time::timeout(per_try, self.client().request(req)).await;
             inst.inflight.fetch_sub(1, Ordering::Relaxed);
-            metrics.upstream_latency(&self.name, sent.elapsed());
+            series.latency(sent.elapsed());
             let now_ms = self.now_ms();
 
             let failure = match result {
                 Ok(Ok(resp)) if !self.retry.retry_on_status.contains(&resp.status().as_u16()) => {
                     let server_error = resp.status().is_server_error();
-                    metrics.upstream_request(&self.name, &inst.label, resp.status().as_u16());
+                    series.request(metrics, idx, resp.status().as_u16());
                     // 5xx other than the retryable ones still count against the breaker.
                     let t = self.breaker.record(permit, !server_error, now_ms);
                     self.transition(t, metrics);
@@ -437,17 +460,17 @@ impl Upstream {
                     return Ok(resp);
                 }
                 Ok(Ok(resp)) => {
-                    metrics.upstream_request(&self.name, &inst.label, resp.status().as_u16());
+                    series.request(metrics, idx, resp.status().as_u16());
                     Failure::Status(resp)
                 }
                 Ok(Err(e)) => {
                     let ge = classify(&e).with_detail(format!("{}: {}", inst.url, error_chain(&e)));
-                    metrics.upstream_request(&self.name, &inst.label, 0);
+                    series.request(metrics, idx, 0);
                     let not_sent = ge.kind().request_not_sent();
                     Failure::Error(ge, not_sent)
                 }
                 Err(_) => {
-                    metrics.upstream_request(&self.name, &inst.label, 0);
+                    series.request(metrics, idx, 0);
                     let ge =
                         GatewayError::new(ErrorKind::UpstreamTimeout, "the upstream service did not answer in time")
                             .with_detail(format!("{} after {per_try:?}", inst.url));
@@ -520,7 +543,7 @@ impl Upstream {
             .uri(pq)
             .map_err(|e| GatewayError::new(ErrorKind::Internal, "cannot build upstream request").with_detail(e))?;
         *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
+        match tokio::time::timeout(timeout, self.client().request(req)).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(classify(&e).with_detail(format!("{}: {}", inst.url, error_chain(&e)))),
             Err(_) => Err(GatewayError::new(ErrorKind::UpstreamTimeout, "the upstream service did not answer in time")),

@@ -12,6 +12,7 @@
 mod admin;
 mod sniff;
 pub mod tls;
+pub mod workers;
 
 use crate::config::Config;
 use crate::gateway::{self, ConnInfo, Shared};
@@ -57,6 +58,9 @@ pub enum StartError {
     /// The state backend could not be set up.
     #[error("state: {0}")]
     State(String),
+    /// The worker threads could not be started.
+    #[error("cannot start worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// A running gateway.
@@ -216,8 +220,10 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
     *shared.rebind.lock().expect("not poisoned") = Some(rebind_tx);
     let grace = server_cfg.shutdown_grace.get();
     let delay = server_cfg.shutdown_delay.get();
+    let workers = workers::Workers::start(server_cfg.worker_count()).map_err(StartError::Workers)?;
     let done = tokio::spawn(run(
         listener,
+        workers,
         builder,
         tls,
         shared.clone(),
@@ -240,6 +246,7 @@ pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
 #[allow(clippy::too_many_arguments)]
 async fn run(
     mut listener: TcpListener,
+    workers: workers::Workers,
     builder: auto::Builder<TokioExecutor>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
@@ -273,8 +280,13 @@ async fn run(
             res = listener.accept() => match res {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    // Re-registered with the chosen worker's reactor below.
+                    let stream = match stream.into_std() {
+                        Ok(s) => s,
+                        Err(e) => { tracing::debug!(%peer, error = %e, "cannot hand the connection to a worker"); continue; }
+                    };
                     let framing_conflict = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    let conn = ConnInfo { peer, tls: tls.is_some(), framing_conflict: framing_conflict.clone() };
+                    let conn = ConnInfo::new(peer, tls.is_some(), framing_conflict.clone());
                     let gauge = shared.metrics.connections().clone();
                     let shared = shared.clone();
                     let svc = hyper::service::service_fn(move |req| {
@@ -285,9 +297,13 @@ async fn run(
                     let watcher = graceful.watcher();
                     let builder = builder.clone();
                     let tls = tls.clone();
-                    tokio::spawn(async move {
+                    workers.spawn(async move {
                         gauge.inc();
                         let _dec = scopeguard(move || { gauge.dec(); });
+                        let stream = match tokio::net::TcpStream::from_std(stream) {
+                            Ok(s) => s,
+                            Err(e) => { tracing::debug!(%peer, error = %e, "cannot register the connection"); return; }
+                        };
                         let r = match tls {
                             Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => {
@@ -330,6 +346,8 @@ async fn run(
     if let Some(a) = shared.admin.lock().expect("not poisoned").0.take() {
         a.abort();
     }
+    // Stops the worker threads; anything still open on them is cut with their runtimes.
+    drop(workers);
     tracing::info!("stopped");
 }
 

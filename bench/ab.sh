@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# A/B one change: the same gateway setup on two (or more) binaries, runs alternated.
+#
+#   cp target/release/b25-gateway /tmp/gw-before      # build, change, build again, then:
+#   bench/ab.sh /tmp/gw-before target/release/b25-gateway
+#   MODE=full ROUNDS=4 DURATION=6s bench/ab.sh /tmp/gw-a /tmp/gw-b
+#
+# MODE: bare (public route, no log) or full (JWT + per-principal limit + access log).
+# Prints req/s, CPU µs per request (from /proc), peak RSS, and the connections open to the
+# upstream after each run (all binaries together, from ss: a pool that churns shows here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-6s}
+CONNS=${CONNS:-64}
+MODE=${MODE:-bare}
+WORK=$(mktemp -d /tmp/b25-ab.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+HZ=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+UP=$(free_port)
+./target/release/b25-sim --host 127.0.0.1 --base-port "$UP" >"$WORK/sim.log" 2>&1 & PIDS+=($!)
+wait_port "$UP"
+SECRET="bench-secret-0123456789-0123456789-abcdef"
+TOKEN=$(python3 bench/token.py "$SECRET")
+if [ "$MODE" = full ]; then
+  TOP="rate_limits: { per_principal: { rate: 10000000, burst: 10000000 } }"; ROUTE="roles: [viewer]"; LOG=true
+  HDR="Authorization: Bearer $TOKEN"
+else
+  TOP=""; ROUTE="public: true"; LOG=false; HDR="X-Bench: 1"
+fi
+
+declare -A PORT PID
+i=0
+for bin in "$@"; do
+  i=$((i + 1)); port=$(free_port)
+  cat >"$WORK/$i.yaml" <<YAML
+server: { listen: "127.0.0.1:$port", admin_listen: "127.0.0.1:$(free_port)" }
+logging: { level: error, access_log: $LOG }
+auth:
+  jwt:
+    issuers:
+      - { issuer: b25-auth, audiences: [b25-gateway], algorithms: [HS256], secret: "$SECRET" }
+$TOP
+services:
+  md:
+    instances: ["http://127.0.0.1:$UP"]
+    health_check: { enabled: false }
+routes:
+  - { id: t, path: "/api/v1/market/ticker/{s}", methods: [GET], service: md, $ROUTE }
+YAML
+  "$bin" run "$WORK/$i.yaml" >"$WORK/$i.log" 2>&1 & PIDS+=($!); PID[$i]=$!; PORT[$i]=$port
+  wait_port "$port"
+done
+URL_PATH="/api/v1/market/ticker/BTCUSDT"
+for k in "${!PORT[@]}"; do wrk -t2 -c"$CONNS" -d2s -H "$HDR" "http://127.0.0.1:${PORT[$k]}$URL_PATH" >/dev/null; done
+for r in $(seq 1 "$ROUNDS"); do
+  for k in $(seq 1 "$i"); do
+    c0=$(cpu_ticks "${PID[$k]}")
+    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" -H "$HDR" "http://127.0.0.1:${PORT[$k]}$URL_PATH")
+    c1=$(cpu_ticks "${PID[$k]}")
+    reqs=$(echo "$out" | awk '/requests in/{print $1}')
+    rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
+    ups=$(ss -Htn state established "( dport = :$UP )" | wc -l)
+    rss=$(awk '/VmHWM/{print $2}' "/proc/${PID[$k]}/status")
+    printf "round %d  %-40s %10s req/s  %5.1f µs/req  peak %5.1f MiB  upstream conns now %s\n" "$r" "${!k}" "$rps" \
+      "$(python3 -c "print(($c1-$c0)/$HZ/$reqs*1e6)")" "$(python3 -c "print($rss/1024)")" "$ups"
+  done
+done
