@@ -296,3 +296,91 @@ async fn idle_keep_alive_connection_is_closed_after_header_timeout() {
     .await;
     assert!(closed.is_ok(), "idle connection was never closed");
 }
+
+/// An upstream that counts the TCP connections it accepted and signals each one that the
+/// gateway closes; it answers every request 200 with the `Host` it received.
+struct CountingUpstream {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: tokio::sync::watch::Receiver<usize>,
+}
+
+async fn counting_upstream() -> CountingUpstream {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (closed_tx, closed) = tokio::sync::watch::channel(0usize);
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let host = req.headers().get("host").cloned();
+                    let mut r = Response::new(full_body("ok"));
+                    if let Some(h) = host {
+                        r.headers_mut().insert("x-seen-host", h);
+                    }
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                closed_tx.send_modify(|n| *n += 1);
+            });
+        }
+    });
+    CountingUpstream { addr, accepted, closed }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled_and_reused() {
+    use std::sync::atomic::Ordering;
+    let up = counting_upstream().await;
+    let yaml = one_route(format!("http://{}", up.addr), "")
+        .replace("  shutdown_grace: 5s\n", "  shutdown_grace: 5s\n  workers: 2\n");
+    let gw = TestGateway::start(&yaml, &[]).await;
+    // Sequential requests, each on a new client connection (spread over both workers).
+    for _ in 0..100 {
+        let r = get(gw.addr(), "/r/1").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["x-seen-host"], up.addr.to_string().as_str(), "Host is the instance's host:port");
+    }
+    let opened = up.accepted.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&opened), "100 sequential requests used {opened} upstream connections");
+    // Concurrent requests need more connections, then reuse them.
+    let burst = || futures_util::future::join_all((0..16).map(|_| get(gw.addr(), "/r/1")));
+    for r in burst().await {
+        assert_eq!(r.status, 200);
+    }
+    let after_first = up.accepted.load(Ordering::SeqCst);
+    assert!(after_first <= 16 + 2, "{after_first}");
+    for _ in 0..5 {
+        for r in burst().await {
+            assert_eq!(r.status, 200);
+        }
+    }
+    let after = up.accepted.load(Ordering::SeqCst);
+    assert!(after <= after_first + 4, "bursts after the first mostly reuse: {after_first} then {after}");
+    // The gateway counts what it opened.
+    let m = String::from_utf8_lossy(&get(gw.handle.admin_addr().unwrap(), "/metrics").await.body).to_string();
+    let line =
+        m.lines().find(|l| l.starts_with("b25_gateway_upstream_connections_opened_total{service=\"up\"}")).unwrap();
+    assert_eq!(line.rsplit(' ').next().unwrap().parse::<usize>().unwrap(), after, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_closed_after_the_pool_idle_timeout() {
+    let mut up = counting_upstream().await;
+    let yaml = one_route(format!("http://{}", up.addr), "").replace(
+        "health_check: { enabled: false }\n",
+        "health_check: { enabled: false }\n    pool_idle_timeout: 300ms\n",
+    );
+    let gw = TestGateway::start(&yaml, &[]).await;
+    assert_eq!(get(gw.addr(), "/r/1").await.status, 200);
+    // With no further traffic, the gateway closes the pooled connection on its own.
+    tokio::time::timeout(WAIT, up.closed.wait_for(|n| *n >= 1)).await.expect("idle connection closed").unwrap();
+    // And the next request opens a new one and succeeds.
+    assert_eq!(get(gw.addr(), "/r/1").await.status, 200);
+    assert_eq!(up.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

@@ -179,6 +179,7 @@ pub struct Metrics {
     redis_latency: Histogram,
     upstream_requests: Family<InstanceLabels, Counter>,
     upstream_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    upstream_connections: Family<ServiceLabels, Counter>,
     breaker_state: Family<ServiceLabels, Gauge>,
     breaker_transitions: Family<TransitionLabels, Counter>,
     retries: Family<ServiceLabels, Counter>,
@@ -238,6 +239,12 @@ impl Metrics {
         let breaker_state = Family::<ServiceLabels, Gauge>::default();
         let breaker_transitions = Family::<TransitionLabels, Counter>::default();
         let retries = Family::<ServiceLabels, Counter>::default();
+        let upstream_connections = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "upstream_connections_opened",
+            "New upstream TCP connections per service (a healthy pool reuses them)",
+            upstream_connections.clone(),
+        );
         let retry_budget_exhausted = Family::<ServiceLabels, Counter>::default();
         let ejections = Family::<EjectionLabels, Counter>::default();
         registry.register(
@@ -331,6 +338,7 @@ impl Metrics {
             redis_latency,
             upstream_requests,
             upstream_duration,
+            upstream_connections,
             breaker_state,
             breaker_transitions,
             retries,
@@ -557,6 +565,7 @@ pub struct UpstreamMetrics {
     service: Arc<str>,
     instances: Box<[Arc<str>]>,
     duration: Histogram,
+    connections: Counter,
     /// `[instance][slot]`: slot 0 is status 0, then `COMMON_STATUSES` in order.
     requests: Box<[Box<[std::sync::OnceLock<Counter>]>]>,
 }
@@ -565,6 +574,11 @@ impl UpstreamMetrics {
     /// Observes one try's time to response headers.
     pub fn latency(&self, d: std::time::Duration) {
         self.duration.observe(d.as_secs_f64());
+    }
+
+    /// Counts a new upstream connection.
+    pub fn opened(&self) {
+        self.connections.inc();
     }
 
     /// Counts one try on instance `idx` with its status (0: transport failure).
@@ -594,6 +608,7 @@ impl Metrics {
             service: service.clone(),
             instances: instances.into(),
             duration: self.upstream_duration.get_or_create_owned(&ServiceLabels { service: service.clone() }),
+            connections: self.upstream_connections.get_or_create_owned(&ServiceLabels { service: service.clone() }),
             requests: instances
                 .iter()
                 .map(|_| (0..=COMMON_STATUSES.len()).map(|_| std::sync::OnceLock::new()).collect())

@@ -24,6 +24,7 @@
 pub mod balance;
 pub mod breaker;
 pub mod headers;
+pub mod pool;
 
 use crate::body::UpstreamBody as Body;
 use crate::config::resilience::{OutlierConfig, RetryConfig};
@@ -59,8 +60,9 @@ pub struct Instance {
     pub label: Arc<str>,
     /// Relative share of traffic.
     pub weight: u32,
-    scheme: Scheme,
     authority: Authority,
+    /// `Host` sent upstream (the instance's `host:port`).
+    host: http::HeaderValue,
     healthy: AtomicBool,
     consecutive_ok: AtomicU32,
     consecutive_fail: AtomicU32,
@@ -77,7 +79,6 @@ pub struct Instance {
 
 /// What a valid instance URL is made of.
 pub struct ParsedInstance {
-    scheme: Scheme,
     authority: Authority,
 }
 
@@ -99,18 +100,19 @@ impl Instance {
         if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/" && !pq.as_str().is_empty()) {
             return Err(format!("{url:?}: an instance URL has no path or query (use routes[].add_prefix)"));
         }
-        Ok(ParsedInstance { scheme, authority })
+        Ok(ParsedInstance { authority })
     }
 
     /// An instance from a URL and weight.
     pub fn new(url: &str, weight: u32) -> Result<Self, String> {
         let p = Self::parse(url)?;
+        let host = http::HeaderValue::from_str(p.authority.as_str()).map_err(|e| format!("{url:?}: {e}"))?;
         let url = url.trim_end_matches('/').to_string();
         Ok(Self {
             label: url.as_str().into(),
             url,
             weight: weight.max(1),
-            scheme: p.scheme,
+            host,
             authority: p.authority,
             healthy: AtomicBool::new(true),
             consecutive_ok: AtomicU32::new(0),
@@ -142,10 +144,6 @@ impl Instance {
     #[cfg(test)]
     pub(crate) fn eject_for_test(&self) {
         self.healthy.store(false, Ordering::Relaxed);
-    }
-
-    fn uri(&self, pq: PathAndQuery) -> Result<Uri, http::Error> {
-        Uri::builder().scheme(self.scheme.clone()).authority(self.authority.clone()).path_and_query(pq).build()
     }
 }
 
@@ -229,9 +227,9 @@ pub struct Upstream {
     budget: RetryBudget,
     retry: RetryConfig,
     outlier: OutlierConfig,
-    /// One pooled client per worker thread (index 0: any other thread), so a connection's
-    /// task, its pool and the requests using it stay on one thread.
-    clients: Box<[Client<HttpConnector, Body>]>,
+    /// Connection pools, `[worker][instance]` flattened (worker 0: any other thread), so a
+    /// connection's task, its pool and the requests using it stay on one thread.
+    pools: Box<[Arc<pool::Pool>]>,
     health: HealthCheckConfig,
     health_client: Client<HttpConnector, Empty<Bytes>>,
     /// The hash header name (consistent hashing).
@@ -278,15 +276,13 @@ impl Upstream {
             .iter()
             .map(|i| Instance::new(i.url(), i.weight()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let clients = (0..=workers)
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(cfg.pool_idle_timeout.get())
-                    .pool_max_idle_per_host(cfg.pool_max_idle)
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .build(connector(cfg.connect_timeout.get()))
-            })
+        let pool_cfg = pool::PoolConfig {
+            connect_timeout: cfg.connect_timeout.get(),
+            idle_timeout: cfg.pool_idle_timeout.get(),
+            max_idle: cfg.pool_max_idle,
+        };
+        let pools = (0..=workers)
+            .flat_map(|_| instances.iter().map(|i| pool::Pool::new(i.authority.as_str(), pool_cfg.clone())))
             .collect();
         let health_client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1)
@@ -301,7 +297,7 @@ impl Upstream {
             budget: RetryBudget::new(&cfg.retry),
             retry: cfg.retry.clone(),
             outlier: cfg.outlier_detection.clone(),
-            clients,
+            pools,
             health: cfg.health_check.clone(),
             health_client,
             hash_header: lb.hash_header.as_deref().and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
@@ -319,9 +315,11 @@ impl Upstream {
         })
     }
 
-    /// This thread's client.
-    fn client(&self) -> &Client<HttpConnector, Body> {
-        &self.clients[crate::server::workers::index().min(self.clients.len() - 1)]
+    /// This thread's pool for instance `idx`.
+    fn pool(&self, idx: usize) -> &Arc<pool::Pool> {
+        let n = self.instances.len();
+        let workers = self.pools.len() / n;
+        &self.pools[crate::server::workers::index().min(workers - 1) * n + idx]
     }
 
     fn now_ms(&self) -> u64 {
@@ -435,16 +433,15 @@ impl Upstream {
                     r
                 }
             };
-            *req.uri_mut() = inst
-                .uri(pq.clone())
-                .map_err(|e| GatewayError::new(ErrorKind::Internal, "cannot build upstream request").with_detail(e))?;
+            *req.uri_mut() = Uri::from(pq.clone());
             *req.version_mut() = Version::HTTP_11;
+            req.headers_mut().insert(header::HOST, inst.host.clone());
 
             let remaining = deadline.saturating_duration_since(Instant::now());
             let per_try = self.retry.per_try_timeout.map_or(remaining, |p| p.get().min(remaining));
             inst.inflight.fetch_add(1, Ordering::Relaxed);
             let sent = Instant::now();
-            let result = tokio::time::timeout(per_try, self.client().request(req)).await;
+            let result = tokio::time::timeout(per_try, self.pool(idx).send(req, || series.opened())).await;
             inst.inflight.fetch_sub(1, Ordering::Relaxed);
             series.latency(sent.elapsed());
             let now_ms = self.now_ms();
@@ -464,7 +461,7 @@ impl Upstream {
                     Failure::Status(resp)
                 }
                 Ok(Err(e)) => {
-                    let ge = classify(&e).with_detail(format!("{}: {}", inst.url, error_chain(&e)));
+                    let ge = e.error;
                     series.request(metrics, idx, 0);
                     let not_sent = ge.kind().request_not_sent();
                     Failure::Error(ge, not_sent)
@@ -538,14 +535,16 @@ impl Upstream {
             return Err(GatewayError::new(ErrorKind::NoHealthyUpstream, "no healthy instance of the service"));
         };
         let inst = &self.instances[idx];
-        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = inst
-            .uri(pq)
-            .map_err(|e| GatewayError::new(ErrorKind::Internal, "cannot build upstream request").with_detail(e))?;
         *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(timeout, self.client().request(req)).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(classify(&e).with_detail(format!("{}: {}", inst.url, error_chain(&e)))),
+        req.headers_mut().insert(header::HOST, inst.host.clone());
+        // A connection of its own, never pooled: after a 101 it belongs to the relay.
+        let pool = self.pool(idx);
+        let send = async {
+            let mut tx = pool.connect(true).await.map_err(|e| e.error)?;
+            tx.send_request(req).await.map_err(|e| pool::classify(&e, false))
+        };
+        match tokio::time::timeout(timeout, send).await {
+            Ok(r) => r,
             Err(_) => Err(GatewayError::new(ErrorKind::UpstreamTimeout, "the upstream service did not answer in time")),
         }
     }
@@ -648,39 +647,4 @@ fn backoff(r: &RetryConfig, attempt: u32) -> Duration {
     let cap = r.backoff_base.get().saturating_mul(1 << attempt.min(16)).min(r.backoff_max.get());
     let nanos = cap.as_nanos() as u64;
     if nanos == 0 { Duration::ZERO } else { Duration::from_nanos(balance::random() % (nanos + 1)) }
-}
-
-/// Maps a client error to the kind that says where it failed.
-fn classify(e: &hyper_util::client::legacy::Error) -> GatewayError {
-    if e.is_connect() {
-        return GatewayError::new(ErrorKind::UpstreamConnect, "could not connect to the upstream service");
-    }
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if h.is_parse() || h.is_parse_status() {
-                return GatewayError::new(
-                    ErrorKind::UpstreamBadResponse,
-                    "the upstream service sent an invalid response",
-                );
-            }
-            break;
-        }
-        src = s.source();
-    }
-    GatewayError::new(
-        ErrorKind::UpstreamReset,
-        "the upstream service closed the connection without a complete response",
-    )
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
