@@ -8,7 +8,8 @@
 //! framing headers (ASCII case-insensitive); a blank line ends a header block, and a block with
 //! both marks the connection. The handler checks the mark before anything else.
 //!
-//! Cost: one pass over received bytes with no allocation; HTTP/2 connections (the preface) are
+//! Cost: at most the first 18 bytes of each line are looked at one by one, the rest of a line
+//! (and a body without newlines) is skipped with `memchr`; no allocation; HTTP/2 connections (the preface) are
 //! not scanned.
 
 use std::io;
@@ -75,7 +76,19 @@ impl<T: AsyncRead> AsyncRead for Sniff<T> {
                 return r;
             }
         }
-        for &b in new {
+        let mut i = 0;
+        while i < new.len() {
+            if !*this.at_line_start {
+                // Past the header name (or in a body): jump to the next line.
+                let Some(p) = memchr::memchr(b'\n', &new[i..]) else { break };
+                i += p + 1;
+                *this.at_line_start = true;
+                *this.blank_line = true;
+                *this.line_len = 0;
+                continue;
+            }
+            let b = new[i];
+            i += 1;
             match b {
                 b'\n' => {
                     if *this.blank_line {
@@ -86,27 +99,28 @@ impl<T: AsyncRead> AsyncRead for Sniff<T> {
                         *this.saw_cl = false;
                         *this.saw_te = false;
                     }
-                    *this.at_line_start = true;
                     *this.blank_line = true;
                     *this.line_len = 0;
                 }
                 b'\r' => {}
                 _ => {
                     *this.blank_line = false;
-                    if *this.at_line_start && *this.line_len < NAME_MAX {
-                        this.line[*this.line_len] = b.to_ascii_lowercase();
-                        *this.line_len += 1;
-                        let l = &this.line[..*this.line_len];
-                        if b == b':' {
-                            if l == CL {
-                                *this.saw_cl = true;
-                            } else if l == TE {
-                                *this.saw_te = true;
-                            }
-                            *this.at_line_start = false;
-                        } else if !(CL.starts_with(l) || TE.starts_with(l)) {
-                            *this.at_line_start = false;
+                    if *this.line_len == NAME_MAX {
+                        *this.at_line_start = false;
+                        continue;
+                    }
+                    this.line[*this.line_len] = b.to_ascii_lowercase();
+                    *this.line_len += 1;
+                    let l = &this.line[..*this.line_len];
+                    if b == b':' {
+                        if l == CL {
+                            *this.saw_cl = true;
+                        } else if l == TE {
+                            *this.saw_te = true;
                         }
+                        *this.at_line_start = false;
+                    } else if !(CL.starts_with(l) || TE.starts_with(l)) {
+                        *this.at_line_start = false;
                     }
                 }
             }
@@ -151,9 +165,39 @@ mod tests {
         flag.load(Ordering::Acquire)
     }
 
+    /// Yields one chunk per read, so state carried across reads is exercised.
+    struct Chunks(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Chunks {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if let Some(mut c) = self.0.pop_front() {
+                let n = c.len().min(buf.remaining());
+                buf.put_slice(&c[..n]);
+                if n < c.len() {
+                    self.0.push_front(c.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
     fn tokio_test_reader(chunks: &[&[u8]]) -> impl AsyncRead + Unpin {
-        let all: Vec<u8> = chunks.concat();
-        std::io::Cursor::new(all)
+        Chunks(chunks.iter().map(|c| c.to_vec()).collect())
+    }
+
+    #[tokio::test]
+    async fn finds_the_conflict_wherever_the_reads_split_the_bytes() {
+        let smuggle: &[u8] =
+            b"GET / HTTP/1.1\r\nUser-Agent: a-long-value-with: colons\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let clean: &[u8] = b"POST / HTTP/1.1\r\nX-Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\nab\ncd";
+        for cut in 1..smuggle.len() {
+            assert!(scan(&[&smuggle[..cut], &smuggle[cut..]]).await, "split at {cut}");
+        }
+        for cut in 1..clean.len() {
+            assert!(!scan(&[&clean[..cut], &clean[cut..]]).await, "split at {cut}");
+        }
+        let bytewise: Vec<&[u8]> = smuggle.chunks(1).collect();
+        assert!(scan(&bytewise).await);
     }
 
     #[tokio::test]
