@@ -107,6 +107,8 @@ gw_config gw-cache "$GC" "" "public: true, cache: { ttl: 1h, scope: public }" fa
 ./target/release/b25-gateway run "$WORK/gw-full.yaml" >"$WORK/gw-full-access.log" 2>&1 & PIDS+=($!); GF_PID=$!
 ./target/release/b25-gateway run "$WORK/gw-cache.yaml" >"$WORK/gw-cache.log" 2>&1 & PIDS+=($!); GC_PID=$!
 for p in "$NG" "$HA" "$GB" "$GF" "$GC"; do wait_port "$p"; done
+idle_mib() { python3 -c "print(f'{$(awk '/VmRSS/{print $2}' "/proc/$1/status")/1024:.1f}')"; }
+IDLE_BARE=$(idle_mib "$GB_PID"); IDLE_FULL=$(idle_mib "$GF_PID")
 
 declare -A PORT=([direct]=$UP [nginx]=$NG [haproxy]=$HA [gw-bare]=$GB [gw-full]=$GF [gw-cache-hit]=$GC)
 declare -A PIDOF=([direct]=$SIM_PID [nginx]=$NG_PID [haproxy]=$HA_PID [gw-bare]=$GB_PID [gw-full]=$GF_PID [gw-cache-hit]=$GC_PID)
@@ -172,6 +174,8 @@ NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
       "$(python3 -c "print($(rss_kib "${PIDOF[$t]}")/1024)")"
   done
   echo
+  echo "Idle RSS (after start, before any load): gw-bare $IDLE_BARE MiB, gw-full $IDLE_FULL MiB."
+  echo
   echo "Targets: \`direct\` b25-sim itself; \`nginx\` and \`haproxy\` as keep-alive reverse proxies (2 workers/threads, no logs);"
   echo "\`gw-bare\` a public route, no policies, access log off; \`gw-full\` JWT HS256 + per-principal rate limit + metrics +"
   echo "JSON access log to a file; \`gw-cache-hit\` a public cached route. CPU is the target's own processes (from /proc),"
@@ -179,4 +183,5 @@ NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
   echo
   echo "Single-change A/B measurements (allocators, hot-path changes): [EXPERIMENTS.md](EXPERIMENTS.md)."
 } >bench/RESULTS.md
+python3 bench/targets.py bench/RESULTS.md >/dev/null
 cat bench/RESULTS.md

@@ -1,0 +1,35 @@
+"""Appends the issue's targets, met or missed, to bench/RESULTS.md (run by bench/run.sh)."""
+import re
+import sys
+
+path = sys.argv[1] if len(sys.argv) > 1 else "bench/RESULTS.md"
+text = open(path).read().split("\n## Against the targets")[0].rstrip("\n")
+rows = {}
+for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 9 and cells[0] in ("direct", "nginx", "haproxy", "gw-bare", "gw-full", "gw-cache-hit"):
+        num = lambda s: float(re.match(r"[0-9.]+", s).group()) if re.match(r"[0-9.]+", s) else float("nan")
+        rows[cells[0]] = dict(rps=num(cells[1]), cpu=num(cells[3]), p99=num(cells[6]), p999=num(cells[7]), rss=num(cells[8]))
+ng, d = rows["nginx"], rows["direct"]
+checks = []
+def check(name, value, limit, ok):
+    checks.append(f"| {name} | {value} | {limit} | {'met' if ok else '**missed**'} |")
+for t, rps_k, cpu_k, p99_add in (("gw-bare", 1.1, 1.0, 0.1), ("gw-full", 0.9, 1.25, 0.15)):
+    r = rows[t]
+    check(f"`{t}` req/s vs nginx", f"{r['rps'] / ng['rps']:.2f}×", f"≥ {rps_k}×", r["rps"] >= rps_k * ng["rps"])
+    check(f"`{t}` CPU/request vs nginx", f"{r['cpu'] / ng['cpu']:.2f}×", f"≤ {cpu_k}×", r["cpu"] <= cpu_k * ng["cpu"])
+    add = r["p99"] - d["p99"]
+    check(f"`{t}` added p99 at the fixed rate", f"{add:.3f} ms", f"≤ {p99_add} ms", add <= p99_add)
+    add9 = r["p999"] - d["p999"]
+    check(f"`{t}` added p99.9 at the fixed rate", f"{add9:.3f} ms", "≤ 0.5 ms", add9 <= 0.5)
+c = rows["gw-cache-hit"]
+check("`gw-cache-hit` req/s vs direct", f"{c['rps'] / d['rps']:.2f}×", "≥ 0.9×", c["rps"] >= 0.9 * d["rps"])
+peak = max(rows[t]["rss"] for t in ("gw-bare", "gw-full", "gw-cache-hit"))
+check("gateway peak RSS under saturation", f"{peak:.1f} MiB", "≤ 24 MiB", peak <= 24)
+idle = re.search(r"Idle RSS .*?gw-bare ([0-9.]+) MiB, gw-full ([0-9.]+) MiB", text)
+if idle:
+    worst = max(float(idle.group(1)), float(idle.group(2)))
+    check("gateway idle RSS", f"{worst:.1f} MiB", "≤ 12 MiB", worst <= 12)
+out = text + "\n\n## Against the targets\n\n| target | measured | limit | |\n|---|---|---|---|\n" + "\n".join(checks) + "\n"
+open(path, "w").write(out)
+print("\n".join(checks))
