@@ -540,10 +540,14 @@ const COMMON_STATUSES: [u16; 24] = [
 ];
 const METHODS: [&str; 10] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE", "OTHER"];
 
+/// The index of a status in `COMMON_STATUSES`.
+fn common_status(status: u16) -> Option<usize> {
+    COMMON_STATUSES.iter().position(|x| *x == status)
+}
+
 fn slot(method: &'static str, status: u16) -> Option<usize> {
     let m = METHODS.iter().position(|x| *x == method)?;
-    let s = COMMON_STATUSES.iter().position(|x| *x == status)?;
-    Some(m * COMMON_STATUSES.len() + s)
+    Some(m * COMMON_STATUSES.len() + common_status(status)?)
 }
 
 impl Metrics {
@@ -583,7 +587,7 @@ impl UpstreamMetrics {
 
     /// Counts one try on instance `idx` with its status (0: transport failure).
     pub fn request(&self, metrics: &Metrics, idx: usize, status: u16) {
-        let slot = if status == 0 { Some(0) } else { COMMON_STATUSES.iter().position(|s| *s == status).map(|i| i + 1) };
+        let slot = if status == 0 { Some(0) } else { common_status(status).map(|i| i + 1) };
         if let (Some(per), Some(i)) = (self.requests.get(idx), slot) {
             per[i]
                 .get_or_init(|| {

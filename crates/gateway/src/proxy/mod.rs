@@ -46,7 +46,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// TCP keepalive probes on upstream connections find dead peers on idle pooled connections.
-const UPSTREAM_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+pub(crate) const UPSTREAM_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// The request body type sent upstream.
 pub type UpstreamBody = Body;
@@ -268,8 +268,8 @@ enum Failure {
 }
 
 impl Upstream {
-    /// Builds the service's clients (one per worker thread, plus one for other threads) and
-    /// instances (validated config: instance URLs parse).
+    /// Builds the service's instances and connection pools (one per worker thread and
+    /// instance, plus one per instance for other threads; validated config: URLs parse).
     pub fn new(name: &str, cfg: &ServiceConfig, workers: usize) -> Result<Self, String> {
         let instances = cfg
             .instances
@@ -460,8 +460,7 @@ impl Upstream {
                     series.request(metrics, idx, resp.status().as_u16());
                     Failure::Status(resp)
                 }
-                Ok(Err(e)) => {
-                    let ge = e.error;
+                Ok(Err(ge)) => {
                     series.request(metrics, idx, 0);
                     let not_sent = ge.kind().request_not_sent();
                     Failure::Error(ge, not_sent)
@@ -540,7 +539,7 @@ impl Upstream {
         // A connection of its own, never pooled: after a 101 it belongs to the relay.
         let pool = self.pool(idx);
         let send = async {
-            let mut tx = pool.connect(true).await.map_err(|e| e.error)?;
+            let mut tx = pool.connect(true).await?;
             tx.send_request(req).await.map_err(|e| pool::classify(&e, false))
         };
         match tokio::time::timeout(timeout, send).await {

@@ -25,9 +25,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
-/// TCP keepalive probes on upstream connections find dead peers on idle pooled connections.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
-
 /// Pool settings of one service.
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -55,12 +52,6 @@ pub struct Pool {
     sweeping: std::sync::atomic::AtomicBool,
 }
 
-/// Why a send failed.
-pub struct SendError {
-    /// The error to answer with.
-    pub error: GatewayError,
-}
-
 impl Pool {
     /// An empty pool for `authority` (`host:port`).
     pub fn new(authority: &str, cfg: PoolConfig) -> Arc<Self> {
@@ -70,16 +61,6 @@ impl Pool {
             conns: Mutex::new(Vec::new()),
             sweeping: std::sync::atomic::AtomicBool::new(false),
         })
-    }
-
-    /// Idle-or-busy connections held (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.conns.lock().expect("not poisoned").len()
-    }
-
-    /// True when the pool holds no connection.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// A ready pooled connection, if any.
@@ -109,10 +90,10 @@ impl Pool {
     }
 
     /// Opens a new connection (its driver task runs on the calling worker).
-    pub async fn connect(&self, upgrades: bool) -> Result<SendRequest<Body>, SendError> {
-        let fail = |what: String| SendError {
-            error: GatewayError::new(ErrorKind::UpstreamConnect, "could not connect to the upstream service")
-                .with_detail(format!("{}: {what}", self.authority)),
+    pub async fn connect(&self, upgrades: bool) -> Result<SendRequest<Body>, GatewayError> {
+        let fail = |what: String| {
+            GatewayError::new(ErrorKind::UpstreamConnect, "could not connect to the upstream service")
+                .with_detail(format!("{}: {what}", self.authority))
         };
         let stream = match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(&*self.authority)).await {
             Ok(Ok(s)) => s,
@@ -120,8 +101,11 @@ impl Pool {
             Err(_) => return Err(fail(format!("connect timed out after {:?}", self.cfg.connect_timeout))),
         };
         let _ = stream.set_nodelay(true);
-        let _ = socket2::SockRef::from(&stream)
-            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE).with_interval(TCP_KEEPALIVE));
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(super::UPSTREAM_TCP_KEEPALIVE)
+                .with_interval(super::UPSTREAM_TCP_KEEPALIVE),
+        );
         let (tx, conn) =
             http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| fail(e.to_string()))?;
         if upgrades {
@@ -142,7 +126,7 @@ impl Pool {
         self: &Arc<Self>,
         mut req: Request<Body>,
         opened: impl Fn(),
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<Incoming>, GatewayError> {
         loop {
             let (mut tx, reused) = match self.checkout() {
                 Some(tx) => (tx, true),
@@ -159,7 +143,7 @@ impl Pool {
                 Err(mut e) => match e.take_message() {
                     // Never written (the pooled connection was closing): a new one, once.
                     Some(unsent) if reused => req = unsent,
-                    unsent => return Err(SendError { error: classify(e.error(), unsent.is_some()) }),
+                    unsent => return Err(classify(e.error(), unsent.is_some())),
                 },
             }
         }

@@ -66,16 +66,6 @@ impl Workers {
         // impossible (the accept loop owns `Workers`).
         drop(self.handles[i].spawn(fut));
     }
-
-    /// How many workers there are.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Never true (at least one worker is started); for clippy's `len_without_is_empty`.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
 }
 
 #[cfg(test)]
