@@ -18,12 +18,12 @@ WORK=$(mktemp -d /tmp/b25-ab.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 HZ=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-UP=$(free_port)
+UP=$(sim_base_port)
 ./target/release/b25-sim --host 127.0.0.1 --base-port "$UP" >"$WORK/sim.log" 2>&1 & PIDS+=($!)
 wait_port "$UP"
 SECRET="bench-secret-0123456789-0123456789-abcdef"
@@ -58,11 +58,13 @@ YAML
   wait_port "$port"
 done
 URL_PATH="/api/v1/market/ticker/BTCUSDT"
+for k in "${!PORT[@]}"; do expect_200 "http://127.0.0.1:${PORT[$k]}$URL_PATH" "$HDR"; done
 for k in "${!PORT[@]}"; do wrk -t2 -c"$CONNS" -d2s -H "$HDR" "http://127.0.0.1:${PORT[$k]}$URL_PATH" >/dev/null; done
 for r in $(seq 1 "$ROUNDS"); do
   for k in $(seq 1 "$i"); do
     c0=$(cpu_ticks "${PID[$k]}")
     out=$(wrk -t2 -c"$CONNS" -d"$DURATION" -H "$HDR" "http://127.0.0.1:${PORT[$k]}$URL_PATH")
+    wrk_clean "$out"
     c1=$(cpu_ticks "${PID[$k]}")
     reqs=$(echo "$out" | awk '/requests in/{print $1}')
     rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')

@@ -33,10 +33,10 @@ command -v oha >/dev/null || cargo install oha --locked
 echo "building release binaries…"
 cargo build --release -q -p b25-gateway -p b25-sim
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
-UP=$(free_port)
+UP=$(sim_base_port)
 ./target/release/b25-sim --host 127.0.0.1 --base-port "$UP" >"$WORK/sim.log" 2>&1 & PIDS+=($!); SIM_PID=$!
 wait_port "$UP"
 PATH_Q="/api/v1/market/ticker/BTCUSDT"
@@ -128,6 +128,7 @@ HZ=$(getconf CLK_TCK)
 
 declare -A RPS CPU
 echo "warming up…"
+for t in "${TARGETS[@]}"; do expect_200 "http://127.0.0.1:${PORT[$t]}$PATH_Q" "$(hdr "$t")"; done
 for t in "${TARGETS[@]}"; do wrk -t2 -c"$CONNS" -d2s -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" >/dev/null; done
 for r in $(seq 1 "$ROUNDS"); do
   # Rotate the order each round so no target always runs first or last.
@@ -135,6 +136,7 @@ for r in $(seq 1 "$ROUNDS"); do
   for t in "${order[@]}"; do
     c0=$(cpu_ticks "${PIDOF[$t]}")
     out=$(wrk -t2 -c"$CONNS" -d"$DURATION" -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q")
+    wrk_clean "$out"
     c1=$(cpu_ticks "${PIDOF[$t]}")
     reqs=$(echo "$out" | awk '/requests in/{print $1}')
     rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
@@ -151,8 +153,11 @@ for t in "${TARGETS[@]}"; do
   j=$(oha -z "$RATE_DURATION" -q "$RATE" --latency-correction -c 32 --no-tui --output-format json \
         -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" 2>/dev/null || true)
   read -r P50[$t] P99[$t] P999[$t] < <(echo "$j" | python3 -c 'import json,sys
-d=json.load(sys.stdin)["latencyPercentiles"]
-print(*(f"{d[k]*1000:.3f}" for k in ("p50","p99","p99.9")))' 2>/dev/null || echo "- - -")
+j=json.load(sys.stdin)
+codes=j.get("statusCodeDistribution", {})
+if set(codes) != {"200"}: sys.exit(f"bench: latency run saw statuses {codes}")
+d=j["latencyPercentiles"]
+print(*(f"{d[k]*1000:.3f}" for k in ("p50","p99","p99.9")))' || echo "- - -")
 done
 
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f'{statistics.median(v):.0f} ({min(v):.0f}–{max(v):.0f})')" $1; }

@@ -3,6 +3,7 @@
 //! An enum instead of a boxed trait object keeps the hot path free of a heap allocation per
 //! response; both variants are `Unpin`, so no projection is needed.
 
+use crate::proxy::h1::ResponseBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -14,11 +15,13 @@ use std::task::{Context, Poll};
 #[derive(Debug)]
 pub enum GatewayBody {
     /// Streamed from the upstream as it arrives; never buffered whole.
-    Upstream(Incoming),
+    Upstream(ResponseBody),
+    /// An upstream answer read by hyper (a refused WebSocket handshake).
+    Hyper(Incoming),
     /// A complete body made by the gateway (errors, health, metrics, cache hits).
     Full(Full<Bytes>),
     /// Bytes already read from an upstream body, then the rest of it.
-    Prefixed(Option<Bytes>, Incoming),
+    Prefixed(Option<Bytes>, ResponseBody),
 }
 
 impl GatewayBody {
@@ -34,11 +37,12 @@ impl GatewayBody {
 
 impl Body for GatewayBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             Self::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             Self::Prefixed(prefix, rest) => match prefix.take() {
                 Some(p) => Poll::Ready(Some(Ok(Frame::data(p)))),
@@ -50,6 +54,7 @@ impl Body for GatewayBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Upstream(b) => b.is_end_stream(),
+            Self::Hyper(b) => b.is_end_stream(),
             Self::Full(b) => b.is_end_stream(),
             Self::Prefixed(p, rest) => p.is_none() && rest.is_end_stream(),
         }
@@ -58,6 +63,7 @@ impl Body for GatewayBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Upstream(b) => b.size_hint(),
+            Self::Hyper(b) => b.size_hint(),
             Self::Full(b) => b.size_hint(),
             Self::Prefixed(..) => SizeHint::default(),
         }
@@ -66,7 +72,7 @@ impl Body for GatewayBody {
 
 /// Reads an upstream body up to `max` bytes: `Ok(bytes)` when it fits, otherwise a body that
 /// replays what was read and streams the rest (nothing is lost, nothing buffered beyond `max`).
-pub async fn read_bounded(mut body: Incoming, max: usize) -> Result<Result<Bytes, GatewayBody>, hyper::Error> {
+pub async fn read_bounded(mut body: ResponseBody, max: usize) -> Result<Result<Bytes, GatewayBody>, BoxError> {
     use http_body_util::BodyExt;
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
@@ -96,9 +102,9 @@ impl Observed {
 
 impl Body for Observed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
@@ -280,8 +286,8 @@ impl Body for RequestBody {
 pub enum UpstreamBody {
     /// Streamed as it arrives.
     Stream(RequestBody),
-    /// Read whole first (JSON validation).
-    Full(Full<Bytes>),
+    /// Read whole first (JSON validation), or empty; kept whole for a replay.
+    Full(Bytes),
 }
 
 impl Body for UpstreamBody {
@@ -291,21 +297,22 @@ impl Body for UpstreamBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Stream(b) => Pin::new(b).poll_frame(cx),
-            Self::Full(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            Self::Full(b) if b.is_empty() => Poll::Ready(None),
+            Self::Full(b) => Poll::Ready(Some(Ok(Frame::data(std::mem::take(b))))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Stream(b) => b.is_end_stream(),
-            Self::Full(b) => b.is_end_stream(),
+            Self::Full(b) => b.is_empty(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Stream(b) => b.size_hint(),
-            Self::Full(b) => b.size_hint(),
+            Self::Full(b) => SizeHint::with_exact(b.len() as u64),
         }
     }
 }

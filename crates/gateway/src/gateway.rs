@@ -35,7 +35,6 @@ use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -546,10 +545,10 @@ async fn serve(
         }
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         let replay = (bytes.len() as u64 <= route.upstream.max_replay_body()).then(|| bytes.clone());
-        (UpstreamBody::Full(Full::new(bytes)), replay)
+        (UpstreamBody::Full(bytes), replay)
     } else if !has_body {
         // Nothing to stream: an empty body that a retry can send again.
-        (UpstreamBody::Full(Full::new(Bytes::new())), Some(Bytes::new()))
+        (UpstreamBody::Full(Bytes::new()), Some(Bytes::new()))
     } else {
         (UpstreamBody::Stream(guarded), None)
     };
@@ -685,18 +684,7 @@ static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 /// formatting machinery: this runs on every response.
 fn server_timing(total_us: u64, upstream_us: Option<u64>) -> HeaderValue {
     fn ms(out: &mut Vec<u8>, us: u64) {
-        let mut digits = [0u8; 20];
-        let mut n = us / 1000;
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(&digits[i..]);
+        crate::push_decimal(out, us / 1000);
         let frac = us % 1000;
         out.extend_from_slice(&[
             b'.',
@@ -775,7 +763,7 @@ async fn websocket_proxy(
     headers::set_forwarded(&mut h, &conn.peer_ip, conn.tls, host);
     h.insert(&request_id::X_REQUEST_ID, request_id.clone());
     set_principal(snapshot, &mut h, principal.as_deref());
-    let mut req = Request::new(UpstreamBody::Full(Full::new(Bytes::new())));
+    let mut req = Request::new(UpstreamBody::Full(Bytes::new()));
     *req.uri_mut() = PathAndQuery::try_from(target)
         .map_err(|_| GatewayError::new(ErrorKind::BadRequest, "invalid request target"))?
         .into();
@@ -808,7 +796,7 @@ async fn websocket_proxy(
             let (mut p, body) = resp.into_parts();
             headers::strip_hop_by_hop(&mut p.headers);
             p.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            Ok(Response::from_parts(p, GatewayBody::Upstream(body)))
+            Ok(Response::from_parts(p, GatewayBody::Hyper(body)))
         }
         Err(e) => {
             shared.metrics.websocket(&route.id, "bad_upstream");

@@ -18,11 +18,13 @@
 //! - retries spend a budget (a share of recent requests), so a failing service never sees a
 //!   retry storm.
 //!
-//! hyper's pool re-sends a request only when it knows the request was never written (a pooled
-//! connection found closed before use), which keeps POSTs single.
+//! The pool re-sends a request only when its first write on a pooled connection failed (not a
+//! byte left), which keeps POSTs single; idle connections the upstream closed are dropped at
+//! checkout, before anything is written.
 
 pub mod balance;
 pub mod breaker;
+pub mod h1;
 pub mod headers;
 pub mod pool;
 
@@ -36,7 +38,7 @@ use breaker::{Breaker, State};
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, Uri, Version, header};
-use http_body_util::{Empty, Full};
+use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -262,7 +264,7 @@ fn idempotent(m: &Method) -> bool {
 
 enum Failure {
     /// An upstream answer with a retryable status.
-    Status(Response<Incoming>),
+    Status(Response<h1::ResponseBody>),
     /// A transport failure; `not_sent` when no byte can have reached the upstream.
     Error(GatewayError, bool),
 }
@@ -393,7 +395,11 @@ impl Upstream {
     /// Sends `req` (whose URI holds only path and query) and waits for the response headers,
     /// retrying where it is safe (see the module docs). The body streams; nothing is buffered
     /// here.
-    pub async fn forward(&self, req: Request<Body>, call: Call<'_>) -> Result<Response<Incoming>, GatewayError> {
+    pub async fn forward(
+        &self,
+        req: Request<Body>,
+        call: Call<'_>,
+    ) -> Result<Response<h1::ResponseBody>, GatewayError> {
         let started = Instant::now();
         // checked: an absurd configured timeout must not overflow `Instant` (a panic per request).
         let deadline = started.checked_add(call.timeout).unwrap_or(started + Duration::from_secs(86_400));
@@ -427,7 +433,7 @@ impl Upstream {
             let mut req = match (parts.take(), body.take()) {
                 (Some(p), Some(b)) => Request::from_parts(p, b),
                 _ => {
-                    let mut r = Request::new(Body::Full(Full::new(call.replay.clone().unwrap_or_default())));
+                    let mut r = Request::new(Body::Full(call.replay.clone().unwrap_or_default()));
                     *r.method_mut() = method.clone();
                     *r.headers_mut() = saved.clone().unwrap_or_default();
                     r
@@ -539,7 +545,7 @@ impl Upstream {
         // A connection of its own, never pooled: after a 101 it belongs to the relay.
         let pool = self.pool(idx);
         let send = async {
-            let mut tx = pool.connect(true).await?;
+            let mut tx = pool.connect_upgradable().await?;
             tx.send_request(req).await.map_err(|e| pool::classify(&e, false))
         };
         match tokio::time::timeout(timeout, send).await {

@@ -1,24 +1,22 @@
 //! Upstream HTTP/1.1 connection pools: one per (worker thread, instance).
 //!
-//! Built on `hyper::client::conn::http1` instead of hyper-util's general-purpose client: the
-//! gateway knows the instance before it sends, so a pool is a short `Vec` behind an
-//! uncontended mutex (its worker is the only thread that uses it): no per-request hashing of
-//! a pool key, no lazily built connect future, no task spawned per request to wait for the
-//! connection to become reusable.
+//! The gateway knows the instance before it sends, so a pool is a short `Vec` of idle
+//! connections behind an uncontended mutex (its worker is the only thread that uses it): no
+//! per-request hashing of a pool key, no task per connection (see [`super::h1`]).
 //!
-//! A connection goes back into its pool as soon as the response head is in; while its body is
-//! still streaming it is not *ready*, and checkout skips it. Checkout takes the most recently
-//! used ready connection (LIFO keeps a small warm set), drops closed ones and ones idle longer
-//! than `pool_idle_timeout`; a sweep task on the worker closes idle ones even without traffic.
+//! A connection is out of the pool while it carries a request; its response body puts it
+//! back when the body ends cleanly. Checkout takes the most recently used connection (LIFO
+//! keeps a small warm set), drops ones the upstream closed and ones idle longer than
+//! `pool_idle_timeout`; a sweep task on the worker closes idle ones even without traffic.
 //!
-//! Order safety: a request is only re-sent on another connection when hyper hands it back
-//! unsent (the pooled connection was found closed before a byte was written). Anything else
-//! is reported to the caller, whose retry policy decides (see the module docs of `proxy`).
+//! Order safety: a request is only re-sent on another connection when its first write failed
+//! (not a byte left). Anything else is reported to the caller, whose retry policy decides
+//! (see the module docs of `proxy`).
 
+use super::h1::{Conn, ResponseBody, WriteError};
 use crate::body::UpstreamBody as Body;
 use crate::error::{ErrorKind, GatewayError};
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::sync::{Arc, Mutex, Weak};
@@ -37,16 +35,17 @@ pub struct PoolConfig {
 }
 
 struct Pooled {
-    tx: SendRequest<Body>,
-    /// When the connection last carried a request head.
+    conn: Conn,
+    /// When the connection came back.
     used: Instant,
 }
 
-/// The connections of one worker to one instance.
+/// The idle connections of one worker to one instance.
 pub struct Pool {
     /// `host:port` to connect to.
     authority: Arc<str>,
     cfg: PoolConfig,
+    /// Oldest first.
     conns: Mutex<Vec<Pooled>>,
     /// A sweep task runs while the pool holds connections.
     sweeping: std::sync::atomic::AtomicBool,
@@ -63,42 +62,45 @@ impl Pool {
         })
     }
 
-    /// A ready pooled connection, if any.
-    fn checkout(&self) -> Option<SendRequest<Body>> {
+    /// The most recently used live idle connection, if any.
+    fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
         let mut conns = self.conns.lock().expect("not poisoned");
-        conns.retain(|c| !c.tx.is_closed() && now.duration_since(c.used) < self.cfg.idle_timeout);
-        let i = conns.iter().rposition(|c| c.tx.is_ready())?;
-        Some(conns.swap_remove(i).tx)
+        while let Some(Pooled { mut conn, used }) = conns.pop() {
+            if now.duration_since(used) >= self.cfg.idle_timeout {
+                // Newest first: the rest are older still.
+                conns.clear();
+                return None;
+            }
+            if conn.is_usable() {
+                return Some(conn);
+            }
+        }
+        None
     }
 
-    /// Keeps `tx` for the next request (it becomes ready when its response body is done).
-    fn checkin(self: &Arc<Self>, tx: SendRequest<Body>) {
-        if tx.is_closed() || self.cfg.max_idle == 0 {
+    /// Keeps an idle connection for the next request.
+    pub(super) fn checkin(self: &Arc<Self>, conn: Conn) {
+        if self.cfg.max_idle == 0 {
             return;
         }
         let mut conns = self.conns.lock().expect("not poisoned");
         if conns.len() >= self.cfg.max_idle {
-            // The least recently used one goes (it finishes what it is doing, then closes).
             conns.remove(0);
         }
-        conns.push(Pooled { tx, used: Instant::now() });
+        conns.push(Pooled { conn, used: Instant::now() });
         drop(conns);
         if !self.sweeping.swap(true, std::sync::atomic::Ordering::AcqRel) {
             tokio::spawn(sweep(Arc::downgrade(self), self.cfg.idle_timeout));
         }
     }
 
-    /// Opens a new connection (its driver task runs on the calling worker).
-    pub async fn connect(&self, upgrades: bool) -> Result<SendRequest<Body>, GatewayError> {
-        let fail = |what: String| {
-            GatewayError::new(ErrorKind::UpstreamConnect, "could not connect to the upstream service")
-                .with_detail(format!("{}: {what}", self.authority))
-        };
+    /// Opens a TCP connection (no delay, keepalive probes).
+    async fn connect_tcp(&self) -> Result<TcpStream, GatewayError> {
         let stream = match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(&*self.authority)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(fail(e.to_string())),
-            Err(_) => return Err(fail(format!("connect timed out after {:?}", self.cfg.connect_timeout))),
+            Ok(Err(e)) => return Err(self.connect_error(e.to_string())),
+            Err(_) => return Err(self.connect_error(format!("connect timed out after {:?}", self.cfg.connect_timeout))),
         };
         let _ = stream.set_nodelay(true);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
@@ -106,45 +108,71 @@ impl Pool {
                 .with_time(super::UPSTREAM_TCP_KEEPALIVE)
                 .with_interval(super::UPSTREAM_TCP_KEEPALIVE),
         );
-        let (tx, conn) =
-            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| fail(e.to_string()))?;
-        if upgrades {
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
-        } else {
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
+        Ok(stream)
+    }
+
+    fn connect_error(&self, what: String) -> GatewayError {
+        GatewayError::new(ErrorKind::UpstreamConnect, "could not connect to the upstream service")
+            .with_detail(format!("{}: {what}", self.authority))
+    }
+
+    /// Opens a connection for an upgrade (WebSocket handshake) with hyper, whose upgrade
+    /// machinery hands the raw stream to the relay after a 101. Never pooled.
+    pub async fn connect_upgradable(&self) -> Result<SendRequest<Body>, GatewayError> {
+        let stream = self.connect_tcp().await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.connect_error(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
         Ok(tx)
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on a pooled or new connection and returns the
-    /// response head. `opened` is called for every new connection.
+    /// response head; the body streams from the connection. `opened` is called for every new
+    /// connection.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<Body>,
+        req: Request<Body>,
         opened: impl Fn(),
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Result<Response<ResponseBody>, GatewayError> {
+        let (parts, mut body) = req.into_parts();
         loop {
-            let (mut tx, reused) = match self.checkout() {
-                Some(tx) => (tx, true),
+            let (mut conn, reused) = match self.checkout() {
+                Some(c) => (c, true),
                 None => {
                     opened();
-                    (self.connect(false).await?, false)
+                    (Conn::new(self.connect_tcp().await?), false)
                 }
             };
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    self.checkin(tx);
-                    return Ok(resp);
+            match conn.write_request(&parts, &mut body).await {
+                Ok(()) => return conn.read_response(&parts.method, Some(self.clone())).await,
+                // Dead before the first byte: a new connection (its failure is final).
+                Err(WriteError::Unsent(_)) if reused => continue,
+                Err(WriteError::Unsent(e)) => {
+                    return Err(GatewayError::new(
+                        ErrorKind::UpstreamConnect,
+                        "could not connect to the upstream service",
+                    )
+                    .with_detail(format!("{}: {e}", self.authority)));
                 }
-                Err(mut e) => match e.take_message() {
-                    // Never written (the pooled connection was closing): a new one, once.
-                    Some(unsent) if reused => req = unsent,
-                    unsent => return Err(classify(e.error(), unsent.is_some())),
-                },
+                Err(WriteError::Body(e)) => {
+                    return Err(GatewayError::new(ErrorKind::UpstreamReset, "the request body could not be sent")
+                        .with_detail(e.to_string()));
+                }
+                Err(WriteError::Io(e)) => {
+                    // The upstream may have answered early and closed (e.g. 413 while the body
+                    // was still streaming): that answer is the response.
+                    return conn.read_response(&parts.method, None).await.map_err(|_| {
+                        GatewayError::new(
+                            ErrorKind::UpstreamReset,
+                            "the upstream service closed the connection without a complete response",
+                        )
+                        .with_detail(format!("{}: {e}", self.authority))
+                    });
+                }
             }
         }
     }
@@ -158,7 +186,7 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
         let Some(pool) = pool.upgrade() else { return };
         let now = Instant::now();
         let mut conns = pool.conns.lock().expect("not poisoned");
-        conns.retain(|c| !c.tx.is_closed() && now.duration_since(c.used) < pool.cfg.idle_timeout);
+        conns.retain_mut(|c| now.duration_since(c.used) < pool.cfg.idle_timeout && c.conn.is_usable());
         if conns.is_empty() {
             pool.sweeping.store(false, std::sync::atomic::Ordering::Release);
             return;

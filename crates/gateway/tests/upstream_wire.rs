@@ -1,0 +1,193 @@
+//! The upstream leg's HTTP/1.1 client against a hand-written upstream that writes exact bytes:
+//! every response framing (length, chunked with trailers, until close, none), interim 1xx
+//! answers, heads split across writes, ambiguous framing refused (502, never guessed),
+//! and connection reuse only when the previous response ended exactly where it said.
+
+mod support;
+
+use http::Method;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+const ROUTE: &str = "  - { id: w, path: \"/w/{case}\", methods: [GET, HEAD, POST], service: up, public: true, timeout: 5s, retry_attempts: 1 }\n";
+
+/// A scripted upstream: answers each request with the raw bytes its path names.
+struct Wire {
+    url: String,
+    /// Connections accepted so far.
+    conns: Arc<AtomicUsize>,
+    /// A message each time the upstream closed a connection on purpose.
+    closed: mpsc::UnboundedReceiver<()>,
+}
+
+/// Reads one request (head and `content-length` body); `None` at EOF.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, String)> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .map_or(0, |v| v.parse::<usize>().unwrap());
+            while buf.len() < end + 4 + len {
+                let mut more = [0u8; 4096];
+                let n = s.read(&mut more).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&more[..n]);
+            }
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+            buf.drain(..end + 4 + len);
+            let target = head.split(' ').nth(1).unwrap_or_default().to_string();
+            return Some((target, body));
+        }
+        let mut more = [0u8; 4096];
+        let n = s.read(&mut more).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&more[..n]);
+    }
+}
+
+async fn wire() -> Wire {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let conns = Arc::new(AtomicUsize::new(0));
+    let (tx, closed) = mpsc::unbounded_channel();
+    let counter = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some((target, body)) = read_request(&mut s, &mut buf).await {
+                    let case = target.rsplit('/').next().unwrap_or_default().to_string();
+                    let out: &[u8] = match case.as_str() {
+                        "length" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+                        "chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=x\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
+                        "extra" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nforged",
+                        "until-close" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end",
+                        "continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                        "head" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n",
+                        "no-content" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                        "te-and-cl" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                        "two-lengths" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
+                        "bad-chunk" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+                        "switch" => b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+                        "echo" => {
+                            let r = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                            s.write_all(r.as_bytes()).await.unwrap();
+                            continue;
+                        }
+                        "split" => {
+                            for part in [&b"HTTP/1.1 20"[..], b"0 OK\r\ncontent-le", b"ngth: 4\r\n\r", b"\nab", b"cd"] {
+                                s.write_all(part).await.unwrap();
+                                s.flush().await.unwrap();
+                                tokio::task::yield_now().await;
+                            }
+                            continue;
+                        }
+                        "then-close" => {
+                            // A keep-alive answer, then the upstream drops the idle connection.
+                            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+                            drop(s);
+                            let _ = tx.send(());
+                            return;
+                        }
+                        _ => b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+                    };
+                    if s.write_all(out).await.is_err() {
+                        return;
+                    }
+                    if case == "until-close" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Wire { url, conns, closed }
+}
+
+async fn gateway(w: &Wire) -> TestGateway {
+    // One worker: every request uses the same connection pool.
+    let yaml = config_yaml(&[("up", w.url.clone())], ROUTE).replace("server:\n", "server:\n  workers: 1\n");
+    TestGateway::start(&yaml, &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_is_relayed_and_connections_reused_only_when_clean() {
+    let mut w = wire().await;
+    let gw = gateway(&w).await;
+    let conns = || w.conns.load(Ordering::SeqCst);
+    let body = |r: &Reply| String::from_utf8_lossy(&r.body).to_string();
+
+    let r = get(gw.addr(), "/w/length").await;
+    assert_eq!((r.status.as_u16(), body(&r).as_str()), (200, "hello"));
+    let r = get(gw.addr(), "/w/chunked").await;
+    assert_eq!((r.status.as_u16(), body(&r).as_str()), (200, "hello world"));
+    let r = get(gw.addr(), "/w/split").await;
+    assert_eq!((r.status.as_u16(), body(&r).as_str()), (200, "abcd"));
+    let r = get(gw.addr(), "/w/continue").await;
+    assert_eq!((r.status.as_u16(), body(&r).as_str()), (200, "ok"), "1xx interim answers are skipped");
+    let r = send(gw.addr(), Method::HEAD, "/w/head", &[], "").await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty());
+    let r = get(gw.addr(), "/w/no-content").await;
+    assert_eq!(r.status, 204);
+    let r = send(gw.addr(), Method::POST, "/w/echo", &[("content-type", "text/plain")], "order-1").await;
+    assert_eq!((r.status.as_u16(), body(&r).as_str()), (200, "order-1"));
+    assert_eq!(conns(), 1, "clean responses of every framing leave the connection reusable");
+
+    // Bytes past the declared length: the body stops at the length, and the connection is
+    // not reused (its leftovers must never be read as the next response).
+    let r = get(gw.addr(), "/w/extra").await;
+    assert_eq!((r.status.as_u16(), body(&r).as_str()), (200, "ok"));
+    let r = get(gw.addr(), "/w/length").await;
+    assert_eq!((r.status.as_u16(), body(&r).as_str()), (200, "hello"), "no forged response relayed");
+    assert_eq!(conns(), 2);
+
+    // A body delimited by the close: complete, and that connection is gone.
+    let r = get(gw.addr(), "/w/until-close").await;
+    assert_eq!((r.status.as_u16(), body(&r).as_str()), (200, "until the end"));
+    let r = get(gw.addr(), "/w/length").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(conns(), 3);
+
+    // The upstream closes an idle pooled connection: the next order (a POST, never retried)
+    // goes out on a fresh connection instead of failing.
+    let r = get(gw.addr(), "/w/then-close").await;
+    assert_eq!(r.status, 200);
+    w.closed.recv().await.unwrap();
+    let r = send(gw.addr(), Method::POST, "/w/echo", &[("content-type", "text/plain")], "order-2").await;
+    assert_eq!((r.status.as_u16(), body(&r).as_str()), (200, "order-2"), "a closed idle connection is not used");
+    assert_eq!(conns(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_or_broken_upstream_framing_is_502_not_guessed() {
+    let w = wire().await;
+    let gw = gateway(&w).await;
+    for case in ["te-and-cl", "two-lengths", "switch"] {
+        let r = get(gw.addr(), &format!("/w/{case}")).await;
+        r.assert_error(502, "bad_upstream_response");
+    }
+    // A broken chunk size after the head was relayed: the client's exchange fails (the
+    // connection is cut before or after the head), it never looks complete.
+    let mut tx = h1::<http_body_util::Empty<bytes::Bytes>>(gw.addr()).await;
+    let req = http::Request::get("/w/bad-chunk").header("host", "gw").body(Default::default()).unwrap();
+    if let Ok(resp) = tx.send_request(req).await {
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+        assert!(body.is_err(), "a malformed chunked body must not look complete");
+    }
+    // The gateway is still fine.
+    let r = get(gw.addr(), "/w/length").await;
+    assert_eq!(r.status, 200);
+}
