@@ -474,13 +474,17 @@ async fn serve(
         .headers
         .remove(header::HOST)
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    // The upstream client sends the URI's path and query (origin form); it is only rebuilt
+    // when normalisation or a prefix rewrite changed the path.
     let upstream_path = route.rewrite(&path);
-    let pq = match parts.uri.query() {
-        Some(q) => PathAndQuery::try_from(format!("{upstream_path}?{q}")),
-        None => PathAndQuery::try_from(upstream_path.as_ref()),
+    if upstream_path != parts.uri.path() || parts.uri.path_and_query().is_none() {
+        let pq = match parts.uri.query() {
+            Some(q) => PathAndQuery::try_from(format!("{upstream_path}?{q}")),
+            None => PathAndQuery::try_from(upstream_path.as_ref()),
+        }
+        .map_err(|_| GatewayError::new(ErrorKind::BadRequest, "invalid request target"))?;
+        parts.uri = pq.into();
     }
-    .map_err(|_| GatewayError::new(ErrorKind::BadRequest, "invalid request target"))?;
-    parts.uri = pq.into();
 
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h);
@@ -848,11 +852,19 @@ async fn authorize(
 /// adds the authenticated principal.
 fn set_principal(snapshot: &Snapshot, h: &mut http::HeaderMap, principal: Option<&Principal>) {
     let a = &snapshot.auth;
-    h.remove(&a.subject_header);
-    h.remove(&a.roles_header);
-    h.remove(&a.method_header);
-    if let Some(k) = a.api_key_header() {
-        h.remove(k);
+    // One pass over the (few) names decides whether a client sent any identity header; the
+    // hashed removals only run when one did.
+    let key = a.api_key_header();
+    let spoofed = h.keys().any(|n| {
+        *n == a.subject_header || *n == a.roles_header || *n == a.method_header || key.is_some_and(|k| n == k)
+    });
+    if spoofed {
+        h.remove(&a.subject_header);
+        h.remove(&a.roles_header);
+        h.remove(&a.method_header);
+        if let Some(k) = key {
+            h.remove(k);
+        }
     }
     if a.jwt.as_ref().is_some_and(|j| !j.forward_token) {
         h.remove(header::AUTHORIZATION);

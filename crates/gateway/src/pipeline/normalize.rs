@@ -22,7 +22,9 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
     }
     let mut needs_decode = false;
     let mut i = 0;
-    while i < bytes.len() {
+    // Ordinary bytes are skipped through a table; only the special ones are looked at.
+    while let Some(skip) = bytes[i..].iter().position(|&b| SPECIAL[b as usize]) {
+        i += skip;
         match bytes[i] {
             b'%' => {
                 let hex = bytes.get(i + 1..i + 3).ok_or(InvalidPath("truncated percent-escape in path"))?;
@@ -40,8 +42,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
             }
             b'\\' => return Err(InvalidPath("backslash in path")),
             b';' => return Err(InvalidPath("';' path parameters are not accepted")),
-            b if b < 0x20 || b == 0x7f => return Err(InvalidPath("control character in path")),
-            _ => i += 1,
+            _ => return Err(InvalidPath("control character in path")),
         }
     }
     let out: Cow<'_, str> = if needs_decode {
@@ -69,16 +70,36 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
         Cow::Borrowed(path)
     };
     // Segment checks run on the decoded form so `%2e%2e` is caught like `..`.
-    let mut segments = out[1..].split('/').peekable();
-    while let Some(seg) = segments.next() {
-        if seg == "." || seg == ".." {
+    check_segments(out.as_bytes())?;
+    Ok(out)
+}
+
+/// Bytes the first pass must look at: `%`, `\\`, `;`, control characters.
+static SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = b < 0x20 || b == 0x7f || b == b'%' as usize || b == b'\\' as usize || b == b';' as usize;
+        b += 1;
+    }
+    t
+};
+
+/// Refuses `.`/`..` segments and empty ones other than a trailing slash (`p` starts with `/`).
+fn check_segments(p: &[u8]) -> Result<(), InvalidPath> {
+    let mut start = 1;
+    let ends = memchr::memchr_iter(b'/', &p[1..]).map(|i| i + 1).chain(std::iter::once(p.len()));
+    for i in ends {
+        let seg = &p[start..i];
+        if seg == b"." || seg == b".." {
             return Err(InvalidPath("'.' and '..' segments are not accepted"));
         }
-        if seg.is_empty() && segments.peek().is_some() {
+        if seg.is_empty() && i < p.len() {
             return Err(InvalidPath("empty path segment ('//')"));
         }
+        start = i + 1;
     }
-    Ok(out)
+    Ok(())
 }
 
 fn is_unreserved(b: u8) -> bool {
@@ -102,6 +123,7 @@ mod tests {
         assert_eq!(normalize("/a/b%7e%20").unwrap(), "/a/b~%20");
         assert_eq!(normalize("/api/v1/orders/").unwrap(), "/api/v1/orders/");
         assert_eq!(normalize("/").unwrap(), "/");
+        assert_eq!(normalize("/a/.b/..c/...").unwrap(), "/a/.b/..c/...");
         for bad in [
             "",
             "api",
@@ -121,6 +143,12 @@ mod tests {
             "/a%zz",
             "/a%2",
             "/a/.%2e/b",
+            "/a\x01b",
+            "/a\x7f",
+            "/a\tb",
+            "/a/b/..",
+            "/a/b/.",
+            "/./a",
         ] {
             assert!(normalize(bad).is_err(), "{bad:?} accepted");
         }

@@ -36,8 +36,8 @@ use crate::observe::Metrics;
 use balance::Balancer;
 use breaker::{Breaker, State};
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Method, Request, Response, Uri, Version, header};
+use http::uri::{Authority, Scheme};
+use http::{Method, Request, Response, Uri, Version, header};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -403,12 +403,8 @@ impl Upstream {
         let started = Instant::now();
         // checked: an absurd configured timeout must not overflow `Instant` (a panic per request).
         let deadline = started.checked_add(call.timeout).unwrap_or(started + Duration::from_secs(86_400));
-        let (parts, body) = req.into_parts();
-        let method = parts.method.clone();
-        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let can_replay = call.replay.is_some() && call.attempts > 1;
-        let saved: Option<HeaderMap> = can_replay.then(|| parts.headers.clone());
-        let mut parts = Some(parts);
+        // The parts stay here across tries (no copy of the headers for a retry).
+        let (mut parts, body) = req.into_parts();
         let mut body = Some(body);
         let mut exclude = None;
         self.budget.deposit();
@@ -429,25 +425,16 @@ impl Upstream {
                     .with_detail(&self.name));
             };
             let inst = &self.instances[idx];
-            // Build this try's request: the original the first time, a replay after.
-            let mut req = match (parts.take(), body.take()) {
-                (Some(p), Some(b)) => Request::from_parts(p, b),
-                _ => {
-                    let mut r = Request::new(Body::Full(call.replay.clone().unwrap_or_default()));
-                    *r.method_mut() = method.clone();
-                    *r.headers_mut() = saved.clone().unwrap_or_default();
-                    r
-                }
-            };
-            *req.uri_mut() = Uri::from(pq.clone());
-            *req.version_mut() = Version::HTTP_11;
-            req.headers_mut().insert(header::HOST, inst.host.clone());
+            // This try's body: the original the first time, the kept bytes after.
+            let body = body.take().unwrap_or_else(|| Body::Full(call.replay.clone().unwrap_or_default()));
+            // The path and query are sent (origin form), whatever form the URI has.
+            parts.headers.insert(header::HOST, inst.host.clone());
 
             let remaining = deadline.saturating_duration_since(Instant::now());
             let per_try = self.retry.per_try_timeout.map_or(remaining, |p| p.get().min(remaining));
             inst.inflight.fetch_add(1, Ordering::Relaxed);
             let sent = Instant::now();
-            let result = tokio::time::timeout(per_try, self.pool(idx).send(req, || series.opened())).await;
+            let result = tokio::time::timeout(per_try, self.pool(idx).send(&parts, body, || series.opened())).await;
             inst.inflight.fetch_sub(1, Ordering::Relaxed);
             series.latency(sent.elapsed());
             let now_ms = self.now_ms();
@@ -484,7 +471,7 @@ impl Upstream {
             self.passive(idx, false, now_ms, metrics);
 
             let not_sent = matches!(failure, Failure::Error(_, true));
-            let safe = not_sent || idempotent(&method) || call.deduplicated;
+            let safe = not_sent || idempotent(&parts.method) || call.deduplicated;
             let left = deadline.saturating_duration_since(Instant::now());
             let wants_retry = attempt + 1 < call.attempts && safe && !left.is_zero();
             let replayable = call.replay.is_some();

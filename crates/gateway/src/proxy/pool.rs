@@ -16,7 +16,7 @@
 use super::h1::{Conn, ResponseBody, WriteError};
 use crate::body::UpstreamBody as Body;
 use crate::error::{ErrorKind, GatewayError};
-use http::{Request, Response};
+use http::Response;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::sync::{Arc, Mutex, Weak};
@@ -130,15 +130,15 @@ impl Pool {
         Ok(tx)
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) on a pooled or new connection and returns the
-    /// response head; the body streams from the connection. `opened` is called for every new
-    /// connection.
+    /// Sends a request (`Host` set; the URI's path and query are sent) on a pooled or new
+    /// connection and returns the response head; the body streams from the connection.
+    /// `opened` is called for every new connection.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<Body>,
+        parts: &http::request::Parts,
+        mut body: Body,
         opened: impl Fn(),
     ) -> Result<Response<ResponseBody>, GatewayError> {
-        let (parts, mut body) = req.into_parts();
         loop {
             let (mut conn, reused) = match self.checkout() {
                 Some(c) => (c, true),
@@ -147,7 +147,7 @@ impl Pool {
                     (Conn::new(self.connect_tcp().await?), false)
                 }
             };
-            match conn.write_request(&parts, &mut body).await {
+            match conn.write_request(parts, &mut body).await {
                 Ok(()) => return conn.read_response(&parts.method, Some(self.clone())).await,
                 // Dead before the first byte: a new connection (its failure is final).
                 Err(WriteError::Unsent(_)) if reused => continue,
