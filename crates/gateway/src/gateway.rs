@@ -308,11 +308,11 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
     }
     resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id);
     let mut rec = pending.0.take().expect("set above");
-    rec.headers_us = Some(rec.start.elapsed().as_micros() as u64);
+    let headers_us = rec.start.elapsed().as_micros() as u64;
+    rec.headers_us = Some(headers_us);
     if snapshot.config.logging.server_timing {
         // Time to the response headers: the gateway's own share and the upstream's.
-        let total = rec.start.elapsed().as_micros() as u64;
-        resp.headers_mut().insert(&SERVER_TIMING, server_timing(total, rec.upstream_us));
+        resp.headers_mut().insert(&SERVER_TIMING, server_timing(headers_us, rec.upstream_us));
     }
     rec.status = resp.status().as_u16();
     resp.map(|b| Observed::new(b, rec))

@@ -325,7 +325,12 @@ impl Upstream {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch_ms + self.base.elapsed().as_millis() as u64
+        self.ms_at(Instant::now())
+    }
+
+    /// Milliseconds since the Unix epoch at `t` (from a clock reading already taken).
+    fn ms_at(&self, t: Instant) -> u64 {
+        self.epoch_ms + t.saturating_duration_since(self.base).as_millis() as u64
     }
 
     /// The instances, in config order.
@@ -412,7 +417,9 @@ impl Upstream {
         let series = self.series(metrics);
 
         for attempt in 0..call.attempts.max(1) {
-            let now_ms = self.now_ms();
+            // Clock readings are reused: one when the try starts, one when it ends.
+            let sent = if attempt == 0 { started } else { Instant::now() };
+            let now_ms = self.ms_at(sent);
             let (permit, t) = self.breaker.acquire(now_ms);
             self.transition(t, metrics);
             let permit = permit.map_err(|wait_ms| {
@@ -430,14 +437,14 @@ impl Upstream {
             // The path and query are sent (origin form), whatever form the URI has.
             parts.headers.insert(header::HOST, inst.host.clone());
 
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = deadline.saturating_duration_since(sent);
             let per_try = self.retry.per_try_timeout.map_or(remaining, |p| p.get().min(remaining));
             inst.inflight.fetch_add(1, Ordering::Relaxed);
-            let sent = Instant::now();
             let result = tokio::time::timeout(per_try, self.pool(idx).send(&parts, body, || series.opened())).await;
             inst.inflight.fetch_sub(1, Ordering::Relaxed);
-            series.latency(sent.elapsed());
-            let now_ms = self.now_ms();
+            let done = Instant::now();
+            series.latency(done.saturating_duration_since(sent));
+            let now_ms = self.ms_at(done);
 
             let failure = match result {
                 Ok(Ok(resp)) if !self.retry.retry_on_status.contains(&resp.status().as_u16()) => {
@@ -472,7 +479,7 @@ impl Upstream {
 
             let not_sent = matches!(failure, Failure::Error(_, true));
             let safe = not_sent || idempotent(&parts.method) || call.deduplicated;
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.saturating_duration_since(done);
             let wants_retry = attempt + 1 < call.attempts && safe && !left.is_zero();
             let replayable = call.replay.is_some();
             if wants_retry && !replayable {
