@@ -8,7 +8,7 @@
 //! `X-Request-ID` header, and is observed when its body ends ([`crate::body::Observed`]).
 
 use crate::auth::Principal;
-use crate::body::{BodyFailure, BodyStats, GatewayBody, Observed, RequestBody, UpstreamBody};
+use crate::body::{BodyFailure, GatewayBody, Observed, RequestBody, UpstreamBody};
 use crate::cache::{self, Entry, Lookup, ResponseCache};
 use crate::config::ConfigErrors;
 use crate::config::HaltMode;
@@ -271,7 +271,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>)
         status: 0,
         upstream_us: None,
         client_ip: conn.peer.ip(),
-        body: Arc::new(BodyStats::default()),
+        body: None,
         bytes_out: 0,
         aborted: false,
         metrics: shared.metrics.clone(),
@@ -494,11 +494,11 @@ async fn serve(
     set_principal(snapshot, h, principal.as_deref());
     rec.trace_id = Some(crate::pipeline::trace::propagate(h));
 
-    let guarded = RequestBody::new(body, rec.body.clone(), route.max_body, snapshot.body_idle);
     let buffer =
         (route.config.json || idem_key.is_some()) && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
     let mut idem: Option<(String, [u8; 32])> = None;
     let (body, replay) = if buffer {
+        let guarded = RequestBody::new(body, rec.body_stats(), route.max_body, snapshot.body_idle);
         let bytes = guarded.read_all().await.map_err(body_error)?;
         // An empty body is allowed (start/stop carry none); a present one must be JSON.
         if route.config.json && !bytes.is_empty() {
@@ -554,7 +554,7 @@ async fn serve(
         // Nothing to stream: an empty body that a retry can send again.
         (UpstreamBody::Full(Bytes::new()), Some(Bytes::new()))
     } else {
-        (UpstreamBody::Stream(guarded), None)
+        (UpstreamBody::Stream(RequestBody::new(body, rec.body_stats(), route.max_body, snapshot.body_idle)), None)
     };
 
     let hash_key = consistent_hash_key(&route, &parts.headers, principal.as_deref());
@@ -575,7 +575,7 @@ async fn serve(
     let resp = match result {
         Ok(r) => r,
         Err(e) => {
-            let e = match rec.body.failure() {
+            let e = match rec.body.as_ref().map_or(BodyFailure::None, |b| b.failure()) {
                 // The client's body broke the exchange, not the upstream.
                 BodyFailure::None => {
                     shared.metrics.upstream_error(&route.upstream.name, e.kind().code());

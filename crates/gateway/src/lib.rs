@@ -47,6 +47,28 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// A header value made from `bytes`, carved out of a per-thread arena instead of an allocation
+/// of its own: request ids and `traceparent` values are made for every request. An arena block
+/// (4 KiB) is freed when the last value cut from it is dropped. `None` if `bytes` is not a
+/// valid header value.
+pub(crate) fn header_value(bytes: &[u8]) -> Option<http::HeaderValue> {
+    const BLOCK: usize = 4096;
+    thread_local! {
+        static ARENA: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
+    }
+    if bytes.len() > BLOCK / 8 {
+        return http::HeaderValue::from_bytes(bytes).ok();
+    }
+    let shared = ARENA.with_borrow_mut(|arena| {
+        if arena.capacity() - arena.len() < bytes.len() {
+            *arena = bytes::BytesMut::with_capacity(BLOCK);
+        }
+        arena.extend_from_slice(bytes);
+        arena.split().freeze()
+    });
+    http::HeaderValue::from_maybe_shared(shared).ok()
+}
+
 /// Appends `n` in decimal (header values built on the hot path without `fmt`).
 pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
@@ -60,4 +82,24 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
         }
     }
     out.extend_from_slice(&digits[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn arena_header_values_are_independent_and_validated() {
+        // Enough values to cross several arena blocks.
+        let values: Vec<_> = (0..1000).map(|i| crate::header_value(format!("id-{i:05}").as_bytes()).unwrap()).collect();
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(v.to_str().unwrap(), format!("id-{i:05}"));
+        }
+        assert!(crate::header_value(b"bad\r\nvalue").is_none());
+        let long = vec![b'a'; 2000];
+        assert_eq!(crate::header_value(&long).unwrap().len(), 2000);
+        let mut out = Vec::new();
+        crate::push_decimal(&mut out, 0);
+        out.push(b' ');
+        crate::push_decimal(&mut out, u64::MAX);
+        assert_eq!(out, b"0 18446744073709551615");
+    }
 }

@@ -4,12 +4,14 @@
 //! dropped, so the access line and the duration cover the whole exchange, streaming included.
 //! Log lines go through a non-blocking writer: the request thread only formats and queues.
 
+mod histogram;
+
+pub use histogram::Histogram;
 use http::{HeaderValue, Method};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -655,8 +657,9 @@ pub struct RequestRecord {
     pub upstream_us: Option<u64>,
     /// The client (TCP peer).
     pub client_ip: IpAddr,
-    /// Request body bytes (counted as they stream) and how the body ended.
-    pub body: Arc<crate::body::BodyStats>,
+    /// Request body bytes (counted as they stream) and how the body ended; `None` until a
+    /// body is read (most requests have none: no allocation for them).
+    pub body: Option<Arc<crate::body::BodyStats>>,
     /// Response body bytes.
     pub bytes_out: u64,
     /// The response body ended with an error or the client went away.
@@ -674,6 +677,16 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
+    /// The request body's shared counters, made on first use.
+    pub fn body_stats(&mut self) -> Arc<crate::body::BodyStats> {
+        self.body.get_or_insert_with(Default::default).clone()
+    }
+
+    /// Request body bytes received so far.
+    pub fn bytes_in(&self) -> u64 {
+        self.body.as_ref().map_or(0, |b| b.bytes.load(Ordering::Relaxed))
+    }
+
     /// Records metrics and writes the access log line.
     pub fn finish(self) {
         let elapsed = self.start.elapsed();
@@ -702,7 +715,7 @@ impl RequestRecord {
             Some(rm) => rm.clone(),
             None => self.metrics.route(&self.route),
         };
-        rm.request_size.observe(self.body.bytes.load(Ordering::Relaxed) as f64);
+        rm.request_size.observe(self.bytes_in() as f64);
         rm.response_size.observe(self.bytes_out as f64);
         if let Some(up) = self.upstream_us
             && let Some(head) = self.headers_us
@@ -718,7 +731,7 @@ impl RequestRecord {
                 route = &*self.route,
                 path = self.path.as_deref().unwrap_or(""),
                 status = self.status,
-                bytes_in = self.body.bytes.load(Ordering::Relaxed),
+                bytes_in = self.bytes_in(),
                 bytes_out = self.bytes_out,
                 duration_us = elapsed.as_micros() as u64,
                 upstream_us = self.upstream_us,

@@ -39,7 +39,7 @@ pub fn generate() -> HeaderValue {
     let id = uuid::Builder::from_unix_timestamp_millis(ms, &rnd).into_uuid();
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let s = id.hyphenated().encode_lower(&mut buf);
-    HeaderValue::from_str(s).expect("uuid is ascii")
+    crate::header_value(s.as_bytes()).expect("uuid is ascii")
 }
 
 #[cfg(test)]

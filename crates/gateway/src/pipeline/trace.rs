@@ -4,7 +4,7 @@
 //! (W3C Trace Context §3.3). The trace id goes into the access log.
 
 use crate::proxy::balance::random;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName};
 
 /// `traceparent`.
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -95,7 +95,7 @@ pub fn propagate(h: &mut HeaderMap) -> TraceId {
     hex16(&mut v[36..52], span_id());
     v[52] = b'-';
     v[53..].copy_from_slice(&flags);
-    if let Ok(hv) = HeaderValue::from_bytes(&v) {
+    if let Some(hv) = crate::header_value(&v) {
         h.insert(&TRACEPARENT, hv);
     }
     trace
@@ -104,6 +104,7 @@ pub fn propagate(h: &mut HeaderMap) -> TraceId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn keeps_the_trace_and_replaces_the_parent() {

@@ -286,20 +286,28 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, Gatew
     };
     let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| bad_response("invalid status"))?;
     let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    // Offsets into the head, so the values can be slices of it once it is frozen.
+    // Offsets into the head, so the values can be slices of it once it is frozen (on the
+    // stack for the usual few headers).
     let base = buf.as_ptr() as usize;
-    let spans: Vec<[usize; 4]> = resp
-        .headers
-        .iter()
-        .map(|h| {
-            let n = h.name.as_ptr() as usize - base;
-            let v = h.value.as_ptr() as usize - base;
-            [n, n + h.name.len(), v, v + h.value.len()]
-        })
-        .collect();
+    let mut small = [[0u32; 4]; 24];
+    let mut large = Vec::new();
+    let spans: &mut [[u32; 4]] = match resp.headers.len() {
+        n if n <= small.len() => &mut small[..n],
+        n => {
+            large.resize(n, [0; 4]);
+            &mut large
+        }
+    };
+    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+        // Offsets fit: the head is at most MAX_HEAD bytes.
+        let n = (h.name.as_ptr() as usize - base) as u32;
+        let v = (h.value.as_ptr() as usize - base) as u32;
+        *span = [n, n + h.name.len() as u32, v, v + h.value.len() as u32];
+    }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
-    for &[n0, n1, v0, v1] in &spans {
+    for &[n0, n1, v0, v1] in spans.iter() {
+        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
         let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| bad_response("invalid header name"))?;
         let value =
             HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| bad_response("invalid header value"))?;
@@ -724,6 +732,10 @@ mod tests {
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
         let many = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
         assert_eq!(head(&many).err().map(|e| e.kind()), Some(ErrorKind::UpstreamBadResponse));
+        let forty: String = (0..40).map(|i| format!("x-{i}: v{i}\r\n")).collect();
+        let p = head(&format!("HTTP/1.1 200 OK\r\n{forty}\r\n")).unwrap().unwrap();
+        assert_eq!(p.headers.len(), 40);
+        assert_eq!(p.headers["x-39"], "v39");
         let p = head("HTTP/1.1 201 Created\r\nX-A: 1\r\nx-a: 2\r\n\r\nbody").unwrap().unwrap();
         assert_eq!(p.status, 201);
         assert_eq!(p.headers.get_all("x-a").iter().collect::<Vec<_>>(), ["1", "2"]);
