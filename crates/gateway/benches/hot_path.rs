@@ -156,10 +156,18 @@ fn headers(c: &mut Criterion) {
         b.iter(|| {
             let mut h = base.clone();
             b25_gateway::proxy::headers::strip_hop_by_hop(&mut h);
-            let host = h.remove(http::header::HOST);
-            b25_gateway::proxy::headers::set_forwarded(&mut h, &peer, false, host);
-            b25_gateway::pipeline::trace::propagate(&mut h);
-            black_box(h)
+            // What the proxied path does: the hop's own headers are computed, not inserted
+            // (they are written into the upstream request head).
+            let trace = b25_gateway::pipeline::trace::next_hop(&h);
+            let hop = b25_gateway::proxy::h1::HopHeaders {
+                forwarded_for: b25_gateway::proxy::headers::forwarded_for(&h, &peer),
+                forwarded_proto: "http",
+                forwarded_host: h.get(http::header::HOST).cloned(),
+                request_id: peer.clone(),
+                traceparent: trace.parent,
+                keep_tracestate: trace.keep_state,
+            };
+            black_box((h, hop))
         })
     });
 }

@@ -20,6 +20,7 @@ use crate::pipeline::cors::Cors;
 use crate::pipeline::validate;
 use crate::pipeline::{normalize, request_id};
 use crate::proxy::Call;
+use crate::proxy::h1::HopHeaders;
 use crate::proxy::headers;
 use crate::ratelimit::gcra::Decision;
 use crate::ratelimit::redis::RedisStore;
@@ -469,10 +470,12 @@ async fn serve(
     let has_body = !body.is_end_stream();
     validate::check_content_type(&parts.headers, has_body, &route.config.content_types)?;
 
-    // HTTP/2 clients send `:authority` instead of `Host`.
+    // HTTP/2 clients send `:authority` instead of `Host`. (The client's `Host` stays in the map
+    // but is not sent: the upstream gets its own.)
     let host = parts
         .headers
-        .remove(header::HOST)
+        .get(header::HOST)
+        .cloned()
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     // The upstream client sends the URI's path and query (origin form); it is only rebuilt
     // when normalisation or a prefix rewrite changed the path.
@@ -488,11 +491,18 @@ async fn serve(
 
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h);
-    h.remove(header::EXPECT); // 100-continue is answered by this hop
-    headers::set_forwarded(h, &conn.peer_ip, conn.tls, host);
-    h.insert(&request_id::X_REQUEST_ID, request_id.clone());
     set_principal(snapshot, h, principal.as_deref());
-    rec.trace_id = Some(crate::pipeline::trace::propagate(h));
+    // What this hop adds goes straight onto the wire (`Expect` is answered here and dropped).
+    let trace = crate::pipeline::trace::next_hop(h);
+    rec.trace_id = Some(trace.trace);
+    let hop = HopHeaders {
+        forwarded_for: headers::forwarded_for(h, &conn.peer_ip),
+        forwarded_proto: if conn.tls { "https" } else { "http" },
+        forwarded_host: host,
+        request_id: request_id.clone(),
+        traceparent: trace.parent,
+        keep_tracestate: trace.keep_state,
+    };
 
     let buffer =
         (route.config.json || idem_key.is_some()) && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
@@ -569,6 +579,7 @@ async fn serve(
         hash_key: hash_key.as_deref().map(str::as_bytes),
         deduplicated: idem.is_some(),
         metrics: &shared.metrics,
+        hop: Some(&hop),
     };
     let result = route.upstream.forward(req, call).await;
     rec.upstream_us = Some(sent.elapsed().as_micros() as u64);

@@ -65,8 +65,41 @@ fn hex16(out: &mut [u8], v: u64) {
     }
 }
 
-/// Rewrites `traceparent` for the upstream and returns the trace id.
-pub fn propagate(h: &mut HeaderMap) -> TraceId {
+/// A `traceparent` value (`00-<trace>-<span>-<flags>`), kept on the stack.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Traceparent([u8; 55]);
+
+impl Traceparent {
+    /// The value's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    /// Wraps a value made elsewhere (tests).
+    pub fn from_bytes(v: [u8; 55]) -> Self {
+        Self(v)
+    }
+}
+
+impl std::fmt::Debug for Traceparent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(&self.0).unwrap_or("?"))
+    }
+}
+
+/// This hop's trace context for the upstream.
+#[derive(Debug)]
+pub struct Hop {
+    /// The trace id (the client's, or a new one).
+    pub trace: TraceId,
+    /// `traceparent` with a new span id as the parent.
+    pub parent: Traceparent,
+    /// The client's `tracestate` goes on: its `traceparent` was valid.
+    pub keep_state: bool,
+}
+
+/// The trace context to send upstream: the client's trace continued with a new span id, or
+/// a new trace when it sent no valid `traceparent` (its `tracestate` is then dropped).
+pub fn next_hop(h: &HeaderMap) -> Hop {
     let mut parents = h.get_all(&TRACEPARENT).iter();
     let incoming = match (parents.next(), parents.next()) {
         (Some(v), None) => v.to_str().ok().and_then(parse).map(|(t, f)| {
@@ -77,16 +110,13 @@ pub fn propagate(h: &mut HeaderMap) -> TraceId {
         }),
         _ => None,
     };
-    let (trace, flags) = match incoming {
-        Some(t) => t,
-        None => {
-            h.remove(&TRACESTATE);
-            let mut trace = [0u8; 32];
-            hex16(&mut trace[..16], span_id());
-            hex16(&mut trace[16..], random());
-            (TraceId(trace), *b"01")
-        }
-    };
+    let keep_state = incoming.is_some();
+    let (trace, flags) = incoming.unwrap_or_else(|| {
+        let mut trace = [0u8; 32];
+        hex16(&mut trace[..16], span_id());
+        hex16(&mut trace[16..], random());
+        (TraceId(trace), *b"01")
+    });
     // 00-<trace>-<span>-<flags>
     let mut v = [0u8; 55];
     v[..3].copy_from_slice(b"00-");
@@ -95,10 +125,7 @@ pub fn propagate(h: &mut HeaderMap) -> TraceId {
     hex16(&mut v[36..52], span_id());
     v[52] = b'-';
     v[53..].copy_from_slice(&flags);
-    if let Some(hv) = crate::header_value(&v) {
-        h.insert(&TRACEPARENT, hv);
-    }
-    trace
+    Hop { trace, parent: Traceparent(v), keep_state }
 }
 
 #[cfg(test)]
@@ -111,12 +138,13 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         h.insert(&TRACESTATE, HeaderValue::from_static("b25=x"));
-        let t = propagate(&mut h);
-        assert_eq!(t.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        let out = h[&TRACEPARENT].to_str().unwrap();
+        let hop = next_hop(&h);
+        assert_eq!(hop.trace.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let out = std::str::from_utf8(hop.parent.as_bytes()).unwrap();
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"));
         assert!(!out.contains("00f067aa0ba902b7"), "a new parent span id");
-        assert_eq!(h[&TRACESTATE], "b25=x");
+        assert!(parse(out).is_some());
+        assert!(hop.keep_state);
         for bad in [
             "",
             "00-0000-00f067aa0ba902b7-01",
@@ -128,10 +156,14 @@ mod tests {
         }
         let mut h = HeaderMap::new();
         h.insert(&TRACESTATE, HeaderValue::from_static("orphan=1"));
-        let t = propagate(&mut h);
-        assert_eq!(t.as_str().len(), 32);
-        assert!(parse(&format!("00-{}-00f067aa0ba902b7-01", t.as_str())).is_some());
-        assert!(parse(h[&TRACEPARENT].to_str().unwrap()).is_some());
-        assert!(!h.contains_key(&TRACESTATE));
+        let hop = next_hop(&h);
+        assert_eq!(hop.trace.as_str().len(), 32);
+        assert!(parse(&format!("00-{}-00f067aa0ba902b7-01", hop.trace.as_str())).is_some());
+        assert!(parse(std::str::from_utf8(hop.parent.as_bytes()).unwrap()).is_some());
+        assert!(!hop.keep_state, "an orphan tracestate is dropped");
+        // Two traceparents: invalid, a new trace.
+        h.append(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        h.append(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert_ne!(next_hop(&h).trace.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 }

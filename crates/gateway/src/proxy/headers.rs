@@ -62,22 +62,26 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Appends the peer to `X-Forwarded-For` (comma-joined into one header) and sets
-/// `X-Forwarded-Proto` and `X-Forwarded-Host` (the client's `Host` or `:authority`).
-/// `peer` is the client's IP, formatted once per connection.
-pub fn set_forwarded(h: &mut HeaderMap, peer: &HeaderValue, tls: bool, host: Option<HeaderValue>) {
+/// `X-Forwarded-For` for the upstream: the client's list (comma-joined into one value) with
+/// `peer` appended; just `peer` (no copy) when the client sent none.
+pub fn forwarded_for(h: &HeaderMap, peer: &HeaderValue) -> HeaderValue {
     let mut prior = h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).peekable();
-    let xff = if prior.peek().is_some() {
-        let mut s = prior.collect::<Vec<_>>().join(", ");
-        s.push_str(", ");
-        s.push_str(peer.to_str().unwrap_or_default());
-        HeaderValue::from_str(&s)
-    } else {
-        Ok(peer.clone())
-    };
-    if let Ok(v) = xff {
-        h.insert(&X_FORWARDED_FOR, v);
+    if prior.peek().is_none() {
+        return peer.clone();
     }
+    let mut s = prior.collect::<Vec<_>>().join(", ");
+    s.push_str(", ");
+    s.push_str(peer.to_str().unwrap_or_default());
+    HeaderValue::from_str(&s).unwrap_or_else(|_| peer.clone())
+}
+
+/// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto` and `X-Forwarded-Host`
+/// (the client's `Host` or `:authority`) in the map (the WebSocket handshake; proxied
+/// requests carry them as [`super::h1::HopHeaders`]). `peer` is the client's IP, formatted
+/// once per connection.
+pub fn set_forwarded(h: &mut HeaderMap, peer: &HeaderValue, tls: bool, host: Option<HeaderValue>) {
+    let xff = forwarded_for(h, peer);
+    h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if tls { "https" } else { "http" }));
     match host {
         Some(host) => {

@@ -217,6 +217,8 @@ pub struct Call<'a> {
     pub deduplicated: bool,
     /// Metric families.
     pub metrics: &'a Metrics,
+    /// Headers this hop adds (written into the request head, not the map).
+    pub hop: Option<&'a h1::HopHeaders>,
 }
 
 /// A service: its instances, pooled client, balancer, breaker, health and retry policy.
@@ -409,7 +411,7 @@ impl Upstream {
         // checked: an absurd configured timeout must not overflow `Instant` (a panic per request).
         let deadline = started.checked_add(call.timeout).unwrap_or(started + Duration::from_secs(86_400));
         // The parts stay here across tries (no copy of the headers for a retry).
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let mut body = Some(body);
         let mut exclude = None;
         self.budget.deposit();
@@ -434,13 +436,14 @@ impl Upstream {
             let inst = &self.instances[idx];
             // This try's body: the original the first time, the kept bytes after.
             let body = body.take().unwrap_or_else(|| Body::Full(call.replay.clone().unwrap_or_default()));
-            // The path and query are sent (origin form), whatever form the URI has.
-            parts.headers.insert(header::HOST, inst.host.clone());
+            // The path and query are sent (origin form), whatever form the URI has; `Host` is
+            // the instance's (written by the client, not set in the map).
 
             let remaining = deadline.saturating_duration_since(sent);
             let per_try = self.retry.per_try_timeout.map_or(remaining, |p| p.get().min(remaining));
             inst.inflight.fetch_add(1, Ordering::Relaxed);
-            let result = tokio::time::timeout(per_try, self.pool(idx).send(&parts, body, || series.opened())).await;
+            let result =
+                tokio::time::timeout(per_try, self.pool(idx).send(&parts, call.hop, body, || series.opened())).await;
             inst.inflight.fetch_sub(1, Ordering::Relaxed);
             let done = Instant::now();
             series.latency(done.saturating_duration_since(sent));

@@ -130,12 +130,13 @@ impl Pool {
         Ok(tx)
     }
 
-    /// Sends a request (`Host` set; the URI's path and query are sent) on a pooled or new
+    /// Sends a request (the URI's path and query, `Host` the instance's, then `hop`'s headers) on a pooled or new
     /// connection and returns the response head; the body streams from the connection.
     /// `opened` is called for every new connection.
     pub async fn send(
         self: &Arc<Self>,
         parts: &http::request::Parts,
+        hop: Option<&super::h1::HopHeaders>,
         mut body: Body,
         opened: impl Fn(),
     ) -> Result<Response<ResponseBody>, GatewayError> {
@@ -147,7 +148,7 @@ impl Pool {
                     (Conn::new(self.connect_tcp().await?), false)
                 }
             };
-            match conn.write_request(parts, &mut body).await {
+            match conn.write_request(parts, &self.authority, hop, &mut body).await {
                 Ok(()) => return conn.read_response(&parts.method, Some(self.clone())).await,
                 // Dead before the first byte: a new connection (its failure is final).
                 Err(WriteError::Unsent(_)) if reused => continue,
