@@ -98,6 +98,10 @@ impl Observed {
     pub fn new(inner: GatewayBody, record: crate::observe::RequestRecord) -> Self {
         Self { inner, record: Some(record) }
     }
+    /// A body with no request record (a connection-level refusal, before any request).
+    pub fn unrecorded(inner: GatewayBody) -> Self {
+        Self { inner, record: None }
+    }
 }
 
 impl Body for Observed {
@@ -201,12 +205,52 @@ impl std::fmt::Display for BodyError {
 
 impl std::error::Error for BodyError {}
 
+/// A client's request body as the connection delivered it.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// No body (no length, or a zero length).
+    Empty,
+    /// Read by hyper (HTTP/2).
+    Hyper(Incoming),
+    /// Read by the gateway's own HTTP/1.1 connection.
+    Native(crate::server::h1::NativeBody),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Self::Native(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::Hyper(b) => b.is_end_stream(),
+            Self::Native(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::Hyper(b) => b.size_hint(),
+            Self::Native(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The client's body on its way upstream: streamed, counted, capped at the route's `max_body`
 /// (chunked bodies included: the stream is cut the moment it grows past the cap, so the
 /// upstream never receives a complete oversized request), and abandoned when the client stops
 /// sending for `body_idle_timeout`.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     stats: std::sync::Arc<BodyStats>,
     max: u64,
     idle: std::time::Duration,
@@ -215,7 +259,7 @@ pub struct RequestBody {
 
 impl RequestBody {
     /// Wraps a client body.
-    pub fn new(inner: Incoming, stats: std::sync::Arc<BodyStats>, max: u64, idle: std::time::Duration) -> Self {
+    pub fn new(inner: ClientBody, stats: std::sync::Arc<BodyStats>, max: u64, idle: std::time::Duration) -> Self {
         Self { inner, stats, max, idle, timer: None }
     }
 
@@ -258,7 +302,7 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.stats.fail(BodyFailure::Client);
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {

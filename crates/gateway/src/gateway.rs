@@ -8,6 +8,7 @@
 //! `X-Request-ID` header, and is observed when its body ends ([`crate::body::Observed`]).
 
 use crate::auth::Principal;
+use crate::body::ClientBody;
 use crate::body::{BodyFailure, GatewayBody, Observed, RequestBody, UpstreamBody};
 use crate::cache::{self, Entry, Lookup, ResponseCache};
 use crate::config::ConfigErrors;
@@ -36,7 +37,6 @@ use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -258,7 +258,7 @@ impl Drop for Pending {
 }
 
 /// Serves one request. Never fails: every error becomes a JSON response.
-pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<Incoming>) -> Response<Observed> {
+pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody>) -> Response<Observed> {
     let snapshot = shared.snapshot.load_full();
     let request_id = request_id::from_headers(req.headers());
     let access_log = snapshot.config.logging.access_log;
@@ -323,7 +323,7 @@ async fn serve(
     shared: &Shared,
     snapshot: &Snapshot,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     request_id: &HeaderValue,
     rec: &mut RequestRecord,
     ex: &mut Exchange,
@@ -759,9 +759,7 @@ async fn websocket_proxy(
         .get(header::SEC_WEBSOCKET_KEY)
         .cloned()
         .ok_or_else(|| GatewayError::new(ErrorKind::BadRequest, "missing Sec-WebSocket-Key"))?;
-    let client_upgrade = parts
-        .extensions
-        .remove::<hyper::upgrade::OnUpgrade>()
+    let client_upgrade = websocket::ClientUpgrade::take(&mut parts.extensions)
         .ok_or_else(|| GatewayError::new(ErrorKind::BadRequest, "this connection cannot be upgraded"))?;
     let upstream_path = route.rewrite(path);
     let target = match query.as_deref().filter(|q| !q.is_empty()) {

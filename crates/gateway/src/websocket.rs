@@ -203,10 +203,37 @@ pub fn check_answer(status: StatusCode, headers: &HeaderMap, client_key: &Header
     Err(GatewayError::new(ErrorKind::UpstreamBadResponse, "the upstream did not switch protocols"))
 }
 
+/// The client's side of an upgrade: from hyper (HTTP/1.1 on the hyper engine) or from the
+/// gateway's own HTTP/1.1 connection.
+pub enum ClientUpgrade {
+    /// hyper's.
+    Hyper(hyper::upgrade::OnUpgrade),
+    /// The native connection's.
+    Native(crate::server::h1::OnUpgrade),
+}
+
+impl ClientUpgrade {
+    /// Takes the upgrade handle out of a request's extensions.
+    pub fn take(ext: &mut http::Extensions) -> Option<Self> {
+        if let Some(u) = ext.remove::<crate::server::h1::OnUpgrade>() {
+            return Some(Self::Native(u));
+        }
+        ext.remove::<hyper::upgrade::OnUpgrade>().map(Self::Hyper)
+    }
+
+    /// The switched stream, once the `101` answer is out.
+    async fn stream(self) -> Option<Box<dyn crate::server::h1::Io>> {
+        match self {
+            Self::Hyper(u) => u.await.ok().map(|u| Box::new(TokioIo::new(u)) as Box<dyn crate::server::h1::Io>),
+            Self::Native(u) => u.stream().await.map(|s| Box::new(s) as Box<dyn crate::server::h1::Io>),
+        }
+    }
+}
+
 /// Everything the relay task needs.
 pub struct Relay {
     /// The client's side of the upgrade.
-    pub client: hyper::upgrade::OnUpgrade,
+    pub client: ClientUpgrade,
     /// The upstream's side.
     pub upstream: hyper::upgrade::OnUpgrade,
     /// Limits.
@@ -246,13 +273,13 @@ fn close(code: CloseCode, reason: &'static str) -> Message {
 impl Relay {
     /// Runs until either side closes or a limit ends the connection.
     pub async fn run(self) {
-        let (Ok(client), Ok(upstream)) = (self.client.await, self.upstream.await) else {
+        let (Some(client), Ok(upstream)) = (self.client.stream().await, self.upstream.await) else {
             self.metrics.websocket(&self.route, "upgrade_failed");
             return;
         };
         let size = self.cfg.max_message_size.bytes() as usize;
         let ws_cfg = WsConfig::default().max_message_size(Some(size)).max_frame_size(Some(size));
-        let mut c = WebSocketStream::from_raw_socket(TokioIo::new(client), Role::Server, Some(ws_cfg)).await;
+        let mut c = WebSocketStream::from_raw_socket(client, Role::Server, Some(ws_cfg)).await;
         let mut u = WebSocketStream::from_raw_socket(TokioIo::new(upstream), Role::Client, Some(ws_cfg)).await;
         self.metrics.websocket_active(&self.route, 1);
         let now_unix = crate::unix_ms() / 1000;

@@ -117,6 +117,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Serve HTTP/2 (ALPN `h2` over TLS, prior-knowledge h2c in clear text).
     pub http2: bool,
+    /// Which HTTP/1.1 server connection serves clients: `native` (the gateway's own, the
+    /// default) or `hyper`. Read at start.
+    pub http1: Http1Engine,
     /// In-flight requests get this long to finish after SIGTERM.
     pub shutdown_grace: HumanDuration,
     /// Readiness reports 503 this long before the listeners close.
@@ -144,6 +147,7 @@ impl Default for ServerConfig {
             admin_listen: DEFAULT_ADMIN_LISTEN.into(),
             tls: None,
             http2: true,
+            http1: Http1Engine::Native,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
             limits: LimitsConfig::default(),
@@ -227,6 +231,17 @@ impl Default for LoggingConfig {
     fn default() -> Self {
         Self { level: "info".into(), access_log: true, format: LogFormat::Json, server_timing: true }
     }
+}
+
+/// The client-facing HTTP/1.1 implementation.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Http1Engine {
+    /// The gateway's own connection (`server/h1.rs`): fewer instructions per request.
+    #[default]
+    Native,
+    /// hyper's server connection.
+    Hyper,
 }
 
 /// Log line format.

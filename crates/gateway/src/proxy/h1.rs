@@ -246,7 +246,7 @@ async fn write_all_vectored(io: &mut TcpStream, mut bufs: &mut [IoSlice<'_>], fi
 }
 
 /// `{hex size}\r\n` into `out`; returns its length.
-fn hex_line(out: &mut [u8; 20], mut n: u64) -> usize {
+pub(crate) fn hex_line(out: &mut [u8; 20], mut n: u64) -> usize {
     let mut digits = [0u8; 16];
     let mut i = 16;
     loop {
@@ -354,33 +354,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, Gatew
     };
     let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| bad_response("invalid status"))?;
     let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    // Offsets into the head, so the values can be slices of it once it is frozen (on the
-    // stack for the usual few headers).
-    let base = buf.as_ptr() as usize;
-    let mut small = [[0u32; 4]; 24];
-    let mut large = Vec::new();
-    let spans: &mut [[u32; 4]] = match resp.headers.len() {
-        n if n <= small.len() => &mut small[..n],
-        n => {
-            large.resize(n, [0; 4]);
-            &mut large
-        }
-    };
-    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-        // Offsets fit: the head is at most MAX_HEAD bytes.
-        let n = (h.name.as_ptr() as usize - base) as u32;
-        let v = (h.value.as_ptr() as usize - base) as u32;
-        *span = [n, n + h.name.len() as u32, v, v + h.value.len() as u32];
-    }
+    let spans = Spans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
     // Room for what the gateway adds (request id, Server-Timing, CORS, rate-limit headers)
     // without a rehash into a bigger table.
     let mut headers = HeaderMap::with_capacity(spans.len() + 4);
-    for &[n0, n1, v0, v1] in spans.iter() {
-        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
-        let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| bad_response("invalid header name"))?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| bad_response("invalid header value"))?;
+    for entry in spans.entries(&head) {
+        let (name, value) = entry.map_err(bad_response)?;
         headers.append(name, value);
     }
     let mut parts = Response::new(()).into_parts().0;
@@ -388,6 +368,54 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, Gatew
     parts.version = version;
     parts.headers = headers;
     Ok(Some(parts))
+}
+
+/// Where each header's name and value sit in a head buffer (offsets from its start), so they
+/// can become slices of the head once it is frozen: no copy of a value. On the stack for the
+/// usual few headers.
+pub(crate) struct Spans {
+    small: [[u32; 4]; 32],
+    large: Vec<[u32; 4]>,
+    len: usize,
+}
+
+impl Spans {
+    /// The spans of `headers`, parsed out of `buf` (a head of at most 4 GiB).
+    pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
+        let base = buf.as_ptr() as usize;
+        let mut s = Self { small: [[0; 4]; 32], large: Vec::new(), len: headers.len() };
+        let spans: &mut [[u32; 4]] = if headers.len() <= s.small.len() {
+            &mut s.small[..headers.len()]
+        } else {
+            s.large.resize(headers.len(), [0; 4]);
+            &mut s.large
+        };
+        for (span, h) in spans.iter_mut().zip(headers) {
+            let n = (h.name.as_ptr() as usize - base) as u32;
+            let v = (h.value.as_ptr() as usize - base) as u32;
+            *span = [n, n + h.name.len() as u32, v, v + h.value.len() as u32];
+        }
+        s
+    }
+
+    /// How many headers.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The headers as names and values sharing `head` (the frozen buffer they came from).
+    pub(crate) fn entries<'a>(
+        &'a self,
+        head: &'a Bytes,
+    ) -> impl Iterator<Item = Result<(HeaderName, HeaderValue), &'static str>> + 'a {
+        let spans = if self.len <= self.small.len() { &self.small[..self.len] } else { &self.large[..] };
+        spans.iter().map(move |&[n0, n1, v0, v1]| {
+            let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
+            let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| "invalid header name")?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| "invalid header value")?;
+            Ok((name, value))
+        })
+    }
 }
 
 /// The body's framing (RFC 9112 §6.3) and whether the connection may carry another request.
@@ -431,7 +459,7 @@ fn response_framing(head: &http::response::Parts, method: &Method) -> Result<(Fr
     })
 }
 
-fn parse_decimal(s: &[u8]) -> Option<u64> {
+pub(crate) fn parse_decimal(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -452,7 +480,7 @@ fn reset(why: String) -> GatewayError {
 
 /// Where the chunked decoder is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Chunk {
+pub(crate) enum Chunk {
     /// Expecting a chunk-size line.
     Size,
     /// Inside a chunk's data, this many bytes left.
@@ -463,7 +491,7 @@ enum Chunk {
     Trailers(usize),
 }
 
-enum Step {
+pub(crate) enum Step {
     Data(Bytes),
     NeedMore,
     End,
@@ -471,7 +499,7 @@ enum Step {
 
 /// Decodes what `buf` holds; stops at the first data, when more bytes are needed, or at the
 /// end. With `skip_data`, stops before data instead of taking it (used to find the end early).
-fn decode(state: &mut Chunk, buf: &mut BytesMut, skip_data: bool) -> Result<Step, &'static str> {
+pub(crate) fn decode(state: &mut Chunk, buf: &mut BytesMut, skip_data: bool) -> Result<Step, &'static str> {
     loop {
         match *state {
             Chunk::Size => {

@@ -10,10 +10,12 @@
 //! 4. the admin listener closes last, so metrics and readiness stay visible during the drain.
 
 mod admin;
+pub mod h1;
 mod sniff;
 pub mod tls;
 pub mod workers;
 
+use crate::body::ClientBody;
 use crate::config::Config;
 use crate::gateway::{self, ConnInfo, Shared};
 use crate::observe::{Metrics, RequestRecord};
@@ -167,6 +169,22 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
     if !server_cfg.http2 {
         builder = builder.http1_only();
     }
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_header_list_size(HARD_MAX_HEADER_BYTES.max(server_cfg.limits.max_header_bytes.bytes() as usize) as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let protocols = Protocols {
+        hyper: builder,
+        h2,
+        native: (server_cfg.http1 == crate::config::Http1Engine::Native).then(|| {
+            Arc::new(h1::Settings {
+                header_timeout: server_cfg.limits.header_timeout.get(),
+                max_head: HARD_MAX_HEADER_BYTES.max(server_cfg.limits.max_header_bytes.bytes() as usize),
+                max_headers: server_cfg.limits.max_headers.saturating_mul(2).max(100),
+            })
+        }),
+        http2: server_cfg.http2,
+    };
 
     // Initial health round, then ready; periodic checks after.
     {
@@ -224,7 +242,7 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
     let done = tokio::spawn(run(
         listener,
         workers,
-        builder,
+        protocols,
         tls,
         shared.clone(),
         stop_rx,
@@ -243,11 +261,23 @@ pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
     admin::serve(listener, shared).await
 }
 
+/// How connections are served.
+struct Protocols {
+    /// HTTP/1.1 and HTTP/2 by hyper (the `hyper` engine).
+    hyper: auto::Builder<TokioExecutor>,
+    /// HTTP/2 beside the native HTTP/1.1 connection.
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// The native HTTP/1.1 connection's limits (`None`: the hyper engine).
+    native: Option<Arc<h1::Settings>>,
+    /// HTTP/2 is served.
+    http2: bool,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     mut listener: TcpListener,
     workers: workers::Workers,
-    builder: auto::Builder<TokioExecutor>,
+    protocols: Protocols,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
@@ -257,7 +287,10 @@ async fn run(
     mut rebind: tokio::sync::mpsc::UnboundedReceiver<TcpListener>,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = Arc::new(builder);
+    // Native connections watch this: true asks them to finish and close; all of them are
+    // gone when every receiver is dropped.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let protocols = Arc::new(protocols);
     // A TLS handshake is part of "sending the request head": same budget as the headers.
     let handshake_timeout = header_timeout;
     let mut draining_since: Option<tokio::time::Instant> = None;
@@ -288,14 +321,16 @@ async fn run(
                     let framing_conflict = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let conn = ConnInfo::new(peer, tls.is_some(), framing_conflict.clone());
                     let gauge = shared.metrics.connections().clone();
+                    let shared_conn = (shared.clone(), conn.clone());
                     let shared = shared.clone();
-                    let svc = hyper::service::service_fn(move |req| {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let shared = shared.clone();
                         let conn = conn.clone();
-                        async move { Ok::<_, Infallible>(gateway::handle(shared, conn, req).await) }
+                        async move { Ok::<_, Infallible>(gateway::handle(shared, conn, req.map(ClientBody::Hyper)).await) }
                     });
                     let watcher = graceful.watcher();
-                    let builder = builder.clone();
+                    let drain = drain_rx.clone();
+                    let protocols = protocols.clone();
                     let tls = tls.clone();
                     workers.spawn(async move {
                         gauge.inc();
@@ -307,16 +342,32 @@ async fn run(
                         let r = match tls {
                             Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => {
-                                    let io = TokioIo::new(sniff::Sniff::new(s, framing_conflict));
-                                    watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned()).await
+                                    let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                                    match &protocols.native {
+                                        Some(settings) if !h2 => {
+                                            let wire = h1::Wire::new(Box::new(s), bytes::BytesMut::with_capacity(8 * 1024));
+                                            native(wire, &protocols, settings, shared_conn, svc, watcher, drain).await
+                                        }
+                                        Some(_) => watcher.watch(protocols.h2.serve_connection(TokioIo::new(s), svc)).await.map_err(Into::into),
+                                        None => {
+                                            let io = TokioIo::new(sniff::Sniff::new(s, framing_conflict));
+                                            watcher.watch(protocols.hyper.serve_connection_with_upgrades(io, svc).into_owned()).await
+                                        }
+                                    }
                                 }
                                 Ok(Err(e)) => { tracing::debug!(%peer, error = %e, "TLS handshake failed"); return; }
                                 Err(_) => { tracing::debug!(%peer, "TLS handshake timed out"); return; }
                             },
-                            None => {
-                                let io = TokioIo::new(sniff::Sniff::new(stream, framing_conflict));
-                                watcher.watch(builder.serve_connection_with_upgrades(io, svc).into_owned()).await
-                            }
+                            None => match &protocols.native {
+                                Some(settings) => {
+                                    let wire = h1::Wire::new(Box::new(stream), bytes::BytesMut::with_capacity(8 * 1024));
+                                    native(wire, &protocols, settings, shared_conn, svc, watcher, drain).await
+                                }
+                                None => {
+                                    let io = TokioIo::new(sniff::Sniff::new(stream, framing_conflict));
+                                    watcher.watch(protocols.hyper.serve_connection_with_upgrades(io, svc).into_owned()).await
+                                }
+                            },
                         };
                         if let Err(e) = r {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -331,12 +382,15 @@ async fn run(
         }
     }
     drop(listener);
-    let open = graceful.count();
+    drop(drain_rx);
+    let open = graceful.count() + drain_tx.receiver_count();
     tracing::info!(connections = open, grace = ?grace, "listener closed; finishing in-flight requests");
-    // WebSockets were detached from hyper at the upgrade: close them ourselves (1001).
+    // WebSockets were detached from their connections at the upgrade: close them ourselves
+    // (1001).
     shared.ws.shutdown();
+    drain_tx.send_replace(true);
     let drained = async {
-        graceful.shutdown().await;
+        futures_util::future::join(graceful.shutdown(), drain_tx.closed()).await;
         shared.ws.wait_closed().await;
     };
     if tokio::time::timeout(grace, drained).await.is_err() {
@@ -349,6 +403,49 @@ async fn run(
     // Stops the worker threads; anything still open on them is cut with their runtimes.
     drop(workers);
     tracing::info!("stopped");
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves a connection on the native HTTP/1.1 engine, or hands it to hyper's HTTP/2 when it
+/// opens with the h2c preface (and HTTP/2 is on).
+async fn native<S>(
+    mut wire: h1::Wire,
+    protocols: &Protocols,
+    settings: &Arc<h1::Settings>,
+    (shared, conn): (Arc<Shared>, ConnInfo),
+    svc: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    drain: watch::Receiver<bool>,
+) -> Result<(), BoxError>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::Observed> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    if protocols.http2 {
+        // Decided at the first bytes that differ from the preface (the second byte of any
+        // HTTP/1 method but PRI); a client that sends nothing is cut at the header timeout.
+        let sniff = async {
+            while wire.may_be_h2() && wire.buffered() < h1::H2_PREFACE.len() {
+                if !wire.fill_to(wire.buffered() + 1).await {
+                    return None;
+                }
+            }
+            Some(wire.may_be_h2())
+        };
+        match tokio::time::timeout(settings.header_timeout, sniff).await {
+            Ok(Some(true)) => {
+                let io = TokioIo::new(wire.into_rewind());
+                return watcher.watch(protocols.h2.serve_connection(io, svc)).await.map_err(Into::into);
+            }
+            Ok(Some(false)) => {}
+            Ok(None) | Err(_) => return Ok(()),
+        }
+    }
+    drop(watcher);
+    h1::serve(wire, shared, conn, settings.clone(), drain).await;
+    Ok(())
 }
 
 /// Runs `f` when dropped (the connection gauge must drop even if the task is cancelled).
