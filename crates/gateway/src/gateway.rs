@@ -219,13 +219,16 @@ pub struct ConnInfo {
     pub framing_conflict: Arc<AtomicBool>,
     /// The peer's IP as a header value (formatted once per connection, for X-Forwarded-For).
     pub peer_ip: HeaderValue,
+    /// The connection already refused every ambiguous body framing (the native HTTP/1.1
+    /// connection does, before the handler runs).
+    pub framing_checked: bool,
 }
 
 impl ConnInfo {
     /// The facts of a new connection.
     pub fn new(peer: SocketAddr, tls: bool, framing_conflict: Arc<AtomicBool>) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is ASCII");
-        Self { peer, tls, framing_conflict, peer_ip }
+        Self { peer, tls, framing_conflict, peer_ip, framing_checked: false }
     }
 }
 
@@ -336,7 +339,9 @@ async fn serve(
         return Err(GatewayError::new(ErrorKind::BadRequest, "both Content-Length and Transfer-Encoding").closing());
     }
     validate::check_limits(&parts, &snapshot.limits)?;
-    validate::check_framing(&parts.headers)?;
+    if !conn.framing_checked {
+        validate::check_framing(&parts.headers)?;
+    }
     let path = normalize::normalize(parts.uri.path()).map_err(|e| GatewayError::new(ErrorKind::BadRequest, e.0))?;
 
     // CORS preflight: answered here, for a path and method the table serves, without auth.

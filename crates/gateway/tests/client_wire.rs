@@ -197,6 +197,11 @@ async fn head_answers_keep_the_length_and_carry_no_body() {
         assert!(text.starts_with("HTTP/1.1 200"), "{engine}: {text}");
         assert!(text.ends_with("\r\n\r\n"), "{engine}: a HEAD answer has no body: {text:?}");
         assert!(text.to_ascii_lowercase().contains("content-length: "), "{engine}: {text}");
+        // The gateway's own answer to a HEAD: the JSON error's length, no body.
+        let text = exchange(gw.addr(), b"HEAD /nowhere HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.1 404"), "{engine}: {text}");
+        assert!(text.ends_with("\r\n\r\n"), "{engine}: a HEAD answer has no body: {text:?}");
+        assert!(text.to_ascii_lowercase().contains("content-length: "), "{engine}: {text}");
     }
 }
 

@@ -55,6 +55,8 @@ const MAX_URI: usize = 65_534;
 const LINGER_TIME: Duration = Duration::from_secs(1);
 /// …and at most this many bytes.
 const LINGER_BYTES: usize = 256 * 1024;
+/// Most bytes of pipelined requests read ahead while a request is being handled.
+const PIPELINE_CAP: usize = 64 * 1024;
 /// Body frames already at hand gathered into the head's write.
 const READY_FRAMES: usize = 8;
 /// The interim answer to `Expect: 100-continue`.
@@ -397,7 +399,7 @@ pub async fn serve(
                 tokio::select! {
                     biased;
                     r = &mut handler => r,
-                    () = client_gone(w, settings.max_head) => return,
+                    () = client_gone(w, PIPELINE_CAP.min(settings.max_head)) => return,
                 }
             }
             None => handler.await,
@@ -652,11 +654,6 @@ async fn write_response(
     let status = parts.status.as_u16();
     let informational = parts.status.is_informational();
     let bodiless = head_only || status == 204 || status == 304 || informational;
-    keep &= !parts
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")));
 
     // Whatever of the body is ready now goes out with the head in one write.
     let mut ready_at: [Bytes; READY_FRAMES] = Default::default();
@@ -679,6 +676,21 @@ async fn write_response(
                     break;
                 }
                 Poll::Pending => break,
+            }
+        }
+    }
+    // A HEAD answer carries the length the GET would have, when the map does not already.
+    let head_length = (head_only && !informational && !parts.headers.contains_key(header::CONTENT_LENGTH))
+        .then(|| body.size_hint().exact())
+        .flatten()
+        .filter(|&n| n > 0);
+    if bodiless {
+        // Not sent, but read to its end when it is at hand (a gateway-made body), so the
+        // request is logged as complete.
+        for _ in 0..READY_FRAMES {
+            match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(Some(Ok(_))) => {}
+                _ => break,
             }
         }
     }
@@ -705,11 +717,12 @@ async fn write_response(
     out.extend_from_slice(b"\r\n");
     let mut has_date = false;
     for (name, value) in &parts.headers {
-        if !informational
-            && (name == header::CONNECTION
-                || name == header::TRANSFER_ENCODING
-                || (name == header::CONTENT_LENGTH && !bodiless))
-        {
+        if !informational && name == header::CONNECTION {
+            // The handler asks for a close (e.g. after a framing error); the line is ours.
+            keep &= !value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            continue;
+        }
+        if !informational && (name == header::TRANSFER_ENCODING || (name == header::CONTENT_LENGTH && !bodiless)) {
             continue;
         }
         has_date |= name == header::DATE;
@@ -723,7 +736,7 @@ async fn write_response(
         date::push(out);
         out.extend_from_slice(b"\r\n");
     }
-    if let Some(n) = length {
+    if let Some(n) = length.or(head_length) {
         out.extend_from_slice(b"content-length: ");
         crate::push_decimal(out, n);
         out.extend_from_slice(b"\r\n");
