@@ -191,5 +191,19 @@ fn cache(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, ratelimit, routing, auth, headers, cache);
+fn wire(c: &mut Criterion) {
+    use b25_gateway::server::h1::{Settings, parse_request};
+    let settings =
+        Settings { header_timeout: std::time::Duration::from_secs(10), max_head: 64 * 1024, max_headers: 100 };
+    // What wrk sends, plus a bearer token: a typical API request head.
+    let head: &[u8] = b"GET /api/v1/market/ticker/BTCUSDT HTTP/1.1\r\nHost: gw.example:8080\r\nUser-Agent: bench/1.0\r\nAccept: application/json\r\nAuthorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJl\r\nX-Request-Id: 0192f3a4-1b2c-7d3e-8f40-5a6b7c8d9e0f\r\n\r\n";
+    c.bench_function("wire/parse_request_head", |b| {
+        b.iter(|| {
+            let mut buf = bytes::BytesMut::from(black_box(head));
+            black_box(parse_request(&mut buf, &settings).unwrap().unwrap())
+        })
+    });
+}
+
+criterion_group!(benches, ratelimit, routing, auth, headers, cache, wire);
 criterion_main!(benches);
