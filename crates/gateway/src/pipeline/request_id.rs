@@ -29,17 +29,25 @@ pub fn from_headers(headers: &HeaderMap) -> HeaderValue {
     generate()
 }
 
-/// A new UUIDv7 in its hyphenated form. The random bits come from a thread-local generator,
-/// not the OS: no `getrandom` system call per request (request ids are not secrets).
+/// A new UUIDv7 (RFC 9562) in its hyphenated form: 48 bits of Unix milliseconds, version 7,
+/// 74 random bits. The random bits come from a thread-local generator, not the OS: no
+/// `getrandom` system call per request (request ids are not secrets). Formatted here, straight
+/// into the value's bytes.
 pub fn generate() -> HeaderValue {
-    let ms = crate::unix_ms();
-    let mut rnd = [0u8; 10];
-    rnd[..8].copy_from_slice(&crate::proxy::balance::random().to_le_bytes());
-    rnd[8..].copy_from_slice(&crate::proxy::balance::random().to_le_bytes()[..2]);
-    let id = uuid::Builder::from_unix_timestamp_millis(ms, &rnd).into_uuid();
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let s = id.hyphenated().encode_lower(&mut buf);
-    crate::header_value(s.as_bytes()).expect("uuid is ascii")
+    let ms = crate::unix_ms() & 0xffff_ffff_ffff;
+    let (a, b) = (crate::proxy::balance::random(), crate::proxy::balance::random());
+    let hi = ms << 16 | 0x7000 | (a & 0x0fff);
+    let lo = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    let (mut h, mut l) = ([0u8; 16], [0u8; 16]);
+    crate::pipeline::trace::hex16(&mut h, hi);
+    crate::pipeline::trace::hex16(&mut l, lo);
+    let mut out = [b'-'; 36];
+    out[..8].copy_from_slice(&h[..8]);
+    out[9..13].copy_from_slice(&h[8..12]);
+    out[14..18].copy_from_slice(&h[12..]);
+    out[19..23].copy_from_slice(&l[..4]);
+    out[24..].copy_from_slice(&l[4..]);
+    crate::header_value(&out).expect("hex digits and hyphens")
 }
 
 #[cfg(test)]
@@ -66,6 +74,10 @@ mod tests {
         let a = uuid::Uuid::parse_str(generate().to_str().unwrap()).unwrap();
         let b = uuid::Uuid::parse_str(generate().to_str().unwrap()).unwrap();
         assert_eq!(a.get_version_num(), 7);
+        assert_eq!(a.get_variant(), uuid::Variant::RFC4122);
         assert_ne!(a, b);
+        // The time is in the first 48 bits.
+        let ms = u64::from_str_radix(&generate().to_str().unwrap().replace('-', "")[..12], 16).unwrap();
+        assert!(crate::unix_ms().abs_diff(ms) < 60_000, "{ms}");
     }
 }

@@ -57,11 +57,20 @@ impl std::fmt::Debug for TraceId {
     }
 }
 
-/// Writes `v` as 16 lowercase hex digits.
-fn hex16(out: &mut [u8], v: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in out[..16].iter_mut().enumerate() {
-        *b = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
+/// Writes `v` as 16 lowercase hex digits (a byte at a time from a 256-entry table).
+pub(crate) fn hex16(out: &mut [u8], v: u64) {
+    const PAIRS: [[u8; 2]; 256] = {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
+    for (pair, byte) in out[..16].chunks_exact_mut(2).zip(v.to_be_bytes()) {
+        pair.copy_from_slice(&PAIRS[byte as usize]);
     }
 }
 

@@ -442,8 +442,10 @@ impl Upstream {
             let remaining = deadline.saturating_duration_since(sent);
             let per_try = self.retry.per_try_timeout.map_or(remaining, |p| p.get().min(remaining));
             inst.inflight.fetch_add(1, Ordering::Relaxed);
-            let result =
-                tokio::time::timeout(per_try, self.pool(idx).send(&parts, call.hop, body, || series.opened())).await;
+            // Deadline from the clock reading of the try's start (no second reading).
+            let until = tokio::time::Instant::from_std(sent + per_try);
+            let send = self.pool(idx).send(&parts, call.hop, body, sent, || series.opened());
+            let result = tokio::time::timeout_at(until, send).await;
             inst.inflight.fetch_sub(1, Ordering::Relaxed);
             let done = Instant::now();
             series.latency(done.saturating_duration_since(sent));

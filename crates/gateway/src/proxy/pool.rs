@@ -62,9 +62,8 @@ impl Pool {
         })
     }
 
-    /// The most recently used live idle connection, if any.
-    fn checkout(&self) -> Option<Conn> {
-        let now = Instant::now();
+    /// The most recently used live idle connection, if any (`now`: the caller's clock reading).
+    fn checkout(&self, now: Instant) -> Option<Conn> {
         let mut conns = self.conns.lock().expect("not poisoned");
         while let Some(Pooled { mut conn, used }) = conns.pop() {
             if now.duration_since(used) >= self.cfg.idle_timeout {
@@ -138,10 +137,11 @@ impl Pool {
         parts: &http::request::Parts,
         hop: Option<&super::h1::HopHeaders>,
         mut body: Body,
+        now: Instant,
         opened: impl Fn(),
     ) -> Result<Response<ResponseBody>, GatewayError> {
         loop {
-            let (mut conn, reused) = match self.checkout() {
+            let (mut conn, reused) = match self.checkout(now) {
                 Some(c) => (c, true),
                 None => {
                     opened();

@@ -494,17 +494,17 @@ async fn read_head(
     settings: &Settings,
     drain: &mut watch::Receiver<bool>,
 ) -> Result<Option<Head>, HeadError> {
-    let mut armed = false;
+    // The timer is not moved for every request (a re-registration in the timer wheel each):
+    // it keeps an earlier deadline, and when it fires before this head's deadline it is moved
+    // once. Deadlines only grow, so it never fires late.
+    let mut deadline = None;
     loop {
         if !w.buf.is_empty()
             && let Some(head) = parse(&mut w.buf, settings).map_err(HeadError::Refuse)?
         {
             return Ok(Some(head));
         }
-        if !armed {
-            timer.as_mut().reset(tokio::time::Instant::now() + settings.header_timeout);
-            armed = true;
-        }
+        let due = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + settings.header_timeout);
         let idle = w.buf.is_empty();
         if idle && *drain.borrow() {
             return Ok(None);
@@ -516,6 +516,10 @@ async fn read_head(
                 Ok(_) => {}
             },
             _ = timer.as_mut() => {
+                if tokio::time::Instant::now() < due {
+                    timer.as_mut().reset(due);
+                    continue;
+                }
                 return if idle {
                     Ok(None)
                 } else {
