@@ -779,11 +779,20 @@ impl RequestRecord {
     }
 }
 
+/// Lines queued for the log writer thread.
+const LOG_QUEUE_LINES: usize = 16_384;
+
 /// Installs the global subscriber: JSON (or text) lines through a non-blocking stdout writer.
 /// `RUST_LOG` overrides the configured level. Keep the guard alive to flush at exit.
 pub fn init_logging(cfg: &crate::config::LoggingConfig) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // The queue to the writer thread is allocated (and touched) whole at start: the default
+    // 128 000 lines were 4 MiB of resident memory on an idle gateway. 16 384 lines are
+    // ≈ 0.25 s of access log at 60 000 requests/s; beyond that lines are dropped, never the
+    // request thread blocked.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .finish(std::io::stdout());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match cfg.format {
