@@ -279,6 +279,8 @@ async fn broken_and_stalled_heads_get_a_json_error_and_a_close() {
         &b"BL\x01AH / HTTP/1.1\r\nHost: gw\r\n\r\n"[..],
         b"GET / HTTP/1.1\r\nHost: gw\r\nX-Folded: a\r\n b\r\n\r\n",
         b"GET /r/1 HTTP/1.1\r\nHost: gw\r\nBad Name: v\r\n\r\n",
+        b"GET /r/1 HTTP/1.1\r\n\r\n",
+        b"GET /r/1 HTTP/1.1\r\nHost: gw\r\nHost: evil\r\n\r\n",
     ] {
         let text = exchange(gw.addr(), raw).await;
         assert!(text.starts_with("HTTP/1.1 400"), "{text}");

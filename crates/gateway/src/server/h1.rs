@@ -602,6 +602,7 @@ fn parse_with(buf: &mut BytesMut, s: &Settings, slots: usize) -> Result<Option<H
         (false, false, false, false, false);
     let mut length: Option<u64> = None;
     let mut chunked = false;
+    let mut hosts = 0;
     for entry in spans.entries(&head) {
         let (name, value) = entry.map_err(bad)?;
         if name == header::CONTENT_LENGTH {
@@ -622,10 +623,20 @@ fn parse_with(buf: &mut BytesMut, s: &Settings, slots: usize) -> Result<Option<H
             }
         } else if name == header::UPGRADE {
             has_upgrade = true;
+        } else if name == header::HOST {
+            hosts += 1;
         } else if name == header::EXPECT {
             expect_continue = value.as_bytes().trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
         headers.append(name, value);
+    }
+    // RFC 9112 §3.2: exactly one Host in HTTP/1.1 (an absolute-form target does not excuse
+    // its absence); several are refused in any version.
+    if hosts > 1 {
+        return Err(Some(bad("several Host headers")));
+    }
+    if hosts == 0 && version == Version::HTTP_11 {
+        return Err(Some(bad("missing Host header")));
     }
     let framing = match (length, chunked) {
         (Some(_), true) => return Err(Some(bad("both Content-Length and Transfer-Encoding"))),
@@ -905,8 +916,31 @@ mod tests {
         Settings { header_timeout: Duration::from_secs(5), max_head: 8 * 1024, max_headers: 100 }
     }
 
+    /// Parses `s` with a `Host` header added when it has none (the host rules have their own
+    /// test).
     fn head(s: &str) -> Result<Option<Head>, GatewayError> {
-        parse(&mut BytesMut::from(s), &settings())
+        let with_host = match s.to_ascii_lowercase().contains("\nhost:") {
+            true => s.to_string(),
+            false => s.replacen("\r\n", "\r\nHost: t\r\n", 1),
+        };
+        parse(&mut BytesMut::from(with_host.as_str()), &settings())
+    }
+
+    #[test]
+    fn http11_needs_exactly_one_host() {
+        let raw = |s: &str| parse(&mut BytesMut::from(s), &settings());
+        for bad in [
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET http://gw/ HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n",
+        ] {
+            let e = raw(bad).err().unwrap_or_else(|| panic!("accepted: {bad:?}"));
+            assert_eq!(e.kind().status(), 400, "{bad:?}");
+            assert!(e.message().contains("Host"), "{bad:?}: {}", e.message());
+        }
+        assert!(raw("GET / HTTP/1.0\r\n\r\n").unwrap().is_some(), "HTTP/1.0 may omit Host");
+        assert!(raw("GET / HTTP/1.1\r\nHost: gw\r\n\r\n").unwrap().is_some());
     }
 
     fn refused(s: &str) -> (u16, String) {
@@ -977,10 +1011,10 @@ mod tests {
 
     #[test]
     fn many_headers_spill_to_the_heap_up_to_the_limit() {
-        let many: String = (0..90).map(|i| format!("x-{i}: {i}\r\n")).collect();
+        let many: String = (0..89).map(|i| format!("x-{i}: {i}\r\n")).collect();
         let h = head(&format!("GET / HTTP/1.1\r\n{many}\r\n")).unwrap().unwrap();
-        assert_eq!(h.parts.headers.len(), 90);
-        assert_eq!(h.parts.headers["x-89"], "89");
+        assert_eq!(h.parts.headers.len(), 90, "89 and Host");
+        assert_eq!(h.parts.headers["x-88"], "88");
     }
 
     #[test]
