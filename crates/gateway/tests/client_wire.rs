@@ -122,6 +122,27 @@ async fn request_bodies_reach_the_upstream_reframed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_written_a_byte_at_a_time_is_read_the_same() {
+    for engine in ENGINES {
+        let (up, _) = echo().await;
+        let gw = gateway(engine, up).await;
+        let raw = b"POST /r/1 HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwiki\r\n5\r\npedia\r\n0\r\n\r\nGET /r/2 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n";
+        let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        for b in raw {
+            s.write_all(std::slice::from_ref(b)).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.expect("the gateway closes").unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.contains("POST /r/1 te=chunked cl=- body=wikipedia"), "{engine}: {text}");
+        assert!(text.contains("GET /r/2 te=- cl=- body="), "{engine}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_continue_gets_100_then_the_answer() {
     for engine in ENGINES {
         let (up, _) = echo().await;
