@@ -41,6 +41,21 @@ pub mod snapshot;
 pub mod version;
 pub mod websocket;
 
+/// (year, month 1–12, day 1–31) of a day counted from 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`).
+pub fn civil_date(days: u64) -> (u32, u32, u32) {
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as u32;
+    (year, month, day)
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it): wall time for records that
 /// outlive the process or cross instances (cache entries, idempotency records, halt state).
 pub fn unix_ms() -> u64 {

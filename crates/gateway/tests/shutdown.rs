@@ -21,13 +21,26 @@ struct Gw {
 
 impl Gw {
     fn spawn(sim_url: &str, grace: &str, delay: &str) -> Gw {
+        Self::spawn_logging(sim_url, grace, delay, "info")
+    }
+
+    /// With `logging.level` set to `level`. Below `info` the start lines are not written: the
+    /// main listener then takes a port found free here and is waited for by connecting.
+    fn spawn_logging(sim_url: &str, grace: &str, delay: &str, level: &str) -> Gw {
+        let quiet = level != "info";
+        let listen = if quiet {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        } else {
+            "127.0.0.1:0".to_string()
+        };
         let dir = temp_dir("shutdown");
         let file = dir.join("gw.yaml");
         std::fs::write(
             &file,
             format!(
-                "server: {{ listen: \"127.0.0.1:0\", admin_listen: \"127.0.0.1:0\", shutdown_grace: {grace}, shutdown_delay: {delay} }}\n\
-                 logging: {{ level: info }}\n\
+                "server: {{ listen: \"{listen}\", admin_listen: \"127.0.0.1:0\", shutdown_grace: {grace}, shutdown_delay: {delay} }}\n\
+                 logging: {{ level: \"{level}\" }}\n\
                  services:\n  up: {{ instances: [\"{sim_url}\"], health_check: {{ enabled: false }} }}\n\
                  routes:\n  - {{ id: t, path: \"/api/v1/market/ticker/{{s}}\", methods: [GET], service: up, public: true, timeout: 30s }}\n"
             ),
@@ -57,6 +70,15 @@ impl Gw {
             addr: "0.0.0.0:0".parse().unwrap(),
             admin: "0.0.0.0:0".parse().unwrap(),
         };
+        if quiet {
+            gw.addr = listen.parse().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while std::net::TcpStream::connect(gw.addr).is_err() {
+                assert!(std::time::Instant::now() < deadline, "the gateway did not start listening");
+                std::thread::yield_now();
+            }
+            return gw;
+        }
         let listening = gw.wait_for("\"listening\"");
         let v: serde_json::Value = serde_json::from_str(&listening).unwrap();
         gw.addr = v["addr"].as_str().unwrap().parse().unwrap();
@@ -144,6 +166,22 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert_eq!(v["trace_id"].as_str().map(str::len), Some(32), "the trace id is in the access log");
     let status = tokio::task::block_in_place(|| gw.wait_exit());
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_are_written_whatever_the_log_level() {
+    // `logging.level: error`: the access log has its own switch and still writes a line per
+    // request.
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut gw = tokio::task::block_in_place(|| Gw::spawn_logging(&sim.url(), "5s", "0s", "error"));
+    let r = get(gw.addr, "/api/v1/market/ticker/BTC").await;
+    assert_eq!(r.status, 200);
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_string();
+    let line = tokio::task::block_in_place(|| gw.wait_for(&format!("\"request_id\":\"{rid}\"")));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["target"], "access");
+    assert_eq!(v["path"], "/api/v1/market/ticker/BTC");
+    assert_eq!(v["status"], 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -877,16 +877,8 @@ mod date {
             [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];
         let days = secs / 86_400;
         let rem = secs % 86_400;
-        // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-        let z = days as i64 + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u64;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as usize;
-        let year = (yoe + era * 400 + i64::from(month <= 2)) as u64;
+        let (year, month, day) = crate::civil_date(days);
+        let (year, month, day) = (u64::from(year), month as usize, u64::from(day));
         let mut b = [0u8; 29];
         b[..3].copy_from_slice(DAYS[(days % 7) as usize]);
         b[3..5].copy_from_slice(b", ");
