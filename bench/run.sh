@@ -160,6 +160,13 @@ d=j["latencyPercentiles"]
 print(*(f"{d[k]*1000:.3f}" for k in ("p50","p99","p99.9")))' || echo "- - -")
 done
 
+# gw-full must really have written its access log (a filter once dropped every line).
+ACCESS_LINES=$(grep -c '"target":"access"' "$WORK/gw-full-access.log" || true)
+if [ "${ACCESS_LINES:-0}" -lt 1000 ]; then
+  echo "bench: gw-full wrote ${ACCESS_LINES:-0} access-log lines; its figures would not include logging" >&2
+  exit 1
+fi
+
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f'{statistics.median(v):.0f} ({min(v):.0f}–{max(v):.0f})')" $1; }
 med() { python3 -c "import statistics,sys; print(statistics.median([float(x) for x in sys.argv[1:]]))" $1; }
 NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
@@ -180,6 +187,7 @@ NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
   done
   echo
   echo "Idle RSS (after start, before any load): gw-bare $IDLE_BARE MiB, gw-full $IDLE_FULL MiB."
+  echo "gw-full access log: $ACCESS_LINES JSON lines written to its file during the run (one per request)."
   echo
   echo "Targets: \`direct\` b25-sim itself; \`nginx\` and \`haproxy\` as keep-alive reverse proxies (2 workers/threads, no logs);"
   echo "\`gw-bare\` a public route, no policies, access log off; \`gw-full\` JWT HS256 + per-principal rate limit + metrics +"
