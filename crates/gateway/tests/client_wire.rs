@@ -165,9 +165,9 @@ async fn an_answer_without_reading_the_body_arrives_whole() {
     for engine in ENGINES {
         let (up, hits) = echo().await;
         let gw = gateway(engine, up).await;
-        // 405 before the body is read; the client is still sending 256 KiB.
+        // 405 before the body is read; the client is still sending 128 KiB.
         let mut s = TcpStream::connect(gw.addr()).await.unwrap();
-        let body = vec![b'x'; 256 * 1024];
+        let body = vec![b'x'; 128 * 1024];
         s.write_all(
             format!("POST /get-only HTTP/1.1\r\nHost: gw\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
         )
