@@ -360,8 +360,11 @@ async fn upstream_connections_are_pooled_and_reused() {
             assert_eq!(r.status, 200);
         }
     }
+    // At most 16 requests are ever in flight, so with reuse the pools never need more than 16
+    // connections (plus the sequential phase's): 96 burst requests must not open ~96. (How
+    // many the first burst needed depends on how concurrent it happened to be.)
     let after = up.accepted.load(Ordering::SeqCst);
-    assert!(after <= after_first + 4, "bursts after the first mostly reuse: {after_first} then {after}");
+    assert!(after <= 16 + 2, "bursts reuse the pooled connections: {after_first} after the first, {after} after six");
     // The gateway counts what it opened.
     let m = String::from_utf8_lossy(&get(gw.handle.admin_addr().unwrap(), "/metrics").await.body).to_string();
     let line =
