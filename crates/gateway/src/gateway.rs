@@ -713,14 +713,20 @@ fn server_timing(total_us: u64, upstream_us: Option<u64>) -> HeaderValue {
             b'0' + (frac % 10) as u8,
         ]);
     }
-    let mut v = Vec::with_capacity(64);
-    v.extend_from_slice(b"gateway;dur=");
-    ms(&mut v, total_us.saturating_sub(upstream_us.unwrap_or(0)));
-    if let Some(up) = upstream_us {
-        v.extend_from_slice(b", upstream;dur=");
-        ms(&mut v, up);
-    }
-    HeaderValue::from_maybe_shared(Bytes::from(v)).expect("digits and ASCII")
+    // Assembled in the thread's scratch buffer and cut from the header-value arena: no
+    // allocation per response.
+    crate::SCRATCH
+        .with_borrow_mut(|v| {
+            v.clear();
+            v.extend_from_slice(b"gateway;dur=");
+            ms(v, total_us.saturating_sub(upstream_us.unwrap_or(0)));
+            if let Some(up) = upstream_us {
+                v.extend_from_slice(b", upstream;dur=");
+                ms(v, up);
+            }
+            crate::header_value(v)
+        })
+        .expect("digits and ASCII")
 }
 
 /// A response rebuilt from stored parts.
@@ -927,9 +933,9 @@ fn too_many(l: Limited) -> GatewayError {
 
 fn ratelimit_values(d: &Decision) -> [(HeaderName, HeaderValue); 3] {
     [
-        (RATELIMIT_LIMIT.clone(), HeaderValue::from(d.limit)),
-        (RATELIMIT_REMAINING.clone(), HeaderValue::from(d.remaining)),
-        (RATELIMIT_RESET.clone(), HeaderValue::from(ceil_secs(d.reset))),
+        (RATELIMIT_LIMIT.clone(), crate::decimal_value(u64::from(d.limit))),
+        (RATELIMIT_REMAINING.clone(), crate::decimal_value(u64::from(d.remaining))),
+        (RATELIMIT_RESET.clone(), crate::decimal_value(ceil_secs(d.reset))),
     ]
 }
 

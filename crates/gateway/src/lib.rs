@@ -84,6 +84,22 @@ pub(crate) fn header_value(bytes: &[u8]) -> Option<http::HeaderValue> {
     http::HeaderValue::from_maybe_shared(shared).ok()
 }
 
+/// `n` in decimal as a header value, from the per-thread arena (no allocation of its own).
+pub(crate) fn decimal_value(n: u64) -> http::HeaderValue {
+    SCRATCH
+        .with_borrow_mut(|v| {
+            v.clear();
+            push_decimal(v, n);
+            header_value(v)
+        })
+        .expect("digits")
+}
+
+thread_local! {
+    /// Scratch space for header values assembled on the hot path.
+    pub(crate) static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Appends `n` in decimal (header values built on the hot path without `fmt`).
 pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
@@ -109,6 +125,9 @@ mod tests {
             assert_eq!(v.to_str().unwrap(), format!("id-{i:05}"));
         }
         assert!(crate::header_value(b"bad\r\nvalue").is_none());
+        for n in [0, 7, 1000, u64::MAX] {
+            assert_eq!(crate::decimal_value(n).to_str().unwrap(), n.to_string());
+        }
         let long = vec![b'a'; 2000];
         assert_eq!(crate::header_value(&long).unwrap().len(), 2000);
         let mut out = Vec::new();
