@@ -202,10 +202,7 @@ impl Conn {
                 let (framing, keep_alive) = response_framing(&head, method)?;
                 break (head, framing, keep_alive);
             }
-            if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
-                self.buf.reserve(READ_SIZE);
-            }
-            match self.io.read_buf(&mut self.buf).await {
+            match std::future::poll_fn(|cx| poll_read_more(&mut self.io, &mut self.buf, cx)).await {
                 Ok(0) if self.buf.is_empty() => {
                     return Err(reset("the connection was closed before a response".into()));
                 }
@@ -630,10 +627,20 @@ impl ResponseBody {
 
 /// Reads more bytes into the connection's buffer.
 fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-    if conn.buf.capacity() - conn.buf.len() < READ_SIZE / 2 {
-        conn.buf.reserve(READ_SIZE);
+    poll_read_more(&mut conn.io, &mut conn.buf, cx)
+}
+
+/// Reads more bytes from `io` onto the end of `buf` (room for a read of at least 4 KiB is
+/// made first); `Ok(0)` at end of stream. Both HTTP/1.1 legs read this way.
+pub(crate) fn poll_read_more<R: tokio::io::AsyncRead + Unpin + ?Sized>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_SIZE / 2 {
+        buf.reserve(READ_SIZE);
     }
-    let read = conn.io.read_buf(&mut conn.buf);
+    let read = io.read_buf(buf);
     std::pin::pin!(read).poll(cx)
 }
 

@@ -27,26 +27,23 @@
 use crate::body::{BoxError, ClientBody, Observed};
 use crate::error::{ErrorKind, GatewayError};
 use crate::gateway::{self, ConnInfo, Shared};
-use crate::proxy::h1::{Chunk, Spans, Step, decode, hex_line, parse_decimal};
+use crate::proxy::h1::{Chunk, Spans, Step, decode, hex_line, parse_decimal, poll_read_more};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body::{Body, Frame, SizeHint};
-use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{oneshot, watch};
 
 /// A client connection's byte stream (TCP or TLS).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
-/// Read size (and the buffer's initial capacity).
-const READ_SIZE: usize = 8 * 1024;
 /// Header slots parsed on the stack; more (when the limits allow more) go to the heap.
 const STACK_HEADERS: usize = 64;
 /// Longest request target (as hyper: 414 beyond).
@@ -90,26 +87,16 @@ impl Wire {
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
-            self.buf.reserve(READ_SIZE);
-        }
-        let read = self.io.read_buf(&mut self.buf);
-        std::pin::pin!(read).poll(cx)
+        poll_read_more(&mut self.io, &mut self.buf, cx)
     }
 
     async fn fill(&mut self) -> io::Result<usize> {
         std::future::poll_fn(|cx| self.poll_fill(cx)).await
     }
 
-    /// Reads until the buffer holds `n` bytes or the stream ends; false when it ended first.
-    pub async fn fill_to(&mut self, n: usize) -> bool {
-        while self.buf.len() < n {
-            match self.fill().await {
-                Ok(0) | Err(_) => return false,
-                Ok(_) => {}
-            }
-        }
-        true
+    /// Reads more bytes; false when the stream ended (or failed).
+    pub async fn read_more(&mut self) -> bool {
+        matches!(self.fill().await, Ok(n) if n > 0)
     }
 
     /// Bytes read and not yet used.

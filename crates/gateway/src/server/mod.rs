@@ -153,35 +153,34 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
 
     let (stop, stop_rx) = watch::channel(false);
+    // Hard caps on a request head (the configured, finer limits are the handler's).
+    let max_head = HARD_MAX_HEADER_BYTES.max(server_cfg.limits.max_header_bytes.bytes() as usize);
+    let max_headers = server_cfg.limits.max_headers.saturating_mul(2).max(100);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server_cfg.limits.header_timeout.get())
-        .max_buf_size(HARD_MAX_HEADER_BYTES.max(server_cfg.limits.max_header_bytes.bytes() as usize))
-        .max_headers(server_cfg.limits.max_headers.saturating_mul(2).max(100))
+        .max_buf_size(max_head)
+        .max_headers(max_headers)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(HARD_MAX_HEADER_BYTES.max(server_cfg.limits.max_header_bytes.bytes() as usize) as u32)
+        .max_header_list_size(max_head as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     if !server_cfg.http2 {
         builder = builder.http1_only();
     }
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
-        .max_header_list_size(HARD_MAX_HEADER_BYTES.max(server_cfg.limits.max_header_bytes.bytes() as usize) as u32)
+        .max_header_list_size(max_head as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let protocols = Protocols {
         hyper: builder,
         h2,
         native: (server_cfg.http1 == crate::config::Http1Engine::Native).then(|| {
-            Arc::new(h1::Settings {
-                header_timeout: server_cfg.limits.header_timeout.get(),
-                max_head: HARD_MAX_HEADER_BYTES.max(server_cfg.limits.max_header_bytes.bytes() as usize),
-                max_headers: server_cfg.limits.max_headers.saturating_mul(2).max(100),
-            })
+            Arc::new(h1::Settings { header_timeout: server_cfg.limits.header_timeout.get(), max_head, max_headers })
         }),
         http2: server_cfg.http2,
     };
@@ -428,7 +427,7 @@ where
         // HTTP/1 method but PRI); a client that sends nothing is cut at the header timeout.
         let sniff = async {
             while wire.may_be_h2() && wire.buffered() < h1::H2_PREFACE.len() {
-                if !wire.fill_to(wire.buffered() + 1).await {
+                if !wire.read_more().await {
                     return None;
                 }
             }
