@@ -46,14 +46,7 @@ impl Gw {
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_b25-gateway"))
-            .args(["run", "--config"])
-            .arg(&file)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = run_binary(&file);
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -120,6 +113,18 @@ impl Gw {
         let _ = self.child.kill();
         panic!("gateway did not exit within 15 s");
     }
+}
+
+/// `b25-gateway run --config file`, stdout piped, `RUST_LOG` unset.
+fn run_binary(file: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_b25-gateway"))
+        .args(["run", "--config"])
+        .arg(file)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for Gw {
@@ -204,4 +209,116 @@ async fn requests_still_running_at_the_deadline_are_cut_and_logged() {
     assert!(line.contains("\"requests_cut\":1"), "{line}");
     let status = tokio::task::block_in_place(|| gw.wait_exit());
     assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_access_line_is_written_before_exit() {
+    // Access lines are batched per worker thread (handed over at 16 KiB or 50 ms): a SIGTERM
+    // right after the last answer still gets every line out, each exactly once.
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut gw = tokio::task::block_in_place(|| Gw::spawn_logging(&sim.url(), "5s", "0s", "error"));
+    let addr = gw.addr;
+    // Several batches' worth, from concurrent clients (both worker threads get some).
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..150 {
+                    let r = get(addr, &format!("/api/v1/market/ticker/C{c}N{i}")).await;
+                    assert_eq!(r.status, 200);
+                    ids.push(r.headers["x-request-id"].to_str().unwrap().to_string());
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for c in clients {
+        ids.extend(c.await.unwrap());
+    }
+    gw.sigterm();
+    let status = tokio::task::block_in_place(|| gw.wait_exit());
+    assert_eq!(status.code(), Some(0));
+    // The reader thread ends at the pipe's end: everything the process wrote is here.
+    let mut count = std::collections::HashMap::new();
+    for line in gw.lines.iter() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["target"] == "access"
+        {
+            *count.entry(v["request_id"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        }
+    }
+    for id in &ids {
+        assert_eq!(count.get(id), Some(&1), "access line of {id}");
+    }
+    assert_eq!(count.len(), ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stdout_drops_access_lines_and_never_holds_requests() {
+    // Nobody reads the gateway's stdout: once the pipe, the writer's buffer and its queue of
+    // batches are full, access lines are dropped and counted, and requests go on.
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (addr, admin) = (free(), free());
+    let dir = temp_dir("stalled-stdout");
+    let file = dir.join("gw.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "server: {{ listen: \"{addr}\", admin_listen: \"{admin}\" }}\n\
+             logging: {{ level: error }}\n\
+             services:\n  up: {{ instances: [\"{}\"], health_check: {{ enabled: false }} }}\n\
+             routes:\n  - {{ id: t, path: \"/api/v1/market/ticker/{{s}}\", methods: [GET], service: up, public: true }}\n",
+            sim.url()
+        ),
+    )
+    .unwrap();
+    let mut child = run_binary(&file);
+    let _unread = child.stdout.take().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the gateway did not start listening");
+        std::thread::yield_now();
+    }
+    let dropped = |m: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("b25_gateway_access_log_dropped_lines_total "))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    // ≈ 4.2 MiB of queue and buffers at ≈ 300 bytes a line: keep going until lines are dropped.
+    let mut sent = 0;
+    loop {
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut tx = h1::<http_body_util::Empty<bytes::Bytes>>(addr).await;
+                    for _ in 0..1000 {
+                        let req = http::Request::get("/api/v1/market/ticker/BTCUSDT")
+                            .header("host", "gw")
+                            .body(http_body_util::Empty::new())
+                            .unwrap();
+                        let r = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req))
+                            .await
+                            .expect("a request was held up")
+                            .unwrap();
+                        assert_eq!(r.status(), 200);
+                        http_body_util::BodyExt::collect(r.into_body()).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.await.unwrap();
+        }
+        sent += 4000;
+        let m = String::from_utf8_lossy(&get(admin, "/metrics").await.body).to_string();
+        if dropped(&m) > 0 {
+            assert!(dropped(&m) < sent, "{} of {sent} dropped", dropped(&m));
+            break;
+        }
+        assert!(sent < 60_000, "no access line dropped after {sent} requests with stdout stalled");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

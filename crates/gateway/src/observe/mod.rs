@@ -4,7 +4,7 @@
 //! dropped, so the access line and the duration cover the whole exchange, streaming included.
 //! Log lines go through a non-blocking writer: the request thread only formats and queues.
 
-mod access;
+pub(crate) mod access;
 mod histogram;
 
 pub use histogram::Histogram;
@@ -339,6 +339,11 @@ impl Metrics {
             .get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION"), commit: crate::version::GIT_COMMIT })
             .set(1);
         registry.register("build_info", "Build information (always 1)", build);
+        registry.register(
+            "access_log_dropped_lines",
+            "Access-log lines dropped because the output could not keep up",
+            access::DROPPED.clone(),
+        );
         let ratelimit_series = RL_SCOPES.map(|scope| {
             RL_OUTCOMES.map(|outcome| ratelimit.get_or_create(&RateLimitLabels { scope, outcome }).clone())
         });
@@ -797,25 +802,29 @@ impl RequestRecord {
     }
 }
 
-/// Lines queued for the log writer thread.
-const LOG_QUEUE_LINES: usize = 16_384;
+/// Lines queued for the log writer thread (the access log has its own queue).
+const LOG_QUEUE_LINES: usize = 4096;
 
-/// Installs the global subscriber: JSON (or text) lines through a non-blocking stdout writer.
-/// `RUST_LOG` overrides the configured level. Keep the guard alive to flush at exit.
-pub fn init_logging(cfg: &crate::config::LoggingConfig) -> tracing_appender::non_blocking::WorkerGuard {
+/// The log writers; keep it alive to flush at exit.
+pub struct LogGuard {
+    _access: Option<access::Guard>,
+    _events: tracing_appender::non_blocking::WorkerGuard,
+}
+
+/// Installs the global subscriber: JSON (or text) lines through a non-blocking stdout writer,
+/// and the access log's own writer. `RUST_LOG` overrides the configured level.
+pub fn init_logging(cfg: &crate::config::LoggingConfig) -> LogGuard {
     use tracing_subscriber::EnvFilter;
     // The queue to the writer thread is allocated (and touched) whole at start: the default
-    // 128 000 lines were 4 MiB of resident memory on an idle gateway. 16 384 lines are
-    // ≈ 0.25 s of access log at 60 000 requests/s; beyond that lines are dropped, never the
-    // request thread blocked.
+    // 128 000 lines were 4 MiB of resident memory on an idle gateway. The access log has its
+    // own queue (observe/access.rs); beyond the queue, lines are dropped, never the request
+    // thread blocked.
     // Lines are written in batches (the writer thread flushes when its queue is empty): not a
     // `write` system call per line.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
-    access::install(writer.clone(), cfg.format == crate::config::LogFormat::Json);
-    // The access log has its own switch (`logging.access_log`, read per request): its lines
-    // pass whatever `logging.level` is. `RUST_LOG` replaces both (`access=off` silences it).
+    let access = access::install(cfg.format == crate::config::LogFormat::Json);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         let f = EnvFilter::new(&cfg.level);
         match "access=info".parse() {
@@ -830,7 +839,7 @@ pub fn init_logging(cfg: &crate::config::LoggingConfig) -> tracing_appender::non
         }
         crate::config::LogFormat::Text => builder.try_init(),
     };
-    guard
+    LogGuard { _access: access, _events: guard }
 }
 
 /// Converts prometheus-client's OpenMetrics text to the Prometheus text format.

@@ -10,11 +10,14 @@
 //! (bench/EXPERIMENTS.md).
 //!
 //! Dropping [`Workers`] stops the threads; their runtimes are dropped with whatever is still
-//! open on them (the graceful drain has already waited for in-flight requests by then).
+//! open on them (the graceful drain has already waited for in-flight requests by then), then
+//! each hands its last access-log batch over, and the drop waits for that (at most 2 s).
 
 use std::cell::Cell;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 thread_local! {
@@ -31,7 +34,9 @@ pub fn index() -> usize {
 pub struct Workers {
     handles: Vec<tokio::runtime::Handle>,
     /// Dropped to stop the workers.
-    _stops: Vec<oneshot::Sender<()>>,
+    stops: Vec<oneshot::Sender<()>>,
+    /// One message per worker that has stopped and flushed its access log.
+    stopped: mpsc::Receiver<()>,
     next: AtomicUsize,
 }
 
@@ -40,20 +45,30 @@ impl Workers {
     pub fn start(n: usize) -> std::io::Result<Self> {
         let mut handles = Vec::with_capacity(n);
         let mut stops = Vec::with_capacity(n);
+        let (stopped_tx, stopped) = mpsc::channel();
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(rt.handle().clone());
             let (stop, stopped) = oneshot::channel::<()>();
             stops.push(stop);
+            let stopped_tx = stopped_tx.clone();
             std::thread::Builder::new().name(format!("b25-worker-{}", i + 1)).spawn(move || {
                 INDEX.with(|c| c.set(i + 1));
                 // Runs the worker's tasks until the gateway drops its `Workers`.
                 rt.block_on(async {
-                    let _ = stopped.await;
+                    tokio::select! {
+                        _ = stopped => {}
+                        () = crate::observe::access::flusher() => {}
+                    }
                 });
+                // Requests still open are cut here and write their access lines; then the
+                // thread's last batch goes to the writer.
+                drop(rt);
+                crate::observe::access::flush();
+                let _ = stopped_tx.send(());
             })?;
         }
-        Ok(Self { handles, _stops: stops, next: AtomicUsize::new(0) })
+        Ok(Self { handles, stops, stopped, next: AtomicUsize::new(0) })
     }
 
     /// Runs `fut` on the next worker (round robin).
@@ -65,6 +80,19 @@ impl Workers {
         // The handle's runtime lives until `Workers` is dropped; a spawn after that point is
         // impossible (the accept loop owns `Workers`).
         drop(self.handles[i].spawn(fut));
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let n = self.stops.len();
+        self.stops.clear();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for _ in 0..n {
+            if self.stopped.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+                break;
+            }
+        }
     }
 }
 
