@@ -825,6 +825,8 @@ pub fn init_logging(cfg: &crate::config::LoggingConfig) -> LogGuard {
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
     let access = access::install(cfg.format == crate::config::LogFormat::Json);
+    // The access log has its own switch (`logging.access_log`, read per request): its lines
+    // pass whatever `logging.level` is. `RUST_LOG` replaces both (`access=off` silences it).
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         let f = EnvFilter::new(&cfg.level);
         match "access=info".parse() {

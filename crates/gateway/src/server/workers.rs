@@ -36,7 +36,7 @@ pub struct Workers {
     /// Dropped to stop the workers.
     stops: Vec<oneshot::Sender<()>>,
     /// One message per worker that has stopped and flushed its access log.
-    stopped: mpsc::Receiver<()>,
+    done: mpsc::Receiver<()>,
     next: AtomicUsize,
 }
 
@@ -45,13 +45,13 @@ impl Workers {
     pub fn start(n: usize) -> std::io::Result<Self> {
         let mut handles = Vec::with_capacity(n);
         let mut stops = Vec::with_capacity(n);
-        let (stopped_tx, stopped) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(rt.handle().clone());
             let (stop, stopped) = oneshot::channel::<()>();
             stops.push(stop);
-            let stopped_tx = stopped_tx.clone();
+            let done_tx = done_tx.clone();
             std::thread::Builder::new().name(format!("b25-worker-{}", i + 1)).spawn(move || {
                 INDEX.with(|c| c.set(i + 1));
                 // Runs the worker's tasks until the gateway drops its `Workers`.
@@ -65,10 +65,10 @@ impl Workers {
                 // thread's last batch goes to the writer.
                 drop(rt);
                 crate::observe::access::flush();
-                let _ = stopped_tx.send(());
+                let _ = done_tx.send(());
             })?;
         }
-        Ok(Self { handles, stops, stopped, next: AtomicUsize::new(0) })
+        Ok(Self { handles, stops, done, next: AtomicUsize::new(0) })
     }
 
     /// Runs `fut` on the next worker (round robin).
@@ -89,7 +89,7 @@ impl Drop for Workers {
         self.stops.clear();
         let deadline = Instant::now() + Duration::from_secs(2);
         for _ in 0..n {
-            if self.stopped.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+            if self.done.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
                 break;
             }
         }
