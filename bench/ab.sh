@@ -16,7 +16,9 @@ CONNS=${CONNS:-64}
 MODE=${MODE:-bare}
 WORK=$(mktemp -d /tmp/b25-ab.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+# Stops what it started, then removes the work directory (gw-full's access log grows to
+# hundreds of MiB per run).
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 source bench/lib.sh

@@ -38,3 +38,7 @@ wrk_clean() { # wrk output
     echo "bench: errors during the run:" >&2; grep -E "Non-2xx|Socket errors" <<<"$1" >&2; exit 1
   fi
 }
+
+# TCP connections this machine has opened (the kernel's ActiveOpens): around a round, minus
+# wrk's own connections, it is how many upstream connections the target opened under load.
+active_opens() { awk '/^Tcp:/ { if (!h) { for (i = 1; i <= NF; i++) if ($i == "ActiveOpens") c = i; h = 1 } else print $c }' /proc/net/snmp; }

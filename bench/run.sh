@@ -17,7 +17,9 @@ RATE=${RATE:-5000}
 RATE_DURATION=${RATE_DURATION:-10s}
 WORK=$(mktemp -d /tmp/b25-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+# Stops what it started, then removes the work directory (gw-full's access log grows to
+# hundreds of MiB per run).
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 need=()
@@ -41,7 +43,7 @@ UP=$(sim_base_port)
 wait_port "$UP"
 PATH_Q="/api/v1/market/ticker/BTCUSDT"
 
-# nginx: one worker per core, upstream keep-alive, no access log.
+# nginx: one worker per core, upstream keep-alive (no request cap per connection), no access log.
 NG=$(free_port)
 cat >"$WORK/nginx.conf" <<NGINX
 worker_processes 2;
@@ -50,7 +52,10 @@ error_log $WORK/nginx-error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  upstream up { server 127.0.0.1:$UP; keepalive 128; }
+  # keepalive_requests: by default nginx closes a client connection, and an upstream one,
+  # after 1000 requests (wrk then reconnects); the other targets set no such cap.
+  keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$NG;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
@@ -104,7 +109,8 @@ gw_config gw-bare "$GB" "" "public: true" false
 gw_config gw-full "$GF" "rate_limits: { per_principal: { rate: 10000000, burst: 10000000 } }" "roles: [viewer]" true
 gw_config gw-cache "$GC" "" "public: true, cache: { ttl: 1h, scope: public }" false
 ./target/release/b25-gateway run "$WORK/gw-bare.yaml" >"$WORK/gw-bare.log" 2>&1 & PIDS+=($!); GB_PID=$!
-./target/release/b25-gateway run "$WORK/gw-full.yaml" >"$WORK/gw-full-access.log" 2>&1 & PIDS+=($!); GF_PID=$!
+# Appended (O_APPEND), so the file can be emptied after each count (see access_lines).
+./target/release/b25-gateway run "$WORK/gw-full.yaml" >>"$WORK/gw-full-access.log" 2>&1 & PIDS+=($!); GF_PID=$!
 ./target/release/b25-gateway run "$WORK/gw-cache.yaml" >"$WORK/gw-cache.log" 2>&1 & PIDS+=($!); GC_PID=$!
 for p in "$NG" "$HA" "$GB" "$GF" "$GC"; do wait_port "$p"; done
 idle_mib() { python3 -c "print(f'{$(awk '/VmRSS/{print $2}' "/proc/$1/status")/1024:.1f}')"; }
@@ -126,7 +132,14 @@ cpu_ticks() {
 rss_kib() { local m=0 p v; for p in $1 $(pgrep -P "$1" || true); do v=$(awk '/VmHWM/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0); m=$((m + v)); done; echo "$m"; }
 HZ=$(getconf CLK_TCK)
 
-declare -A RPS CPU
+declare -A RPS CPU OPENED STEADY
+# gw-full's access lines so far; the file is then emptied: its hundreds of MiB would otherwise
+# be written back to disk by kernel threads while the next targets are measured.
+ACCESS_LINES=0
+access_lines() {
+  ACCESS_LINES=$((ACCESS_LINES + $(grep -c '"target":"access"' "$WORK/gw-full-access.log" || true)))
+  : >"$WORK/gw-full-access.log"
+}
 echo "warming up…"
 for t in "${TARGETS[@]}"; do expect_200 "http://127.0.0.1:${PORT[$t]}$PATH_Q" "$(hdr "$t")"; done
 for t in "${TARGETS[@]}"; do wrk -t2 -c"$CONNS" -d2s -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" >/dev/null; done
@@ -134,10 +147,17 @@ for r in $(seq 1 "$ROUNDS"); do
   # Rotate the order each round so no target always runs first or last.
   order=("${TARGETS[@]:$(( (r - 1) % ${#TARGETS[@]} ))}" "${TARGETS[@]:0:$(( (r - 1) % ${#TARGETS[@]} ))}")
   for t in "${order[@]}"; do
-    c0=$(cpu_ticks "${PIDOF[$t]}")
-    out=$(wrk -t2 -c"$CONNS" -d"$DURATION" -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q")
+    c0=$(cpu_ticks "${PIDOF[$t]}"); o0=$(active_opens)
+    wrk -t2 -c"$CONNS" -d"$DURATION" -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" >"$WORK/wrk.out" & WRK=$!
+    # After a second every client connection is open and the proxies' pools are warm: what
+    # opens after that is opened under steady load.
+    sleep 1; o_mid=$(active_opens)
+    wait "$WRK"; out=$(cat "$WORK/wrk.out")
     wrk_clean "$out"
-    c1=$(cpu_ticks "${PIDOF[$t]}")
+    c1=$(cpu_ticks "${PIDOF[$t]}"); o1=$(active_opens)
+    OPENED[$t]="${OPENED[$t]:-} $((o1 - o0 - CONNS - 1))" # wrk opens one more than -c
+    STEADY[$t]="${STEADY[$t]:-} $((o1 - o_mid))"
+    [ "$t" != gw-full ] || access_lines
     reqs=$(echo "$out" | awk '/requests in/{print $1}')
     rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
     non2xx=$(echo "$out" | awk '/Non-2xx/{print $NF}')
@@ -161,7 +181,7 @@ print(*(f"{d[k]*1000:.3f}" for k in ("p50","p99","p99.9")))' || echo "- - -")
 done
 
 # gw-full must really have written its access log (a filter once dropped every line).
-ACCESS_LINES=$(grep -c '"target":"access"' "$WORK/gw-full-access.log" || true)
+access_lines
 if [ "${ACCESS_LINES:-0}" -lt 1000 ]; then
   echo "bench: gw-full wrote ${ACCESS_LINES:-0} access-log lines; its figures would not include logging" >&2
   exit 1
@@ -187,7 +207,14 @@ NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
   done
   echo
   echo "Idle RSS (after start, before any load): gw-bare $IDLE_BARE MiB, gw-full $IDLE_FULL MiB."
-  echo "gw-full access log: $ACCESS_LINES JSON lines written to its file during the run (one per request)."
+  echo
+  echo "New upstream connections per saturation round (the kernel's TCP ActiveOpens: in the whole round minus wrk's $CONNS + 1; after its first second), median (min–max):"
+  echo
+  echo "| target | whole round | after the first second |"
+  echo "|---|---|---|"
+  for t in "${TARGETS[@]}"; do echo "| $t | $(median "${OPENED[$t]}") | $(median "${STEADY[$t]}") |"; done
+  echo
+  echo "gw-full access log: $ACCESS_LINES JSON lines written to its file during the run (one per request; counted, then the file emptied, after each round)."
   echo
   echo "Targets: \`direct\` b25-sim itself; \`nginx\` and \`haproxy\` as keep-alive reverse proxies (2 workers/threads, no logs);"
   echo "\`gw-bare\` a public route, no policies, access log off; \`gw-full\` JWT HS256 + per-principal rate limit + metrics +"

@@ -166,6 +166,7 @@ fn headers(c: &mut Criterion) {
                 request_id: peer.clone(),
                 traceparent: trace.parent,
                 keep_tracestate: trace.keep_state,
+                principal: [None; 3],
             };
             black_box((h, hop))
         })

@@ -102,6 +102,13 @@ impl Observed {
     pub fn unrecorded(inner: GatewayBody) -> Self {
         Self { inner, record: None }
     }
+
+    /// The request id and the gateway's other own headers, when the connection's writer is
+    /// to put them into the head ([`crate::observe::OwnHeaders`]).
+    pub fn own_headers(&self) -> Option<(http::HeaderValue, crate::observe::OwnHeaders)> {
+        let rec = self.record.as_ref()?;
+        Some((rec.request_id.clone(), rec.own_headers?))
+    }
 }
 
 impl Body for Observed {

@@ -16,12 +16,12 @@ use crate::config::HaltMode;
 use crate::error::{ErrorKind, GatewayError, Origin};
 use crate::halt::Halt;
 use crate::idempotency::{self, Begin, IdempotencyStore, Stored};
-use crate::observe::{Metrics, RequestRecord};
+use crate::observe::{Metrics, OwnHeaders, RequestRecord};
 use crate::pipeline::cors::Cors;
 use crate::pipeline::validate;
 use crate::pipeline::{normalize, request_id};
 use crate::proxy::Call;
-use crate::proxy::h1::HopHeaders;
+use crate::proxy::h1::{HopHeaders, PrincipalHeaders};
 use crate::proxy::headers;
 use crate::ratelimit::gcra::Decision;
 use crate::ratelimit::redis::RedisStore;
@@ -222,13 +222,16 @@ pub struct ConnInfo {
     /// The connection already refused every ambiguous body framing (the native HTTP/1.1
     /// connection does, before the handler runs).
     pub framing_checked: bool,
+    /// The connection's writer puts the gateway's own response headers into the head itself
+    /// (the native HTTP/1.1 connection: [`crate::observe::OwnHeaders`]).
+    pub writes_own_headers: bool,
 }
 
 impl ConnInfo {
     /// The facts of a new connection.
     pub fn new(peer: SocketAddr, tls: bool, framing_conflict: Arc<AtomicBool>) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is ASCII");
-        Self { peer, tls, framing_conflict, peer_ip, framing_checked: false }
+        Self { peer, tls, framing_conflict, peer_ip, framing_checked: false, writes_own_headers: false }
     }
 }
 
@@ -283,9 +286,11 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody
         trace_id: None,
         headers_us: None,
         route_metrics: None,
+        own_headers: None,
     }));
     let rec = pending.0.as_mut().expect("set above");
     let origin = snapshot.cors.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
+    let own_headers = conn.writes_own_headers;
     let mut ex = Exchange::default();
     let mut resp = match serve(&shared, &snapshot, conn, req, &request_id, rec, &mut ex).await {
         Ok(r) => r,
@@ -305,13 +310,17 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody
         cors.apply(origin.as_ref(), ex.preflight, resp.headers_mut());
     }
     // A 429 already carries the refusing scope's values.
-    if let Some(d) = ex.ratelimit.filter(|_| snapshot.ratelimit.headers)
-        && !resp.headers().contains_key(&RATELIMIT_LIMIT)
-    {
-        ratelimit_headers(resp.headers_mut(), &d);
-    }
-    resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id);
+    let ratelimit =
+        ex.ratelimit.filter(|_| snapshot.ratelimit.headers).filter(|_| !resp.headers().contains_key(&RATELIMIT_LIMIT));
     let mut rec = pending.0.take().expect("set above");
+    if own_headers {
+        rec.own_headers = Some(OwnHeaders { ratelimit: ratelimit.as_ref().map(ratelimit_numbers) });
+    } else {
+        if let Some(d) = ratelimit {
+            ratelimit_headers(resp.headers_mut(), &d);
+        }
+        resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id);
+    }
     let headers_us = rec.start.elapsed().as_micros() as u64;
     rec.headers_us = Some(headers_us);
     if snapshot.config.logging.server_timing {
@@ -496,7 +505,7 @@ async fn serve(
 
     let h = &mut parts.headers;
     headers::strip_hop_by_hop(h);
-    set_principal(snapshot, h, principal.as_deref());
+    strip_identity(snapshot, h);
     // What this hop adds goes straight onto the wire (`Expect` is answered here and dropped).
     let trace = crate::pipeline::trace::next_hop(h);
     rec.trace_id = Some(trace.trace);
@@ -507,6 +516,7 @@ async fn serve(
         request_id: request_id.clone(),
         traceparent: trace.parent,
         keep_tracestate: trace.keep_state,
+        principal: principal_headers(snapshot, principal.as_deref()),
     };
 
     let buffer =
@@ -786,7 +796,10 @@ async fn websocket_proxy(
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers::set_forwarded(&mut h, &conn.peer_ip, conn.tls, host);
     h.insert(&request_id::X_REQUEST_ID, request_id.clone());
-    set_principal(snapshot, &mut h, principal.as_deref());
+    strip_identity(snapshot, &mut h);
+    for (name, value) in principal_headers(snapshot, principal.as_deref()).into_iter().flatten() {
+        h.insert(name, value.clone());
+    }
     let mut req = Request::new(UpstreamBody::Full(Bytes::new()));
     *req.uri_mut() = PathAndQuery::try_from(target)
         .map_err(|_| GatewayError::new(ErrorKind::BadRequest, "invalid request target"))?
@@ -868,9 +881,8 @@ async fn authorize(
     }
 }
 
-/// Removes client-sent principal headers and credentials the upstream must not see, then
-/// adds the authenticated principal.
-fn set_principal(snapshot: &Snapshot, h: &mut http::HeaderMap, principal: Option<&Principal>) {
+/// Removes client-sent principal headers and credentials the upstream must not see.
+fn strip_identity(snapshot: &Snapshot, h: &mut http::HeaderMap) {
     let a = &snapshot.auth;
     // One pass over the (few) names decides whether a client sent any identity header; the
     // hashed removals only run when one did.
@@ -889,15 +901,19 @@ fn set_principal(snapshot: &Snapshot, h: &mut http::HeaderMap, principal: Option
     if a.jwt.as_ref().is_some_and(|j| !j.forward_token) {
         h.remove(header::AUTHORIZATION);
     }
-    if let Some(p) = principal {
-        if let Some(v) = &p.subject_header {
-            h.insert(&a.subject_header, v.clone());
-        }
-        if let Some(v) = &p.roles_header {
-            h.insert(&a.roles_header, v.clone());
-        }
-        h.insert(&a.method_header, HeaderValue::from_static(p.method.as_str()));
-    }
+}
+
+/// The authenticated principal's headers for the upstream (subject, roles, method), under
+/// the configured names. Proxied requests get them written into the upstream request head
+/// ([`HopHeaders`]): three hashed inserts fewer per request.
+fn principal_headers<'a>(snapshot: &'a Snapshot, principal: Option<&'a Principal>) -> PrincipalHeaders<'a> {
+    let Some(p) = principal else { return [None; 3] };
+    let a = &snapshot.auth;
+    [
+        p.subject_header.as_ref().map(|v| (&a.subject_header, v)),
+        p.roles_header.as_ref().map(|v| (&a.roles_header, v)),
+        Some((&a.method_header, p.method.header_value())),
+    ]
 }
 
 /// The consistent-hash key: the configured header, else the configured claim (or subject).
@@ -931,11 +947,17 @@ fn too_many(l: Limited) -> GatewayError {
     e
 }
 
+/// `RateLimit-Limit`, `-Remaining` and `-Reset` (whole seconds, rounded up).
+fn ratelimit_numbers(d: &Decision) -> [u64; 3] {
+    [u64::from(d.limit), u64::from(d.remaining), ceil_secs(d.reset)]
+}
+
 fn ratelimit_values(d: &Decision) -> [(HeaderName, HeaderValue); 3] {
+    let [limit, remaining, reset] = ratelimit_numbers(d);
     [
-        (RATELIMIT_LIMIT.clone(), crate::decimal_value(u64::from(d.limit))),
-        (RATELIMIT_REMAINING.clone(), crate::decimal_value(u64::from(d.remaining))),
-        (RATELIMIT_RESET.clone(), crate::decimal_value(ceil_secs(d.reset))),
+        (RATELIMIT_LIMIT.clone(), crate::decimal_value(limit)),
+        (RATELIMIT_REMAINING.clone(), crate::decimal_value(remaining)),
+        (RATELIMIT_RESET.clone(), crate::decimal_value(reset)),
     ]
 }
 

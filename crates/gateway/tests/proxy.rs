@@ -23,6 +23,21 @@ fn one_route(url: String, extra: &str) -> String {
     )
 }
 
+/// An HTTP/2 client connection (prior knowledge, clear text) to the gateway.
+async fn h2c<B>(addr: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
 /// A route to the simulated market-data ticker.
 fn sim_route(url: String) -> String {
     config_yaml(
@@ -177,6 +192,32 @@ async fn request_id_is_kept_when_sane_and_replaced_otherwise() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_request_id_replaces_the_upstreams_on_both_protocols() {
+    // HTTP/1.1 responses get the id written into the head by the connection, HTTP/2 ones
+    // from the header map: either way exactly one, the gateway's.
+    let up = upstream(|_req| async {
+        Response::builder().header("x-request-id", "made-upstream").header("x-up", "1").body(full_body("ok")).unwrap()
+    })
+    .await;
+    let gw = TestGateway::start(&one_route(format!("http://{up}"), ""), &[]).await;
+    let r = send(gw.addr(), Method::GET, "/r/1", &[("x-request-id", "client-7")], "").await;
+    assert_eq!(r.status, 200);
+    let ids: Vec<_> = r.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids, ["client-7"]);
+    assert_eq!(r.headers["x-up"], "1");
+
+    let mut tx = h2c(gw.addr()).await;
+    let req = Request::get(format!("http://{}/r/2", gw.addr()))
+        .header("x-request-id", "client-8")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let ids: Vec<_> = resp.headers().get_all("x-request-id").iter().collect();
+    assert_eq!(ids, ["client-8"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_is_canonicalised_or_refused_before_matching() {
     let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let gw = TestGateway::start(&sim_route(sim.url()), &[]).await;
@@ -250,12 +291,7 @@ async fn client_disconnect_cancels_the_upstream_request() {
 async fn http2_prior_knowledge_h2c() {
     let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let gw = TestGateway::start(&sim_route(sim.url()), &[]).await;
-    let stream = TcpStream::connect(gw.addr()).await.unwrap();
-    let (mut tx, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut tx = h2c(gw.addr()).await;
     let req = Request::post(format!("http://{}/api/v1/market/ticker/7?a=b", gw.addr()))
         .body(http_body_util::Full::new(Bytes::from_static(b"h2-body")))
         .unwrap();

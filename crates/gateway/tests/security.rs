@@ -656,6 +656,24 @@ fn config_safety_refusals() {
         errs.iter().any(|e| e.path == "cors.allowed_origins" && e.message.contains("allow_credentials")),
         "{errs:?}"
     );
+    // Principal headers may not take a name the gateway sets or strips, nor share one.
+    let principal = |names: &str| {
+        let yaml = format!("auth:\n  api_keys: {{ keys: [] }}\n  principal_headers: {{ {names} }}\n{svc}{route}");
+        let cfg = config::parse(&yaml, "t.yaml", &|_: &str| None).unwrap();
+        b25_gateway::snapshot::Snapshot::build(cfg).err().unwrap_or_default()
+    };
+    for reserved in ["X-Forwarded-For", "x-request-id", "host", "traceparent", "connection"] {
+        let errs = principal(&format!("subject: {reserved}"));
+        assert!(
+            errs.iter().any(|e| e.path == "auth.principal_headers.subject" && e.message.contains("gateway itself")),
+            "{reserved}: {errs:?}"
+        );
+    }
+    let errs = principal("subject: x-who, roles: x-who");
+    assert!(errs.iter().any(|e| e.path == "auth.principal_headers"), "{errs:?}");
+    let errs = principal("subject: x-api-key");
+    assert!(errs.iter().any(|e| e.path == "auth.principal_headers"), "{errs:?}");
+    assert!(principal("subject: x-user, roles: x-user-roles, method: x-user-auth").is_empty());
 }
 
 #[test]

@@ -14,6 +14,31 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use roles::{RoleModel, RoleSet};
 use std::sync::Arc;
 
+/// Names a principal header may not take: the gateway sets them on the upstream request
+/// itself (written into the head after the client's headers), or strips them as hop-by-hop or
+/// as credentials.
+const RESERVED_FOR_UPSTREAM: &[&str] = &[
+    "host",
+    "authorization",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+];
+
 /// An authenticated caller.
 #[derive(Debug)]
 pub struct Principal {
@@ -122,8 +147,12 @@ impl Authenticator {
             }
         }
         let name = |path: &str, v: &str| {
-            HeaderName::from_bytes(v.as_bytes())
-                .map_err(|_| ConfigError::new(path, format!("{v:?} is not a header name")))
+            let n = HeaderName::from_bytes(v.as_bytes())
+                .map_err(|_| ConfigError::new(path, format!("{v:?} is not a header name")))?;
+            if RESERVED_FOR_UPSTREAM.contains(&n.as_str()) {
+                return Err(ConfigError::new(path, format!("{v:?} is a header the gateway itself sets or strips")));
+            }
+            Ok(n)
         };
         let h = &cfg.principal_headers;
         let mut header = |path: &str, v: &str, fallback: &'static str| {
@@ -132,15 +161,20 @@ impl Authenticator {
                 HeaderName::from_static(fallback)
             })
         };
-        Self {
-            subject_header: header("auth.principal_headers.subject", &h.subject, "x-auth-subject"),
-            roles_header: header("auth.principal_headers.roles", &h.roles, "x-auth-roles"),
-            method_header: header("auth.principal_headers.method", &h.method, "x-auth-method"),
-            roles,
-            jwt,
-            api_key_header,
-            api_keys,
+        let subject_header = header("auth.principal_headers.subject", &h.subject, "x-auth-subject");
+        let roles_header = header("auth.principal_headers.roles", &h.roles, "x-auth-roles");
+        let method_header = header("auth.principal_headers.method", &h.method, "x-auth-method");
+        let distinct =
+            subject_header != roles_header && subject_header != method_header && roles_header != method_header;
+        if !distinct
+            || api_key_header.as_ref().is_some_and(|k| [&subject_header, &roles_header, &method_header].contains(&k))
+        {
+            errors.push(ConfigError::new(
+                "auth.principal_headers",
+                "subject, roles and method need three different names, none the API key header",
+            ));
         }
+        Self { subject_header, roles_header, method_header, roles, jwt, api_key_header, api_keys }
     }
 
     /// The methods configured (a route's default).

@@ -228,6 +228,16 @@ impl AuthMethod {
             Self::ApiKey => "api_key",
         }
     }
+
+    /// [`Self::as_str`] as a header value.
+    pub fn header_value(self) -> &'static http::HeaderValue {
+        static JWT: http::HeaderValue = http::HeaderValue::from_static("jwt");
+        static API_KEY: http::HeaderValue = http::HeaderValue::from_static("api_key");
+        match self {
+            Self::Jwt => &JWT,
+            Self::ApiKey => &API_KEY,
+        }
+    }
 }
 
 /// `cors:` section. Origins are compared exactly (scheme, host and port), never by suffix.

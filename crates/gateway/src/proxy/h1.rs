@@ -67,7 +67,7 @@ enum ReqFraming {
 /// map hyper builds is sized for the client's headers, a rehash into a bigger table: about
 /// 3k instructions per request (callgrind), for headers that only ever go on the wire.
 #[derive(Debug)]
-pub struct HopHeaders {
+pub struct HopHeaders<'a> {
     /// `X-Forwarded-For`: the client's list with the peer appended.
     pub forwarded_for: HeaderValue,
     /// `X-Forwarded-Proto`.
@@ -80,9 +80,15 @@ pub struct HopHeaders {
     pub traceparent: crate::pipeline::trace::Traceparent,
     /// The client's `tracestate` goes on (its `traceparent` was valid).
     pub keep_tracestate: bool,
+    /// The authenticated principal's headers (configured names; the client's copies were
+    /// removed from the map).
+    pub principal: PrincipalHeaders<'a>,
 }
 
-impl HopHeaders {
+/// Up to three identity headers for the upstream: subject, roles, authentication method.
+pub type PrincipalHeaders<'a> = [Option<(&'a HeaderName, &'a HeaderValue)>; 3];
+
+impl HopHeaders<'_> {
     /// True for a client header this hop replaces (or drops).
     fn replaces(&self, name: &HeaderName) -> bool {
         match name.as_str() {
@@ -105,6 +111,12 @@ impl HopHeaders {
         }
         line(b"x-request-id: ", self.request_id.as_bytes());
         line(b"traceparent: ", self.traceparent.as_bytes());
+        for (name, value) in self.principal.iter().flatten() {
+            w.extend_from_slice(name.as_str().as_bytes());
+            w.extend_from_slice(b": ");
+            w.extend_from_slice(value.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
     }
 }
 
@@ -147,7 +159,7 @@ impl Conn {
         &mut self,
         parts: &http::request::Parts,
         host: &str,
-        hop: Option<&HopHeaders>,
+        hop: Option<&HopHeaders<'_>>,
         body: &mut UpstreamBody,
     ) -> Result<(), WriteError> {
         let framing = request_framing(parts, body);
@@ -285,7 +297,7 @@ fn encode_head(
     w: &mut Vec<u8>,
     parts: &http::request::Parts,
     host: &str,
-    hop: Option<&HopHeaders>,
+    hop: Option<&HopHeaders<'_>>,
     framing: ReqFraming,
 ) {
     w.clear();
@@ -894,6 +906,7 @@ mod tests {
             request_id: HeaderValue::from_static("rid-1"),
             traceparent: crate::pipeline::trace::Traceparent::from_bytes(parent),
             keep_tracestate: false,
+            principal: [None; 3],
         };
         let mut w = Vec::new();
         let empty = UpstreamBody::Full(Bytes::new());

@@ -218,7 +218,7 @@ pub struct Call<'a> {
     /// Metric families.
     pub metrics: &'a Metrics,
     /// Headers this hop adds (written into the request head, not the map).
-    pub hop: Option<&'a h1::HopHeaders>,
+    pub hop: Option<&'a h1::HopHeaders<'a>>,
 }
 
 /// A service: its instances, pooled client, balancer, breaker, health and retry policy.

@@ -135,7 +135,7 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         parts: &http::request::Parts,
-        hop: Option<&super::h1::HopHeaders>,
+        hop: Option<&super::h1::HopHeaders<'_>>,
         mut body: Body,
         now: Instant,
         opened: impl Fn(),

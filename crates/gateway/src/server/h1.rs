@@ -659,6 +659,8 @@ async fn write_response(
     mut keep: bool,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
+    // Taken before the body is polled: a body that ends finishes (and drops) its record.
+    let own = body.own_headers();
     let status = parts.status.as_u16();
     let informational = parts.status.is_informational();
     let bodiless = head_only || status == 204 || status == 304 || informational;
@@ -733,11 +735,31 @@ async fn write_response(
         if !informational && (name == header::TRANSFER_ENCODING || (name == header::CONTENT_LENGTH && !bodiless)) {
             continue;
         }
+        if own.is_some() && *name == crate::pipeline::request_id::X_REQUEST_ID {
+            // The gateway's id replaces the upstream's (below).
+            continue;
+        }
         has_date |= name == header::DATE;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some((request_id, own)) = &own {
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(request_id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if let Some([limit, remaining, reset]) = own.ratelimit {
+            for (name, n) in [
+                (&b"ratelimit-limit: "[..], limit),
+                (b"ratelimit-remaining: ", remaining),
+                (b"ratelimit-reset: ", reset),
+            ] {
+                out.extend_from_slice(name);
+                crate::push_decimal(out, n);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
     }
     if !has_date && !informational {
         out.extend_from_slice(b"date: ");

@@ -320,7 +320,7 @@ async fn run(
                     let framing_conflict = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let conn = ConnInfo::new(peer, tls.is_some(), framing_conflict.clone());
                     let gauge = shared.metrics.connections().clone();
-                    let shared_conn = (shared.clone(), ConnInfo { framing_checked: true, ..conn.clone() });
+                    let shared_conn = (shared.clone(), ConnInfo { framing_checked: true, writes_own_headers: true, ..conn.clone() });
                     let shared = shared.clone();
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let shared = shared.clone();
