@@ -2,7 +2,7 @@
 # b25-gateway load benchmark: direct upstream, nginx, HAProxy and three gateway setups,
 # loaded the same way in ONE run on loopback, results in bench/RESULTS.md.
 #
-#   bench/run.sh            # full run (≈ 5 minutes after the release build)
+#   bench/run.sh            # full run (≈ 7 minutes after the release build)
 #   ROUNDS=1 DURATION=5s bench/run.sh   # quick look
 #
 # Installs what it needs (wrk, nginx, haproxy from Debian; oha with cargo), binds only to
@@ -10,16 +10,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 RATE=${RATE:-5000}
 RATE_DURATION=${RATE_DURATION:-10s}
 WORK=$(mktemp -d /tmp/b25-bench.XXXXXX)
+# gw-full's access log goes to a file in memory where there is one: written to disk, its
+# hundreds of MiB are flushed by kernel threads while the next targets are being measured.
+LOGDIR=$(mktemp -d /dev/shm/b25-bench.XXXXXX 2>/dev/null || echo "$WORK")
 PIDS=()
 # Stops what it started, then removes the work directory (gw-full's access log grows to
 # hundreds of MiB per run).
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK" "$LOGDIR"; }
 trap cleanup EXIT
 
 need=()
@@ -110,7 +113,7 @@ gw_config gw-full "$GF" "rate_limits: { per_principal: { rate: 10000000, burst: 
 gw_config gw-cache "$GC" "" "public: true, cache: { ttl: 1h, scope: public }" false
 ./target/release/b25-gateway run "$WORK/gw-bare.yaml" >"$WORK/gw-bare.log" 2>&1 & PIDS+=($!); GB_PID=$!
 # Appended (O_APPEND), so the file can be emptied after each count (see access_lines).
-./target/release/b25-gateway run "$WORK/gw-full.yaml" >>"$WORK/gw-full-access.log" 2>&1 & PIDS+=($!); GF_PID=$!
+./target/release/b25-gateway run "$WORK/gw-full.yaml" >>"$LOGDIR/gw-full-access.log" 2>&1 & PIDS+=($!); GF_PID=$!
 ./target/release/b25-gateway run "$WORK/gw-cache.yaml" >"$WORK/gw-cache.log" 2>&1 & PIDS+=($!); GC_PID=$!
 for p in "$NG" "$HA" "$GB" "$GF" "$GC"; do wait_port "$p"; done
 idle_mib() { python3 -c "print(f'{$(awk '/VmRSS/{print $2}' "/proc/$1/status")/1024:.1f}')"; }
@@ -133,12 +136,11 @@ rss_kib() { local m=0 p v; for p in $1 $(pgrep -P "$1" || true); do v=$(awk '/Vm
 HZ=$(getconf CLK_TCK)
 
 declare -A RPS CPU OPENED STEADY
-# gw-full's access lines so far; the file is then emptied: its hundreds of MiB would otherwise
-# be written back to disk by kernel threads while the next targets are measured.
+# gw-full's access lines so far; the file is then emptied (it would reach hundreds of MiB).
 ACCESS_LINES=0
 access_lines() {
-  ACCESS_LINES=$((ACCESS_LINES + $(grep -c '"target":"access"' "$WORK/gw-full-access.log" || true)))
-  : >"$WORK/gw-full-access.log"
+  ACCESS_LINES=$((ACCESS_LINES + $(grep -c '"target":"access"' "$LOGDIR/gw-full-access.log" || true)))
+  : >"$LOGDIR/gw-full-access.log"
 }
 echo "warming up…"
 for t in "${TARGETS[@]}"; do expect_200 "http://127.0.0.1:${PORT[$t]}$PATH_Q" "$(hdr "$t")"; done
@@ -218,7 +220,7 @@ NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
   echo
   echo "Targets: \`direct\` b25-sim itself; \`nginx\` and \`haproxy\` as keep-alive reverse proxies (2 workers/threads, no logs);"
   echo "\`gw-bare\` a public route, no policies, access log off; \`gw-full\` JWT HS256 + per-principal rate limit + metrics +"
-  echo "JSON access log to a file; \`gw-cache-hit\` a public cached route. CPU is the target's own processes (from /proc),"
+  echo "JSON access log to a file (in $(dirname "$LOGDIR")); \`gw-cache-hit\` a public cached route. CPU is the target's own processes (from /proc),"
   echo "divided by the requests it served."
   echo
   echo "Single-change A/B measurements (allocators, hot-path changes): [EXPERIMENTS.md](EXPERIMENTS.md)."
