@@ -15,10 +15,13 @@ DURATION=${DURATION:-6s}
 CONNS=${CONNS:-64}
 MODE=${MODE:-bare}
 WORK=$(mktemp -d /tmp/b25-ab.XXXXXX)
+# The gateways' output (gw-full's access log) goes to memory where it can: written to disk it
+# is flushed by kernel threads during the next runs.
+LOGDIR=$(mktemp -d /dev/shm/b25-ab.XXXXXX 2>/dev/null || echo "$WORK")
 PIDS=()
 # Stops what it started, then removes the work directory (gw-full's access log grows to
 # hundreds of MiB per run).
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK" "$LOGDIR"; }
 trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
@@ -56,7 +59,7 @@ services:
 routes:
   - { id: t, path: "/api/v1/market/ticker/{s}", methods: [GET], service: md, $ROUTE }
 YAML
-  "$bin" run "$WORK/$i.yaml" >"$WORK/$i.log" 2>&1 & PIDS+=($!); PID[$i]=$!; PORT[$i]=$port
+  "$bin" run "$WORK/$i.yaml" >"$LOGDIR/$i.log" 2>&1 & PIDS+=($!); PID[$i]=$!; PORT[$i]=$port
   wait_port "$port"
 done
 URL_PATH="/api/v1/market/ticker/BTCUSDT"
