@@ -27,6 +27,11 @@ impl Gw {
     /// With `logging.level` set to `level`. Below `info` the start lines are not written: the
     /// main listener then takes a port found free here and is waited for by connecting.
     fn spawn_logging(sim_url: &str, grace: &str, delay: &str, level: &str) -> Gw {
+        Self::spawn_with(sim_url, grace, delay, level, None)
+    }
+
+    /// As [`Self::spawn_logging`], with `RUST_LOG` set to `rust_log` when given.
+    fn spawn_with(sim_url: &str, grace: &str, delay: &str, level: &str, rust_log: Option<&str>) -> Gw {
         let quiet = level != "info";
         let listen = if quiet {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -46,7 +51,7 @@ impl Gw {
             ),
         )
         .unwrap();
-        let mut child = run_binary(&file);
+        let mut child = run_binary_env(&file, rust_log);
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -117,14 +122,17 @@ impl Gw {
 
 /// `b25-gateway run --config file`, stdout piped, `RUST_LOG` unset.
 fn run_binary(file: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_b25-gateway"))
-        .args(["run", "--config"])
-        .arg(file)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+    run_binary_env(file, None)
+}
+
+/// As [`run_binary`], with `RUST_LOG` set to `rust_log` when given.
+fn run_binary_env(file: &std::path::Path, rust_log: Option<&str>) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_b25-gateway"));
+    cmd.args(["run", "--config"]).arg(file).env_remove("RUST_LOG");
+    if let Some(v) = rust_log {
+        cmd.env("RUST_LOG", v);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap()
 }
 
 impl Drop for Gw {
@@ -252,6 +260,24 @@ async fn every_access_line_is_written_before_exit() {
         assert_eq!(count.get(id), Some(&1), "access line of {id}");
     }
     assert_eq!(count.len(), ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_access_off_silences_the_access_log() {
+    // Whether access lines pass the filter is decided once at start: `RUST_LOG` still rules.
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut gw =
+        tokio::task::block_in_place(|| Gw::spawn_with(&sim.url(), "5s", "0s", "error", Some("info,access=off")));
+    for i in 0..20 {
+        assert_eq!(get(gw.addr, &format!("/api/v1/market/ticker/Q{i}")).await.status, 200);
+    }
+    gw.sigterm();
+    let status = tokio::task::block_in_place(|| gw.wait_exit());
+    assert_eq!(status.code(), Some(0));
+    let lines: Vec<String> = gw.lines.iter().collect();
+    // The filter let the gateway's own info lines through, not one access line.
+    assert!(lines.iter().any(|l| l.contains("\"listening\"")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("\"target\":\"access\"")), "{lines:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,6 +78,25 @@ pub(super) fn install(json: bool) -> Option<Guard> {
     Some(Guard(Some(guard)))
 }
 
+/// Whether the log filter lets access lines through, decided once when logging is installed
+/// (the filter is not reloaded): asking the subscriber per request walked its directives
+/// (≈ 350 instructions).
+static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Records what the installed filter says about access lines ([`enabled`]).
+pub(super) fn decide_enabled() {
+    let _ = ENABLED.set(tracing::enabled!(target: "access", tracing::Level::INFO));
+}
+
+/// Whether access lines pass the log filter.
+pub fn enabled() -> bool {
+    match ENABLED.get() {
+        Some(&on) => on,
+        // Logging not installed by `init_logging` (tests, embedding): ask the subscriber.
+        None => tracing::enabled!(target: "access", tracing::Level::INFO),
+    }
+}
+
 /// Writes the queued access lines when dropped (at exit, after the workers have flushed).
 pub struct Guard(Option<WorkerGuard>);
 

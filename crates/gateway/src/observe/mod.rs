@@ -771,7 +771,7 @@ impl RequestRecord {
             rm.overhead.observe(head.saturating_sub(up) as f64 / 1e6);
         }
         self.metrics.in_flight.dec();
-        if self.access_log && tracing::enabled!(target: "access", tracing::Level::INFO) {
+        if self.access_log && access::enabled() {
             let line = access::Line {
                 request_id: self.request_id.as_bytes(),
                 method: self.method.as_str(),
@@ -857,6 +857,7 @@ pub fn init_logging(cfg: &crate::config::LoggingConfig) -> LogGuard {
         }
         crate::config::LogFormat::Text => builder.try_init(),
     };
+    access::decide_enabled();
     LogGuard { _access: access, _events: guard }
 }
 
