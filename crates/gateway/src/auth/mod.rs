@@ -14,30 +14,14 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use roles::{RoleModel, RoleSet};
 use std::sync::Arc;
 
-/// Names a principal header may not take: the gateway sets them on the upstream request
-/// itself (written into the head after the client's headers), or strips them as hop-by-hop or
-/// as credentials.
-const RESERVED_FOR_UPSTREAM: &[&str] = &[
-    "host",
-    "authorization",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "expect",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-request-id",
-    "traceparent",
-    "tracestate",
-];
+/// True for a name a principal header may not take: one the gateway sets on the upstream
+/// request itself (written into the head after the client's headers), or strips as
+/// hop-by-hop or as a credential.
+fn reserved_for_upstream(n: &HeaderName) -> bool {
+    crate::proxy::headers::is_hop_by_hop(n)
+        || crate::proxy::h1::HopHeaders::sets(n)
+        || [header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH, header::EXPECT].contains(n)
+}
 
 /// An authenticated caller.
 #[derive(Debug)]
@@ -149,7 +133,7 @@ impl Authenticator {
         let name = |path: &str, v: &str| {
             let n = HeaderName::from_bytes(v.as_bytes())
                 .map_err(|_| ConfigError::new(path, format!("{v:?} is not a header name")))?;
-            if RESERVED_FOR_UPSTREAM.contains(&n.as_str()) {
+            if reserved_for_upstream(&n) {
                 return Err(ConfigError::new(path, format!("{v:?} is a header the gateway itself sets or strips")));
             }
             Ok(n)

@@ -5,7 +5,7 @@
 //! thread (the event's field visitors, the JSON formatter, the timestamp), as much as the rest
 //! of the proxied request together; formatted here it is ≈ 1k. The format is the one the
 //! `tracing` JSON (or text) formatter wrote, field for field. `RUST_LOG=…,access=off` still
-//! silences it (the caller asks `tracing` whether the `access` target is enabled).
+//! silences it (what the filter says of the `access` target is read once at start: [`enabled`]).
 //!
 //! Batches, like nginx's `access_log … buffer= flush=`: a worker thread (one running
 //! [`flusher`]) appends lines to its batch and hands it over at [`BATCH_BYTES`], or
@@ -81,7 +81,7 @@ pub(super) fn install(json: bool) -> Option<Guard> {
 /// Whether the log filter lets access lines through, decided once when logging is installed
 /// (the filter is not reloaded): asking the subscriber per request walked its directives
 /// (≈ 350 instructions).
-static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+static ENABLED: OnceLock<bool> = OnceLock::new();
 
 /// Records what the installed filter says about access lines ([`enabled`]).
 pub(super) fn decide_enabled() {

@@ -92,10 +92,22 @@ impl HopHeaders<'_> {
     /// True for a client header this hop replaces (or drops).
     fn replaces(&self, name: &HeaderName) -> bool {
         match name.as_str() {
-            "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "x-request-id" | "traceparent" => true,
             "tracestate" => !self.keep_tracestate,
-            _ => false,
+            _ => Self::sets(name),
         }
+    }
+
+    /// True for the names this hop writes itself (`tracestate`: passed on or dropped).
+    pub(crate) fn sets(name: &HeaderName) -> bool {
+        matches!(
+            name.as_str(),
+            "x-forwarded-for"
+                | "x-forwarded-proto"
+                | "x-forwarded-host"
+                | "x-request-id"
+                | "traceparent"
+                | "tracestate"
+        )
     }
 
     fn encode(&self, w: &mut Vec<u8>) {

@@ -16,7 +16,7 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The hop-by-hop headers every message loses (besides those `Connection` names).
-fn is_hop_by_hop(n: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(n: &HeaderName) -> bool {
     *n == header::CONNECTION
         || *n == header::TRANSFER_ENCODING
         || *n == header::UPGRADE
