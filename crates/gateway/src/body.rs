@@ -33,6 +33,14 @@ impl GatewayBody {
     pub fn empty() -> Self {
         Self::Full(Full::new(Bytes::new()))
     }
+    /// The upstream's header lines when they were not put into the response's map
+    /// ([`crate::proxy::h1::RawHeaders`]).
+    pub fn raw_headers(&self) -> Option<&crate::proxy::h1::RawHeaders> {
+        match self {
+            Self::Upstream(b) => b.raw_headers(),
+            _ => None,
+        }
+    }
 }
 
 impl Body for GatewayBody {
@@ -101,6 +109,15 @@ impl Observed {
     /// A body with no request record (a connection-level refusal, before any request).
     pub fn unrecorded(inner: GatewayBody) -> Self {
         Self { inner, record: None }
+    }
+
+    /// Takes the upstream's header lines when they were not put into the response's map: the
+    /// writer copies them into the head after the map's.
+    pub fn take_raw_headers(&mut self) -> Option<crate::proxy::h1::RawHeaders> {
+        match &mut self.inner {
+            GatewayBody::Upstream(b) => b.take_raw_headers(),
+            _ => None,
+        }
     }
 
     /// The request id and the gateway's other own headers, when the connection's writer is

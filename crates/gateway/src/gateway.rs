@@ -309,23 +309,27 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody
     if let Some(cors) = &snapshot.cors {
         cors.apply(origin.as_ref(), ex.preflight, resp.headers_mut());
     }
-    // A 429 already carries the refusing scope's values.
-    let ratelimit =
-        ex.ratelimit.filter(|_| snapshot.ratelimit.headers).filter(|_| !resp.headers().contains_key(&RATELIMIT_LIMIT));
+    // A 429 already carries the refusing scope's values (as may an upstream's answer).
+    let ratelimit = ex.ratelimit.filter(|_| snapshot.ratelimit.headers).filter(|_| {
+        !resp.headers().contains_key(&RATELIMIT_LIMIT)
+            && resp.body().raw_headers().and_then(|r| r.get(&RATELIMIT_LIMIT)).is_none()
+    });
     let mut rec = pending.0.take().expect("set above");
+    let headers_us = rec.start.elapsed().as_micros() as u64;
+    rec.headers_us = Some(headers_us);
+    // Time to the response headers: the gateway's own share and the upstream's.
+    let timing = snapshot.config.logging.server_timing.then_some((headers_us, rec.upstream_us));
     if own_headers {
-        rec.own_headers = Some(OwnHeaders { ratelimit: ratelimit.as_ref().map(ratelimit_numbers) });
+        rec.own_headers =
+            Some(OwnHeaders { ratelimit: ratelimit.as_ref().map(ratelimit_numbers), server_timing: timing });
     } else {
         if let Some(d) = ratelimit {
             ratelimit_headers(resp.headers_mut(), &d);
         }
         resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id);
-    }
-    let headers_us = rec.start.elapsed().as_micros() as u64;
-    rec.headers_us = Some(headers_us);
-    if snapshot.config.logging.server_timing {
-        // Time to the response headers: the gateway's own share and the upstream's.
-        resp.headers_mut().insert(&SERVER_TIMING, server_timing(headers_us, rec.upstream_us));
+        if let Some((total, upstream)) = timing {
+            resp.headers_mut().insert(&SERVER_TIMING, server_timing(total, upstream));
+        }
     }
     rec.status = resp.status().as_u16();
     resp.map(|b| Observed::new(b, rec))
@@ -340,6 +344,7 @@ async fn serve(
     rec: &mut RequestRecord,
     ex: &mut Exchange,
 ) -> Result<Response<GatewayBody>, GatewayError> {
+    let own_headers = conn.writes_own_headers;
     let (mut parts, body) = req.into_parts();
     if let Some(resp) = own_endpoint(shared, snapshot, &parts, rec) {
         return resp;
@@ -629,7 +634,12 @@ async fn serve(
             return Err(e);
         }
     };
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
+    // The upstream's header lines go to the client as they came (the native HTTP/1.1 writer
+    // copies them) unless a stage below reads or changes them, or hyper writes the response.
+    if !own_headers || idem.is_some() || cache_req.is_some() || snapshot.cors.is_some() {
+        body.headers_into(&mut parts.headers)?;
+    }
     headers::strip_hop_by_hop(&mut parts.headers);
     let status = parts.status;
 
@@ -710,30 +720,14 @@ static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 /// `HIT`, `MISS` or `BYPASS`.
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
-/// `gateway;dur=0.042, upstream;dur=1.250` (milliseconds, three decimals) without the
-/// formatting machinery: this runs on every response.
+/// `Server-Timing` as a header value ([`crate::observe::push_server_timing`]).
 fn server_timing(total_us: u64, upstream_us: Option<u64>) -> HeaderValue {
-    fn ms(out: &mut Vec<u8>, us: u64) {
-        crate::push_decimal(out, us / 1000);
-        let frac = us % 1000;
-        out.extend_from_slice(&[
-            b'.',
-            b'0' + (frac / 100) as u8,
-            b'0' + (frac / 10 % 10) as u8,
-            b'0' + (frac % 10) as u8,
-        ]);
-    }
     // Assembled in the thread's scratch buffer and cut from the header-value arena: no
     // allocation per response.
     crate::SCRATCH
         .with_borrow_mut(|v| {
             v.clear();
-            v.extend_from_slice(b"gateway;dur=");
-            ms(v, total_us.saturating_sub(upstream_us.unwrap_or(0)));
-            if let Some(up) = upstream_us {
-                v.extend_from_slice(b", upstream;dur=");
-                ms(v, up);
-            }
+            crate::observe::push_server_timing(v, total_us, upstream_us);
             crate::header_value(v)
         })
         .expect("digits and ASCII")

@@ -95,6 +95,42 @@ pub(crate) fn decimal_value(n: u64) -> http::HeaderValue {
         .expect("digits")
 }
 
+/// Spare header maps per thread: the request's and the response's maps were two allocations
+/// each per request (a table and its entries), and as many frees.
+const SPARE_MAPS: usize = 32;
+/// A map that grew past this many headers is dropped instead of kept as a spare.
+const SPARE_MAP_CAPACITY: usize = 64;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<http::HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty header map with room for `n` headers: one of this thread's spares (handed back by
+/// [`recycle_header_map`]) when there is one, else a new one.
+pub(crate) fn header_map(n: usize) -> http::HeaderMap {
+    match SPARE.with_borrow_mut(Vec::pop) {
+        Some(mut m) => {
+            m.reserve(n);
+            m
+        }
+        None => http::HeaderMap::with_capacity(n),
+    }
+}
+
+/// Empties `m` (its values are released now) and keeps it as a spare for [`header_map`].
+pub(crate) fn recycle_header_map(mut m: http::HeaderMap) {
+    let cap = m.capacity();
+    if cap == 0 || cap > SPARE_MAP_CAPACITY {
+        return;
+    }
+    m.clear();
+    SPARE.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_MAPS {
+            spare.push(m);
+        }
+    });
+}
+
 thread_local! {
     /// Scratch space for header values assembled on the hot path.
     pub(crate) static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -108,6 +144,23 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, n: u64) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn spare_header_maps_come_back_empty() {
+        let mut m = crate::header_map(4);
+        m.insert(http::header::HOST, http::HeaderValue::from_static("a"));
+        m.append(http::header::VIA, http::HeaderValue::from_static("b"));
+        crate::recycle_header_map(m);
+        let again = crate::header_map(8);
+        assert!(again.is_empty());
+        assert!(again.capacity() >= 8);
+        assert!(again.get(http::header::HOST).is_none());
+        // A map grown large is not kept.
+        let mut big = http::HeaderMap::with_capacity(1000);
+        big.insert(http::header::HOST, http::HeaderValue::from_static("a"));
+        crate::recycle_header_map(big);
+        assert!(crate::header_map(0).capacity() <= super::SPARE_MAP_CAPACITY);
+    }
+
     #[test]
     fn arena_header_values_are_independent_and_validated() {
         // Enough values to cross several arena blocks.

@@ -217,6 +217,95 @@ async fn the_gateways_request_id_replaces_the_upstreams_on_both_protocols() {
     assert_eq!(ids, ["client-8"]);
 }
 
+/// An upstream that answers every request on a connection with `answer`, byte for byte.
+async fn fixed_upstream(answer: &'static [u8]) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_header_lines_pass_through_without_hop_by_hop_ones_on_both_protocols() {
+    // No Connection header: the HTTP/1.1 writer copies the upstream's lines as they came
+    // (no header map); HTTP/2 gets them through the map. The same headers either way.
+    let up = fixed_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+          Trailer: x-t\r\nUpgrade: h2c\r\nProxy-Authenticate: Basic\r\nX-Multi: a\r\nx-multi: b\r\n\
+          Server-Timing: db;dur=5\r\nX-Request-Id: made-upstream\r\nX-Spaced:   v w  \r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let gw = TestGateway::start(&one_route(format!("http://{up}"), ""), &[]).await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    for i in 0..2 {
+        s.write_all(format!("GET /r/{i} HTTP/1.1\r\nHost: gw\r\nX-Request-Id: client-{i}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut wire = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !wire.ends_with(b"\r\n\r\nok") {
+            let n = tokio::time::timeout(WAIT, s.read(&mut chunk)).await.unwrap().unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&wire));
+            wire.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8(wire).unwrap();
+        let head = text.strip_suffix("\r\n\r\nok").unwrap();
+        let lines: Vec<&str> = head.split("\r\n").skip(1).collect();
+        let named = |n: &str| -> Vec<&str> {
+            lines
+                .iter()
+                .filter_map(|l| l.split_once(':'))
+                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.trim())
+                .collect()
+        };
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        for hop in ["keep-alive", "te", "trailer", "upgrade", "proxy-authenticate", "transfer-encoding"] {
+            assert!(named(hop).is_empty(), "{hop} leaked: {head}");
+        }
+        assert_eq!(named("x-multi"), ["a", "b"], "{head}");
+        assert_eq!(named("content-type"), ["application/json"]);
+        assert_eq!(named("x-spaced"), ["v w"]);
+        assert_eq!(named("content-length"), ["2"]);
+        assert_eq!(named("x-request-id"), [format!("client-{i}").as_str()]);
+        let timing = named("server-timing");
+        assert!(timing.len() == 1 && timing[0].starts_with("gateway;dur="), "{head}");
+        assert_eq!(named("date").len(), 1);
+    }
+
+    let mut tx = h2c(gw.addr()).await;
+    let req = Request::get(format!("http://{}/r/2", gw.addr())).body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let h = resp.headers();
+    for hop in ["keep-alive", "te", "trailer", "upgrade", "proxy-authenticate"] {
+        assert!(!h.contains_key(hop), "{hop} leaked over HTTP/2");
+    }
+    assert_eq!(h.get_all("x-multi").iter().collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(h["x-spaced"], "v w");
+    let timing: Vec<_> = h.get_all("server-timing").iter().collect();
+    assert!(timing.len() == 1 && timing[0].to_str().unwrap().starts_with("gateway;dur="));
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_is_canonicalised_or_refused_before_matching() {
     let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();

@@ -21,7 +21,7 @@ use super::pool::Pool;
 use crate::body::{BoxError, UpstreamBody};
 use crate::error::{ErrorKind, GatewayError};
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
+use http::{HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -213,18 +213,17 @@ impl Conn {
         method: &Method,
         pool: Option<Arc<Pool>>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
-        let (parts, framing, keep_alive) = loop {
+        let (parts, framing, keep_alive, raw) = loop {
             if !self.buf.is_empty()
-                && let Some(head) = parse_head(&mut self.buf)?
+                && let Some(head) = parse_head(&mut self.buf, method)?
             {
-                if head.status.is_informational() {
-                    if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                if head.parts.status.is_informational() {
+                    if head.parts.status == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(bad_response("an unrequested protocol switch (101)"));
                     }
                     continue; // 100 Continue, 103 Early Hints: the real answer follows.
                 }
-                let (framing, keep_alive) = response_framing(&head, method)?;
-                break (head, framing, keep_alive);
+                break (head.parts, head.framing, head.keep_alive, head.raw);
             }
             match std::future::poll_fn(|cx| poll_read_more(&mut self.io, &mut self.buf, cx)).await {
                 Ok(0) if self.buf.is_empty() => {
@@ -241,7 +240,7 @@ impl Conn {
             Framing::Chunked => State::Chunked(Chunk::Size),
             Framing::Close => State::Close,
         };
-        let mut body = ResponseBody { conn: Some(self), pool: pool.filter(|_| keep_alive), state };
+        let mut body = ResponseBody { conn: Some(self), pool: pool.filter(|_| keep_alive), state, raw };
         if matches!(body.state, State::Done) {
             body.release();
         }
@@ -358,9 +357,19 @@ enum Framing {
     Close,
 }
 
-/// Parses a complete head off the front of `buf`, or `None` when more bytes are needed.
-/// Header values share the read buffer (no copy).
-fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, GatewayError> {
+/// A parsed response head.
+struct Head {
+    /// Status and version; the headers are in the map unless `raw` holds them.
+    parts: http::response::Parts,
+    framing: Framing,
+    keep_alive: bool,
+    raw: Option<RawHeaders>,
+}
+
+/// Parses a complete head off the front of `buf`, or `None` when more bytes are needed. The
+/// header lines stay as they came ([`RawHeaders`]) unless there is a `Connection` header
+/// (the headers it names must go, which the map does); a 1xx head's headers are dropped.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, GatewayError> {
     // Uninitialised header slots: zeroing 4 KiB per response showed up in the profile.
     let mut lines = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -375,20 +384,96 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, Gatew
     };
     let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| bad_response("invalid status"))?;
     let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    if status.is_informational() {
+        buf.advance(len);
+        return Ok(Some(Head { parts, framing: Framing::Empty, keep_alive: true, raw: None }));
+    }
+    let (framing, keep_alive, connection) = response_framing(version, status.as_u16(), resp.headers, method)?;
+    if !connection && resp.headers.len() <= RAW_HEADERS && len <= usize::from(u16::MAX) {
+        let base = buf.as_ptr() as usize;
+        let mut raw = RawHeaders { head: Bytes::new(), lines: [[0; 3]; RAW_HEADERS], len: 0 };
+        for h in resp.headers.iter().filter(|h| !super::headers::is_hop_by_hop_name(h.name.as_bytes())) {
+            let start = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            raw.lines[raw.len] = [start as u16, (start + h.name.len()) as u16, (value + h.value.len()) as u16];
+            raw.len += 1;
+        }
+        raw.head = buf.split_to(len).freeze();
+        return Ok(Some(Head { parts, framing, keep_alive, raw: Some(raw) }));
+    }
     let spans = Spans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
-    // Room for what the gateway adds (request id, Server-Timing, CORS, rate-limit headers)
-    // without a rehash into a bigger table.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
+    // Room for what the gateway adds (CORS, rate-limit headers) without a rehash.
+    let mut headers = crate::header_map(spans.len() + 4);
     for entry in spans.entries(&head) {
         let (name, value) = entry.map_err(bad_response)?;
         headers.append(name, value);
     }
-    let mut parts = Response::new(()).into_parts().0;
-    parts.status = status;
-    parts.version = version;
     parts.headers = headers;
-    Ok(Some(parts))
+    Ok(Some(Head { parts, framing, keep_alive, raw: None }))
+}
+
+/// Most header lines a response may have to be kept as [`RawHeaders`] (more: a map).
+const RAW_HEADERS: usize = 16;
+
+/// An upstream response's header lines as they came, without the hop-by-hop ones: no
+/// `HeaderMap` is built for a response the native HTTP/1.1 writer copies to the client
+/// (building and dropping it was ≈ 3k instructions per response: a name parsed and hashed,
+/// a value validated and reference-counted per header). Whatever reads or changes the
+/// upstream's headers (cache, idempotency, CORS, HTTP/2) first turns them into the map
+/// ([`RawHeaders::into_map`]). Only for a head of at most 64 KiB and [`RAW_HEADERS`] lines
+/// with no `Connection` header (the headers it names must go: the map does that). Names and
+/// values were validated by `httparse` (RFC 9110 tokens and field values, the rules of
+/// `http`'s types); `httparse` strips the value's surrounding whitespace.
+pub struct RawHeaders {
+    /// The whole head.
+    head: Bytes,
+    /// Per line: where its name starts and ends and where its value ends (offsets in `head`).
+    lines: [[u16; 3]; RAW_HEADERS],
+    len: usize,
+}
+
+impl std::fmt::Debug for RawHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawHeaders")
+    }
+}
+
+impl RawHeaders {
+    /// Each header as `(name, line)`: the name in the upstream's case, and the line from the
+    /// name to the end of the value (`name:` and the value, without the line end).
+    pub fn lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines[..self.len].iter().map(|&[n0, n1, end]| {
+            let line = &self.head[usize::from(n0)..usize::from(end)];
+            (&line[..usize::from(n1 - n0)], line)
+        })
+    }
+
+    /// `(name, value)` of each header.
+    pub fn values(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines().map(|(name, line)| (name, line[name.len() + 1..].trim_ascii_start()))
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
+        let name = name.as_str().as_bytes();
+        self.values().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+    }
+
+    /// Appends the headers to `map`; values share the head's buffer.
+    pub fn into_map(self, map: &mut http::HeaderMap) -> Result<(), GatewayError> {
+        map.reserve(self.len);
+        for (name, value) in self.values() {
+            let name = HeaderName::from_bytes(name).map_err(|_| bad_response("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(self.head.slice_ref(value))
+                .map_err(|_| bad_response("invalid header value"))?;
+            map.append(name, value);
+        }
+        Ok(())
+    }
 }
 
 /// Where each header's name and value sit in a head buffer (offsets from its start), so they
@@ -439,44 +524,52 @@ impl Spans {
     }
 }
 
-/// The body's framing (RFC 9112 §6.3) and whether the connection may carry another request.
-fn response_framing(head: &http::response::Parts, method: &Method) -> Result<(Framing, bool), GatewayError> {
-    let h = &head.headers;
-    let close = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")));
-    let keep_alive = head.version == Version::HTTP_11 && !close;
-    let status = head.status.as_u16();
-    if *method == Method::HEAD || status == 204 || status == 304 {
-        return Ok((Framing::Empty, keep_alive));
+/// The body's framing (RFC 9112 §6.3), whether the connection may carry another request,
+/// and whether the head has a `Connection` header.
+fn response_framing(
+    version: Version,
+    status: u16,
+    headers: &[httparse::Header<'_>],
+    method: &Method,
+) -> Result<(Framing, bool, bool), GatewayError> {
+    let (mut connection, mut close, mut te, mut last_te) = (false, false, false, None);
+    let mut length: Option<u64> = None;
+    for h in headers {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            connection = true;
+            close |= h.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te = true;
+            last_te = h.value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            for part in h.value.split(|&b| b == b',') {
+                let n = parse_decimal(part.trim_ascii()).ok_or_else(|| bad_response("invalid Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(bad_response("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            }
+        }
     }
-    let mut te = h.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if te.peek().is_some() {
-        if h.contains_key(header::CONTENT_LENGTH) {
+    let keep_alive = version == Version::HTTP_11 && !close;
+    if *method == Method::HEAD || status == 204 || status == 304 {
+        return Ok((Framing::Empty, keep_alive, connection));
+    }
+    if te {
+        if length.is_some() {
             return Err(bad_response("both Transfer-Encoding and Content-Length"));
         }
-        let last = te.last().and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next()).map(<[u8]>::trim_ascii);
-        return Ok(if last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) {
-            (Framing::Chunked, keep_alive)
+        return Ok(if last_te.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) {
+            (Framing::Chunked, keep_alive, connection)
         } else {
-            (Framing::Close, false)
+            (Framing::Close, false, connection)
         });
     }
-    let mut length: Option<u64> = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let n = parse_decimal(part.trim_ascii()).ok_or_else(|| bad_response("invalid Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad_response("conflicting Content-Length values"));
-            }
-            length = Some(n);
-        }
-    }
     Ok(match length {
-        Some(0) => (Framing::Empty, keep_alive),
-        Some(n) => (Framing::Length(n), keep_alive),
-        None => (Framing::Close, false),
+        Some(0) => (Framing::Empty, keep_alive, connection),
+        Some(n) => (Framing::Length(n), keep_alive, connection),
+        None => (Framing::Close, false, connection),
     })
 }
 
@@ -607,6 +700,8 @@ pub struct ResponseBody {
     /// Where the connection goes when the body ends cleanly (`None`: not reusable).
     pool: Option<Arc<Pool>>,
     state: State,
+    /// The head's header lines when no map was built for them.
+    raw: Option<RawHeaders>,
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -631,6 +726,24 @@ fn body_error(why: impl Into<String>) -> BoxError {
 }
 
 impl ResponseBody {
+    /// The head's header lines, when they were not put into the response's map.
+    pub fn raw_headers(&self) -> Option<&RawHeaders> {
+        self.raw.as_ref()
+    }
+
+    /// Takes the head's header lines (for the writer to copy).
+    pub fn take_raw_headers(&mut self) -> Option<RawHeaders> {
+        self.raw.take()
+    }
+
+    /// Moves the head's header lines, if still raw, into `map` (hop-by-hop ones left out).
+    pub fn headers_into(&mut self, map: &mut http::HeaderMap) -> Result<(), GatewayError> {
+        match self.raw.take() {
+            Some(raw) => raw.into_map(map),
+            None => Ok(()),
+        }
+    }
+
     /// The body is complete: the connection goes back to its pool if it is clean.
     fn release(&mut self) {
         self.state = State::Done;
@@ -797,13 +910,50 @@ mod tests {
         assert!(decode_all(&long, 64).is_err());
     }
 
+    /// The head's parts with every header in the map.
     fn head(raw: &str) -> Result<Option<http::response::Parts>, GatewayError> {
-        parse_head(&mut BytesMut::from(raw.as_bytes()))
+        let Some(Head { mut parts, raw, .. }) = parse_head(&mut BytesMut::from(raw.as_bytes()), &Method::GET)? else {
+            return Ok(None);
+        };
+        if let Some(raw) = raw {
+            raw.into_map(&mut parts.headers)?;
+        }
+        Ok(Some(parts))
     }
 
     fn framing_of(raw: &str, method: Method) -> Result<(Framing, bool), ErrorKind> {
-        let parts = head(raw).map_err(|e| e.kind())?.expect("complete");
-        response_framing(&parts, &method).map_err(|e| e.kind())
+        let head = parse_head(&mut BytesMut::from(raw.as_bytes()), &method).map_err(|e| e.kind())?.expect("complete");
+        Ok((head.framing, head.keep_alive))
+    }
+
+    #[test]
+    fn raw_header_lines_are_as_received_without_hop_by_hop_ones() {
+        let wire = "HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nKeep-Alive: timeout=5\r\nX-A:  1 \r\nTE: x\nx-b:\r\n\
+                    X-A: 2\r\nUpgrade: h2c\r\n\r\nbody";
+        let mut buf = BytesMut::from(wire.as_bytes());
+        let head = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(&buf[..], b"body");
+        assert!(head.parts.headers.is_empty());
+        let raw = head.raw.expect("no Connection header: kept raw");
+        let lines: Vec<_> = raw.values().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
+        let want: Vec<(Vec<u8>, Vec<u8>)> = [("Content-Type", "a/b"), ("X-A", "1"), ("x-b", ""), ("X-A", "2")]
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(lines, want);
+        assert_eq!(raw.get(&HeaderName::from_static("x-a")), Some(&b"1"[..]));
+        assert_eq!(raw.get(&header::UPGRADE), None);
+        let mut map = http::HeaderMap::new();
+        raw.into_map(&mut map).unwrap();
+        assert_eq!(map.get_all("x-a").iter().collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(map.len(), 4);
+        assert!(map.get("keep-alive").is_none() && map.get(header::TE).is_none());
+
+        // A Connection header: the map is built at once and the named headers can go.
+        let wire = "HTTP/1.1 200 OK\r\nConnection: x-secret\r\nx-secret: 1\r\ncontent-length: 0\r\n\r\n";
+        let head = parse_head(&mut BytesMut::from(wire.as_bytes()), &Method::GET).unwrap().unwrap();
+        assert!(head.raw.is_none());
+        assert_eq!(head.parts.headers.len(), 3);
     }
 
     #[test]

@@ -28,6 +28,22 @@ pub(crate) fn is_hop_by_hop(n: &HeaderName) -> bool {
         || *n == PROXY_CONNECTION
 }
 
+/// [`is_hop_by_hop`] for a header name as received (any case).
+pub(crate) fn is_hop_by_hop_name(n: &[u8]) -> bool {
+    // By length first: most names are none of these.
+    let one_of = |names: &[&[u8]]| names.iter().any(|h| n.eq_ignore_ascii_case(h));
+    match n.len() {
+        2 => one_of(&[b"te"]),
+        7 => one_of(&[b"upgrade", b"trailer"]),
+        10 => one_of(&[b"connection", b"keep-alive"]),
+        16 => one_of(&[b"proxy-connection"]),
+        17 => one_of(&[b"transfer-encoding"]),
+        18 => one_of(&[b"proxy-authenticate"]),
+        19 => one_of(&[b"proxy-authorization"]),
+        _ => false,
+    }
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the names (a handful) instead of nine hashed lookups: most messages carry
@@ -96,6 +112,34 @@ pub fn set_forwarded(h: &mut HeaderMap, peer: &HeaderValue, tls: bool, host: Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_hop_by_hop_checks_agree() {
+        let names = [
+            "connection",
+            "Keep-Alive",
+            "PROXY-CONNECTION",
+            "te",
+            "Trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authenticate",
+            "Proxy-Authorization",
+            "tea",
+            "trailers",
+            "content-length",
+            "x-request-id",
+            "host",
+            "upgrade-insecure-requests",
+            "x-connection",
+            "keep-alive2",
+        ];
+        for n in names {
+            let parsed = HeaderName::from_bytes(n.as_bytes()).unwrap();
+            assert_eq!(is_hop_by_hop_name(n.as_bytes()), is_hop_by_hop(&parsed), "{n}");
+        }
+        assert_eq!(names.iter().filter(|n| is_hop_by_hop_name(n.as_bytes())).count(), 9);
+    }
 
     #[test]
     fn strips_hop_by_hop_and_named() {

@@ -266,7 +266,7 @@ fn idempotent(m: &Method) -> bool {
 
 enum Failure {
     /// An upstream answer with a retryable status.
-    Status(Response<h1::ResponseBody>),
+    Status(Box<Response<h1::ResponseBody>>),
     /// A transport failure; `not_sent` when no byte can have reached the upstream.
     Error(GatewayError, bool),
 }
@@ -410,8 +410,10 @@ impl Upstream {
         let started = Instant::now();
         // checked: an absurd configured timeout must not overflow `Instant` (a panic per request).
         let deadline = started.checked_add(call.timeout).unwrap_or(started + Duration::from_secs(86_400));
-        // The parts stay here across tries (no copy of the headers for a retry).
+        // The parts stay here across tries (no copy of the headers for a retry); their header
+        // map becomes a spare when the call ends.
         let (parts, body) = req.into_parts();
+        let parts = SpareOnDrop(parts);
         let mut body = Some(body);
         let mut exclude = None;
         self.budget.deposit();
@@ -463,7 +465,7 @@ impl Upstream {
                 }
                 Ok(Ok(resp)) => {
                     series.request(metrics, idx, resp.status().as_u16());
-                    Failure::Status(resp)
+                    Failure::Status(Box::new(resp))
                 }
                 Ok(Err(ge)) => {
                     series.request(metrics, idx, 0);
@@ -499,7 +501,7 @@ impl Upstream {
             };
             if !retry {
                 return match failure {
-                    Failure::Status(resp) => Ok(resp),
+                    Failure::Status(resp) => Ok(*resp),
                     Failure::Error(e, _) => Err(e),
                 };
             }
@@ -511,13 +513,14 @@ impl Upstream {
                 && let Some(ra) = resp
                     .headers()
                     .get(header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .map(http::HeaderValue::as_bytes)
+                    .or_else(|| resp.body().raw_headers().and_then(|r| r.get(&header::RETRY_AFTER)))
+                    .and_then(|v| h1::parse_decimal(v.trim_ascii()))
             {
                 let ra = Duration::from_secs(ra);
                 if ra >= left {
                     return match failure {
-                        Failure::Status(resp) => Ok(resp),
+                        Failure::Status(resp) => Ok(*resp),
                         Failure::Error(e, _) => Err(e),
                     };
                 }
@@ -647,6 +650,23 @@ impl Upstream {
 }
 
 /// Full jitter: a random wait in `[0, min(max, base·2^attempt)]`.
+/// A request's parts whose header map is kept as a spare ([`crate::recycle_header_map`]) when
+/// they are dropped.
+struct SpareOnDrop(http::request::Parts);
+
+impl std::ops::Deref for SpareOnDrop {
+    type Target = http::request::Parts;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for SpareOnDrop {
+    fn drop(&mut self) {
+        crate::recycle_header_map(std::mem::take(&mut self.0.headers));
+    }
+}
+
 fn backoff(r: &RetryConfig, attempt: u32) -> Duration {
     let cap = r.backoff_base.get().saturating_mul(1 << attempt.min(16)).min(r.backoff_max.get());
     let nanos = cap.as_nanos() as u64;

@@ -29,7 +29,7 @@ use crate::error::{ErrorKind, GatewayError};
 use crate::gateway::{self, ConnInfo, Shared};
 use crate::proxy::h1::{Chunk, Spans, Step, decode, hex_line, parse_decimal, poll_read_more};
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
@@ -584,7 +584,7 @@ fn parse_with(buf: &mut BytesMut, s: &Settings, slots: usize) -> Result<Option<H
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(t0..t1)).map_err(|_| bad("invalid request target"))?;
 
-    let mut headers = HeaderMap::with_capacity(spans.len() + 4);
+    let mut headers = crate::header_map(spans.len() + 4);
     let (mut close, mut keep_alive, mut conn_upgrade, mut has_upgrade, mut expect_continue) =
         (false, false, false, false, false);
     let mut length: Option<u64> = None;
@@ -658,9 +658,10 @@ async fn write_response(
     head_only: bool,
     mut keep: bool,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     // Taken before the body is polled: a body that ends finishes (and drops) its record.
     let own = body.own_headers();
+    let raw = body.take_raw_headers();
     let status = parts.status.as_u16();
     let informational = parts.status.is_informational();
     let bodiless = head_only || status == 204 || status == 304 || informational;
@@ -690,10 +691,13 @@ async fn write_response(
         }
     }
     // A HEAD answer carries the length the GET would have, when the map does not already.
-    let head_length = (head_only && !informational && !parts.headers.contains_key(header::CONTENT_LENGTH))
-        .then(|| body.size_hint().exact())
-        .flatten()
-        .filter(|&n| n > 0);
+    let head_length = (head_only
+        && !informational
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        && raw.as_ref().and_then(|r| r.get(&header::CONTENT_LENGTH)).is_none())
+    .then(|| body.size_hint().exact())
+    .flatten()
+    .filter(|&n| n > 0);
     if bodiless {
         // Not sent, but read to its end when it is at hand (a gateway-made body), so the
         // request is logged as complete.
@@ -725,26 +729,37 @@ async fn write_response(
     out.push(b' ');
     out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut has_date = false;
+    let mut lines = Lines {
+        out,
+        keep,
+        has_date: false,
+        informational,
+        bodiless,
+        own_id: own.is_some(),
+        own_timing: own.as_ref().is_some_and(|(_, o)| o.server_timing.is_some()),
+    };
     for (name, value) in &parts.headers {
-        if !informational && name == header::CONNECTION {
-            // The handler asks for a close (e.g. after a framing error); the line is ours.
-            keep &= !value.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-            continue;
+        let name = name.as_str().as_bytes();
+        if lines.admits(name, value.as_bytes()) {
+            lines.out.extend_from_slice(name);
+            lines.out.extend_from_slice(b": ");
+            lines.out.extend_from_slice(value.as_bytes());
+            lines.out.extend_from_slice(b"\r\n");
         }
-        if !informational && (name == header::TRANSFER_ENCODING || (name == header::CONTENT_LENGTH && !bodiless)) {
-            continue;
-        }
-        if own.is_some() && *name == crate::pipeline::request_id::X_REQUEST_ID {
-            // The gateway's id replaces the upstream's (below).
-            continue;
-        }
-        has_date |= name == header::DATE;
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
+    if let Some(raw) = &raw {
+        for (name, line) in raw.lines() {
+            // What the map holds replaces the upstream's (insert semantics).
+            let replaced =
+                !parts.headers.is_empty() && std::str::from_utf8(name).is_ok_and(|n| parts.headers.contains_key(n));
+            if !replaced && lines.admits(name, &line[name.len() + 1..]) {
+                // The line as it came, from the name to the end of the value.
+                lines.out.extend_from_slice(line);
+                lines.out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    let Lines { out, keep, has_date, .. } = lines;
     if let Some((request_id, own)) = &own {
         out.extend_from_slice(b"x-request-id: ");
         out.extend_from_slice(request_id.as_bytes());
@@ -759,6 +774,11 @@ async fn write_response(
                 crate::push_decimal(out, n);
                 out.extend_from_slice(b"\r\n");
             }
+        }
+        if let Some((total, upstream)) = own.server_timing {
+            out.extend_from_slice(b"server-timing: ");
+            crate::observe::push_server_timing(out, total, upstream);
+            out.extend_from_slice(b"\r\n");
         }
     }
     if !has_date && !informational {
@@ -779,6 +799,7 @@ async fn write_response(
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    crate::recycle_header_map(std::mem::take(&mut parts.headers));
 
     let mut sent = 0u64;
     if chunked {
@@ -825,6 +846,45 @@ async fn write_response(
     }
     w.io.flush().await?;
     Ok(keep)
+}
+
+/// Copies header lines into a response head, leaving out what the writer sets itself.
+struct Lines<'a> {
+    out: &'a mut Vec<u8>,
+    /// Whether the connection stays open (a `Connection: close` from the handler ends it).
+    keep: bool,
+    has_date: bool,
+    informational: bool,
+    bodiless: bool,
+    /// The gateway's `X-Request-Id` follows (it replaces any other).
+    own_id: bool,
+    /// The gateway's `Server-Timing` follows (it replaces any other).
+    own_timing: bool,
+}
+
+impl Lines<'_> {
+    /// Whether a header (`name` in any case) goes into the head; `value` is read for
+    /// `Connection` only.
+    fn admits(&mut self, name: &[u8], value: &[u8]) -> bool {
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        // By length first: one comparison at most per header.
+        match name.len() {
+            10 if !self.informational && is(b"connection") => {
+                // The handler asks for a close (e.g. after a framing error); the line is ours.
+                self.keep &= !value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                false
+            }
+            17 if !self.informational && is(b"transfer-encoding") => false,
+            14 if !self.informational && is(b"content-length") => self.bodiless,
+            12 if is(b"x-request-id") => !self.own_id,
+            13 if is(b"server-timing") => !self.own_timing,
+            4 if is(b"date") => {
+                self.has_date = true;
+                true
+            }
+            _ => true,
+        }
+    }
 }
 
 /// Writes `out` (a head, or nothing) and `data` as chunks, and the last chunk when `end`.
