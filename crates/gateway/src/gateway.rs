@@ -600,9 +600,11 @@ async fn serve(
         deduplicated: idem.is_some(),
         metrics: &shared.metrics,
         hop: Some(&hop),
+        sent,
     };
-    let result = route.upstream.forward(req, call).await;
-    rec.upstream_us = Some(sent.elapsed().as_micros() as u64);
+    let mut done = sent;
+    let result = route.upstream.forward(req, call, &mut done).await;
+    rec.upstream_us = Some(done.saturating_duration_since(sent).as_micros() as u64);
     let resp = match result {
         Ok(r) => r,
         Err(e) => {

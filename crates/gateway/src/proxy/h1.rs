@@ -49,6 +49,9 @@ pub struct Conn {
     buf: BytesMut,
     /// The request head being written (kept to reuse its allocation).
     head: Vec<u8>,
+    /// When its latest request started (the pool's idle clock runs from there: no clock
+    /// reading when it comes back).
+    pub(super) used: std::time::Instant,
 }
 
 /// How a request body is framed on the wire.
@@ -145,7 +148,12 @@ pub enum WriteError {
 impl Conn {
     /// Wraps a connected stream.
     pub fn new(io: TcpStream) -> Self {
-        Self { io, buf: BytesMut::with_capacity(READ_SIZE), head: Vec::with_capacity(512) }
+        Self {
+            io,
+            buf: BytesMut::with_capacity(READ_SIZE),
+            head: Vec::with_capacity(512),
+            used: std::time::Instant::now(),
+        }
     }
 
     /// True when an idle connection can carry a request: the upstream has not closed it and

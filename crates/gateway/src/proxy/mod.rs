@@ -219,6 +219,8 @@ pub struct Call<'a> {
     pub metrics: &'a Metrics,
     /// Headers this hop adds (written into the request head, not the map).
     pub hop: Option<&'a h1::HopHeaders<'a>>,
+    /// The caller's clock reading when it hands the request over (the first try starts then).
+    pub sent: Instant,
 }
 
 /// A service: its instances, pooled client, balancer, breaker, health and retry policy.
@@ -402,12 +404,16 @@ impl Upstream {
     /// Sends `req` (whose URI holds only path and query) and waits for the response headers,
     /// retrying where it is safe (see the module docs). The body streams; nothing is buffered
     /// here.
+    /// Forwards `req`, retrying as the route allows; `done` is set to when the last try ended
+    /// (the clock reading the caller would otherwise take again).
     pub async fn forward(
         &self,
         req: Request<Body>,
         call: Call<'_>,
+        done: &mut Instant,
     ) -> Result<Response<h1::ResponseBody>, GatewayError> {
-        let started = Instant::now();
+        let started = call.sent;
+        *done = started;
         // checked: an absurd configured timeout must not overflow `Instant` (a panic per request).
         let deadline = started.checked_add(call.timeout).unwrap_or(started + Duration::from_secs(86_400));
         // The parts stay here across tries (no copy of the headers for a retry); their header
@@ -449,9 +455,10 @@ impl Upstream {
             let send = self.pool(idx).send(&parts, call.hop, body, sent, || series.opened());
             let result = tokio::time::timeout_at(until, send).await;
             inst.inflight.fetch_sub(1, Ordering::Relaxed);
-            let done = Instant::now();
-            series.latency(done.saturating_duration_since(sent));
-            let now_ms = self.ms_at(done);
+            let ended = Instant::now();
+            *done = ended;
+            series.latency(ended.saturating_duration_since(sent));
+            let now_ms = self.ms_at(ended);
 
             let failure = match result {
                 Ok(Ok(resp)) if !self.retry.retry_on_status.contains(&resp.status().as_u16()) => {
@@ -486,7 +493,7 @@ impl Upstream {
 
             let not_sent = matches!(failure, Failure::Error(_, true));
             let safe = not_sent || idempotent(&parts.method) || call.deduplicated;
-            let left = deadline.saturating_duration_since(done);
+            let left = deadline.saturating_duration_since(ended);
             let wants_retry = attempt + 1 < call.attempts && safe && !left.is_zero();
             let replayable = call.replay.is_some();
             if wants_retry && !replayable {

@@ -36,7 +36,8 @@ pub struct PoolConfig {
 
 struct Pooled {
     conn: Conn,
-    /// When the connection came back.
+    /// When the connection's latest request started (a little before it came back: the
+    /// idle time is over- rather than underestimated).
     used: Instant,
 }
 
@@ -87,7 +88,8 @@ impl Pool {
         if conns.len() >= self.cfg.max_idle {
             conns.remove(0);
         }
-        conns.push(Pooled { conn, used: Instant::now() });
+        let used = conn.used;
+        conns.push(Pooled { conn, used });
         drop(conns);
         if !self.sweeping.swap(true, std::sync::atomic::Ordering::AcqRel) {
             tokio::spawn(sweep(Arc::downgrade(self), self.cfg.idle_timeout));
@@ -148,6 +150,7 @@ impl Pool {
                     (Conn::new(self.connect_tcp().await?), false)
                 }
             };
+            conn.used = now;
             match conn.write_request(parts, &self.authority, hop, &mut body).await {
                 Ok(()) => return conn.read_response(&parts.method, Some(self.clone())).await,
                 // Dead before the first byte: a new connection (its failure is final).
