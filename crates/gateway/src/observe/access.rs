@@ -205,7 +205,6 @@ fn timestamp(out: &mut Vec<u8>) {
     out.push(b'Z');
 }
 
-/// A JSON string (quotes added; `"`, `\` and control characters escaped).
 /// No byte of `s` needs escaping in a JSON string (no `"`, `\\` or control byte): eight bytes
 /// per step (SWAR), as the strings are clean almost always.
 fn clean(s: &[u8]) -> bool {
@@ -225,6 +224,7 @@ fn clean(s: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\')
 }
 
+/// A JSON string (quotes added; `"`, `\` and control characters escaped).
 fn json_str(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
     if clean(s) {
@@ -270,11 +270,13 @@ fn format_json(out: &mut Vec<u8>, l: &Line<'_>) {
     };
     out.extend_from_slice(b"{\"timestamp\":\"");
     timestamp(out);
-    out.extend_from_slice(b"\",\"level\":\"INFO\",\"request_id\":");
-    json_str(out, l.request_id);
-    out.extend_from_slice(b",\"method\":");
-    json_str(out, l.method.as_bytes());
-    out.extend_from_slice(b",\"route\":");
+    // The request id ([`crate::pipeline::request_id::is_valid`] or made here), the method (an
+    // RFC 9110 token) and the trace id (hex) have nothing to escape.
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"request_id\":\"");
+    out.extend_from_slice(l.request_id);
+    out.extend_from_slice(b"\",\"method\":\"");
+    out.extend_from_slice(l.method.as_bytes());
+    out.extend_from_slice(b"\",\"route\":");
     json_str(out, l.route.as_bytes());
     out.extend_from_slice(b",\"path\":");
     json_str(out, l.path.as_bytes());
@@ -289,8 +291,9 @@ fn format_json(out: &mut Vec<u8>, l: &Line<'_>) {
     ip(out, l.client_ip);
     out.push(b'"');
     if let Some(t) = l.trace_id {
-        out.extend_from_slice(b",\"trace_id\":");
-        json_str(out, t.as_bytes());
+        out.extend_from_slice(b",\"trace_id\":\"");
+        out.extend_from_slice(t.as_bytes());
+        out.push(b'"');
     }
     out.extend_from_slice(if l.aborted { b",\"aborted\":true" } else { b",\"aborted\":false" });
     out.extend_from_slice(b",\"target\":\"access\"}\n");
