@@ -799,7 +799,10 @@ async fn write_response(
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    // The head is written: the header map becomes a spare, and the upstream's head (a slice of
+    // its connection's read buffer) is let go, so that buffer can be reused for the body.
     crate::recycle_header_map(std::mem::take(&mut parts.headers));
+    drop(raw);
 
     let mut sent = 0u64;
     if chunked {
