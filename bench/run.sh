@@ -208,6 +208,23 @@ NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
       "$(python3 -c "print($(rss_kib "${PIDOF[$t]}")/1024)")"
   done
   echo
+  echo "Ratios to nginx within each round (the targets of a round run back to back, so a slower or"
+  echo "faster stretch of this shared host moves both sides), median (min–max) over the rounds:"
+  echo
+  echo "| target | req/s × nginx | CPU × nginx |"
+  echo "|---|---|---|"
+  for t in "${TARGETS[@]}"; do
+    [ "$t" != nginx ] || continue
+    python3 - "${RPS[$t]}" "${RPS[nginx]}" "${CPU[$t]}" "${CPU[nginx]}" "$t" <<'PY'
+import statistics, sys
+rps, ng_rps, cpu, ng_cpu = ([float(x) for x in a.split()] for a in sys.argv[1:5])
+def paired(a, b):
+    r = [x / y for x, y in zip(a, b)]
+    return f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})"
+print(f"| {sys.argv[5]} | {paired(rps, ng_rps)} | {paired(cpu, ng_cpu)} |")
+PY
+  done
+  echo
   echo "Idle RSS (after start, before any load): gw-bare $IDLE_BARE MiB, gw-full $IDLE_FULL MiB."
   echo
   echo "New upstream connections per saturation round (the kernel's TCP ActiveOpens: in the whole round minus wrk's $CONNS + 1; after its first second), median (min–max):"
