@@ -6,8 +6,6 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 /// `X-Forwarded-For`.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// `X-Forwarded-Proto`.
@@ -17,18 +15,10 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 
 /// The hop-by-hop headers every message loses (besides those `Connection` names).
 pub(crate) fn is_hop_by_hop(n: &HeaderName) -> bool {
-    *n == header::CONNECTION
-        || *n == header::TRANSFER_ENCODING
-        || *n == header::UPGRADE
-        || *n == header::TE
-        || *n == header::TRAILER
-        || *n == header::PROXY_AUTHENTICATE
-        || *n == header::PROXY_AUTHORIZATION
-        || *n == KEEP_ALIVE
-        || *n == PROXY_CONNECTION
+    is_hop_by_hop_name(n.as_str().as_bytes())
 }
 
-/// [`is_hop_by_hop`] for a header name as received (any case).
+/// [`is_hop_by_hop`] for a header name as received (any case): the one list of them.
 pub(crate) fn is_hop_by_hop_name(n: &[u8]) -> bool {
     // By length first: most names are none of these.
     let one_of = |names: &[&[u8]]| names.iter().any(|h| n.eq_ignore_ascii_case(h));
@@ -51,29 +41,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if !h.keys().any(is_hop_by_hop) {
         return;
     }
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            h.remove(n);
-        }
-        h.remove(header::CONNECTION);
-    }
-    for n in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
+    // Rare (an HTTP/1.0 peer, a client's Upgrade): the names are collected once.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .chain(h.keys().filter(|n| is_hop_by_hop(n)).cloned())
+        .collect();
+    for n in named {
         h.remove(n);
     }
 }

@@ -403,8 +403,7 @@ impl Upstream {
 
     /// Sends `req` (whose URI holds only path and query) and waits for the response headers,
     /// retrying where it is safe (see the module docs). The body streams; nothing is buffered
-    /// here.
-    /// Forwards `req`, retrying as the route allows; `done` is set to when the last try ended
+    /// here. The first try starts at `call.sent`; `done` is set to when the last try ended
     /// (the clock reading the caller would otherwise take again).
     pub async fn forward(
         &self,
@@ -656,7 +655,6 @@ impl Upstream {
     }
 }
 
-/// Full jitter: a random wait in `[0, min(max, base·2^attempt)]`.
 /// A request's parts whose header map is kept as a spare ([`crate::recycle_header_map`]) when
 /// they are dropped.
 struct SpareOnDrop(http::request::Parts);
@@ -674,6 +672,7 @@ impl Drop for SpareOnDrop {
     }
 }
 
+/// Full jitter: a random wait in `[0, min(max, base·2^attempt)]`.
 fn backoff(r: &RetryConfig, attempt: u32) -> Duration {
     let cap = r.backoff_base.get().saturating_mul(1 << attempt.min(16)).min(r.backoff_max.get());
     let nanos = cap.as_nanos() as u64;
