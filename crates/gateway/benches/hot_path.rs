@@ -158,9 +158,13 @@ fn headers(c: &mut Criterion) {
             b25_gateway::proxy::headers::strip_hop_by_hop(&mut h);
             // What the proxied path does: the hop's own headers are computed, not inserted
             // (they are written into the upstream request head).
-            let trace = b25_gateway::pipeline::trace::next_hop(&h);
+            let trace = b25_gateway::pipeline::trace::next_hop(&h, b25_gateway::proxy::headers::Seen::UNKNOWN);
             let hop = b25_gateway::proxy::h1::HopHeaders {
-                forwarded_for: b25_gateway::proxy::headers::forwarded_for(&h, &peer),
+                forwarded_for: b25_gateway::proxy::headers::forwarded_for(
+                    &h,
+                    &peer,
+                    b25_gateway::proxy::headers::Seen::UNKNOWN,
+                ),
                 forwarded_proto: "http",
                 forwarded_host: h.get(http::header::HOST).cloned(),
                 request_id: peer.clone(),

@@ -225,13 +225,24 @@ pub struct ConnInfo {
     /// The connection's writer puts the gateway's own response headers into the head itself
     /// (the native HTTP/1.1 connection: [`crate::observe::OwnHeaders`]).
     pub writes_own_headers: bool,
+    /// The names the request's connection noted in its head ([`headers::Seen`]; set per
+    /// request by the native HTTP/1.1 connection).
+    pub seen: headers::Seen,
 }
 
 impl ConnInfo {
     /// The facts of a new connection.
     pub fn new(peer: SocketAddr, tls: bool, framing_conflict: Arc<AtomicBool>) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is ASCII");
-        Self { peer, tls, framing_conflict, peer_ip, framing_checked: false, writes_own_headers: false }
+        Self {
+            peer,
+            tls,
+            framing_conflict,
+            peer_ip,
+            framing_checked: false,
+            writes_own_headers: false,
+            seen: headers::Seen::UNKNOWN,
+        }
     }
 }
 
@@ -266,7 +277,7 @@ impl Drop for Pending {
 /// Serves one request. Never fails: every error becomes a JSON response.
 pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody>) -> Response<Observed> {
     let snapshot = shared.snapshot.load_full();
-    let request_id = request_id::from_headers(req.headers());
+    let request_id = request_id::from_headers(req.headers(), conn.seen);
     let access_log = snapshot.config.logging.access_log;
     RequestRecord::started(&shared.metrics);
     let mut pending = Pending(Some(RequestRecord {
@@ -512,10 +523,10 @@ async fn serve(
     headers::strip_hop_by_hop(h);
     strip_identity(snapshot, h);
     // What this hop adds goes straight onto the wire (`Expect` is answered here and dropped).
-    let trace = crate::pipeline::trace::next_hop(h);
+    let trace = crate::pipeline::trace::next_hop(h, conn.seen);
     rec.trace_id = Some(trace.trace);
     let hop = HopHeaders {
-        forwarded_for: headers::forwarded_for(h, &conn.peer_ip),
+        forwarded_for: headers::forwarded_for(h, &conn.peer_ip, conn.seen),
         forwarded_proto: if conn.tls { "https" } else { "http" },
         forwarded_host: host,
         request_id: request_id.clone(),

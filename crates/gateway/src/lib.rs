@@ -26,6 +26,7 @@ pub mod auth;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod gateway;
 pub mod halt;

@@ -4,6 +4,7 @@
 //! log, to put in a JSON body and to send upstream. UUIDv7 sorts by time, which helps when
 //! grepping logs across services.
 
+use crate::proxy::headers::Seen;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The header carrying the request id, both ways.
@@ -19,7 +20,10 @@ pub fn is_valid(v: &[u8]) -> bool {
 }
 
 /// The client's id when it is valid (exactly one header), else a new UUIDv7.
-pub fn from_headers(headers: &HeaderMap) -> HeaderValue {
+pub fn from_headers(headers: &HeaderMap, seen: Seen) -> HeaderValue {
+    if !seen.may_have(Seen::REQUEST_ID) {
+        return generate();
+    }
     let mut all = headers.get_all(&X_REQUEST_ID).iter();
     if let (Some(v), None) = (all.next(), all.next())
         && is_valid(v.as_bytes())
@@ -58,19 +62,19 @@ mod tests {
     fn accepts_sane_ids_only() {
         let mut h = HeaderMap::new();
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123_x.y"));
-        assert_eq!(from_headers(&h), "abc-123_x.y");
+        assert_eq!(from_headers(&h, Seen::UNKNOWN), "abc-123_x.y");
         for bad in ["", "a b", "a\"b", "<script>", &"x".repeat(129)] {
             let mut h = HeaderMap::new();
             h.insert(&X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
-            let id = from_headers(&h);
+            let id = from_headers(&h, Seen::UNKNOWN);
             assert_ne!(id.as_bytes(), bad.as_bytes());
             assert_eq!(id.len(), 36);
         }
         let mut h = HeaderMap::new();
         h.append(&X_REQUEST_ID, HeaderValue::from_static("a"));
         h.append(&X_REQUEST_ID, HeaderValue::from_static("b"));
-        assert_eq!(from_headers(&h).len(), 36, "two ids: make a new one");
-        assert_eq!(from_headers(&HeaderMap::new()).len(), 36);
+        assert_eq!(from_headers(&h, Seen::UNKNOWN).len(), 36, "two ids: make a new one");
+        assert_eq!(from_headers(&HeaderMap::new(), Seen::UNKNOWN).len(), 36);
         let a = uuid::Uuid::parse_str(generate().to_str().unwrap()).unwrap();
         let b = uuid::Uuid::parse_str(generate().to_str().unwrap()).unwrap();
         assert_eq!(a.get_version_num(), 7);

@@ -4,6 +4,7 @@
 //! (W3C Trace Context §3.3). The trace id goes into the access log.
 
 use crate::proxy::balance::random;
+use crate::proxy::headers::Seen;
 use http::{HeaderMap, HeaderName};
 
 /// `traceparent`.
@@ -108,17 +109,20 @@ pub struct Hop {
 
 /// The trace context to send upstream: the client's trace continued with a new span id, or
 /// a new trace when it sent no valid `traceparent` (its `tracestate` is then dropped).
-pub fn next_hop(h: &HeaderMap) -> Hop {
-    let mut parents = h.get_all(&TRACEPARENT).iter();
-    let incoming = match (parents.next(), parents.next()) {
-        (Some(v), None) => v.to_str().ok().and_then(parse).map(|(t, f)| {
-            let mut trace = [0u8; 32];
-            trace.copy_from_slice(t.as_bytes());
-            let flags = [f.as_bytes()[0], f.as_bytes()[1]];
-            (TraceId(trace), flags)
-        }),
-        _ => None,
-    };
+pub fn next_hop(h: &HeaderMap, seen: Seen) -> Hop {
+    // Exactly one `traceparent` is continued; none or several start a new trace.
+    let parent = seen.may_have(Seen::TRACEPARENT).then(|| h.get_all(&TRACEPARENT).iter()).and_then(|mut all| {
+        match (all.next(), all.next()) {
+            (Some(v), None) => Some(v),
+            _ => None,
+        }
+    });
+    let incoming = parent.and_then(|v| v.to_str().ok()).and_then(parse).map(|(t, f)| {
+        let mut trace = [0u8; 32];
+        trace.copy_from_slice(t.as_bytes());
+        let flags = [f.as_bytes()[0], f.as_bytes()[1]];
+        (TraceId(trace), flags)
+    });
     let keep_state = incoming.is_some();
     let (trace, flags) = incoming.unwrap_or_else(|| {
         let mut trace = [0u8; 32];
@@ -147,7 +151,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         h.insert(&TRACESTATE, HeaderValue::from_static("b25=x"));
-        let hop = next_hop(&h);
+        let hop = next_hop(&h, Seen::UNKNOWN);
         assert_eq!(hop.trace.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let out = std::str::from_utf8(hop.parent.as_bytes()).unwrap();
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"));
@@ -165,7 +169,7 @@ mod tests {
         }
         let mut h = HeaderMap::new();
         h.insert(&TRACESTATE, HeaderValue::from_static("orphan=1"));
-        let hop = next_hop(&h);
+        let hop = next_hop(&h, Seen::UNKNOWN);
         assert_eq!(hop.trace.as_str().len(), 32);
         assert!(parse(&format!("00-{}-00f067aa0ba902b7-01", hop.trace.as_str())).is_some());
         assert!(parse(std::str::from_utf8(hop.parent.as_bytes()).unwrap()).is_some());
@@ -173,6 +177,6 @@ mod tests {
         // Two traceparents: invalid, a new trace.
         h.append(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         h.append(&TRACEPARENT, HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
-        assert_ne!(next_hop(&h).trace.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(next_hop(&h, Seen::UNKNOWN).trace.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 }

@@ -17,6 +17,7 @@
 //! HTTP/1.1. An idle connection is checked at checkout without a syscall (the reactor's
 //! readiness): one the upstream closed, or that has unexpected bytes, is dropped instead.
 
+use super::headers::Seen;
 use super::pool::Pool;
 use crate::body::{BoxError, UpstreamBody};
 use crate::error::{ErrorKind, GatewayError};
@@ -515,6 +516,16 @@ impl Spans {
     /// How many headers.
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Which of the names looked up on every request are among these ([`Seen`]).
+    pub(crate) fn seen(&self, head: &[u8]) -> Seen {
+        let spans = if self.len <= self.small.len() { &self.small[..self.len] } else { &self.large[..] };
+        let mut seen = Seen::NONE;
+        for &[n0, n1, _, _] in spans {
+            seen.note(&head[n0 as usize..n1 as usize]);
+        }
+        seen
     }
 
     /// The headers as names and values sharing `head` (the frozen buffer they came from).

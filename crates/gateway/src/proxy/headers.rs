@@ -13,6 +13,42 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 /// `X-Forwarded-Host`.
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Which of the headers looked up on every request (`X-Request-Id`, `traceparent`,
+/// `X-Forwarded-For`) a request came with, when the connection that parsed its head noted them
+/// (the native HTTP/1.1 server, from the raw names): a lookup of an absent one is skipped (a
+/// hashed probe each). [`Seen::UNKNOWN`] (every other connection) says "look".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen(u8);
+
+impl Seen {
+    /// Nothing known: every lookup happens.
+    pub const UNKNOWN: Seen = Seen(u8::MAX);
+    /// None of the names seen (yet).
+    pub const NONE: Seen = Seen(0);
+    /// `X-Request-Id`.
+    pub const REQUEST_ID: u8 = 1;
+    /// `traceparent`.
+    pub const TRACEPARENT: u8 = 2;
+    /// `X-Forwarded-For`.
+    pub const FORWARDED_FOR: u8 = 4;
+
+    /// Notes a header name as received (any case).
+    pub fn note(&mut self, name: &[u8]) {
+        // By length first: most names are none of these.
+        self.0 |= match name.len() {
+            11 if name.eq_ignore_ascii_case(b"traceparent") => Self::TRACEPARENT,
+            12 if name.eq_ignore_ascii_case(b"x-request-id") => Self::REQUEST_ID,
+            15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => Self::FORWARDED_FOR,
+            _ => 0,
+        };
+    }
+
+    /// Whether the request may carry the header `bit` stands for.
+    pub fn may_have(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+}
+
 /// The hop-by-hop headers every message loses (besides those `Connection` names).
 pub(crate) fn is_hop_by_hop(n: &HeaderName) -> bool {
     is_hop_by_hop_name(n.as_str().as_bytes())
@@ -57,7 +93,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// `X-Forwarded-For` for the upstream: the client's list (comma-joined into one value) with
 /// `peer` appended; just `peer` (no copy) when the client sent none.
-pub fn forwarded_for(h: &HeaderMap, peer: &HeaderValue) -> HeaderValue {
+pub fn forwarded_for(h: &HeaderMap, peer: &HeaderValue, seen: Seen) -> HeaderValue {
+    if !seen.may_have(Seen::FORWARDED_FOR) {
+        return peer.clone();
+    }
     let mut prior = h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).peekable();
     if prior.peek().is_none() {
         return peer.clone();
@@ -73,7 +112,7 @@ pub fn forwarded_for(h: &HeaderMap, peer: &HeaderValue) -> HeaderValue {
 /// requests carry them as [`super::h1::HopHeaders`]). `peer` is the client's IP, formatted
 /// once per connection.
 pub fn set_forwarded(h: &mut HeaderMap, peer: &HeaderValue, tls: bool, host: Option<HeaderValue>) {
-    let xff = forwarded_for(h, peer);
+    let xff = forwarded_for(h, peer, Seen::UNKNOWN);
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if tls { "https" } else { "http" }));
     match host {
@@ -89,6 +128,33 @@ pub fn set_forwarded(h: &mut HeaderMap, peer: &HeaderValue, tls: bool, host: Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seen_notes_the_looked_up_names_in_any_case_and_nothing_else() {
+        let cases: [(&[&str], u8); 5] = [
+            (&["Host", "Accept", "User-Agent"], 0),
+            (&["X-Request-ID"], Seen::REQUEST_ID),
+            (&["TRACEPARENT", "tracestate"], Seen::TRACEPARENT),
+            (&["x-forwarded-for", "X-Forwarded-Host", "x-forwarded-fox"], Seen::FORWARDED_FOR),
+            (&["x-request-ix", "traceparenT", "X-FORWARDED-FOR"], Seen::TRACEPARENT | Seen::FORWARDED_FOR),
+        ];
+        for (names, want) in cases {
+            let mut seen = Seen::NONE;
+            names.iter().for_each(|n| seen.note(n.as_bytes()));
+            for bit in [Seen::REQUEST_ID, Seen::TRACEPARENT, Seen::FORWARDED_FOR] {
+                assert_eq!(seen.may_have(bit), want & bit != 0, "{names:?} bit {bit}");
+                assert!(Seen::UNKNOWN.may_have(bit));
+            }
+        }
+        // Absent: the peer alone, without a lookup; present: appended.
+        let peer = HeaderValue::from_static("10.0.0.1");
+        let mut h = HeaderMap::new();
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        assert_eq!(forwarded_for(&h, &peer, Seen::UNKNOWN), "1.1.1.1, 10.0.0.1");
+        let mut seen = Seen::NONE;
+        seen.note(b"X-Forwarded-For");
+        assert_eq!(forwarded_for(&h, &peer, seen), "1.1.1.1, 10.0.0.1");
+    }
 
     #[test]
     fn both_hop_by_hop_checks_agree() {

@@ -450,9 +450,8 @@ impl Upstream {
             let per_try = self.retry.per_try_timeout.map_or(remaining, |p| p.get().min(remaining));
             inst.inflight.fetch_add(1, Ordering::Relaxed);
             // Deadline from the clock reading of the try's start (no second reading).
-            let until = tokio::time::Instant::from_std(sent + per_try);
-            let send = self.pool(idx).send(&parts, call.hop, body, sent, || series.opened());
-            let result = tokio::time::timeout_at(until, send).await;
+            let send = std::pin::pin!(self.pool(idx).send(&parts, call.hop, body, sent, || series.opened()));
+            let result = crate::deadline::timeout_at(sent + per_try, send).await;
             inst.inflight.fetch_sub(1, Ordering::Relaxed);
             let ended = Instant::now();
             *done = ended;

@@ -41,7 +41,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 async fn route(shared: &Shared, req: Request<Incoming>) -> Response<GatewayBody> {
-    let rid = crate::pipeline::request_id::from_headers(req.headers());
+    let rid = crate::pipeline::request_id::from_headers(req.headers(), crate::proxy::headers::Seen::UNKNOWN);
     let mut resp = match admin(shared, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(&rid),

@@ -185,6 +185,8 @@ struct Head {
     keep_alive: bool,
     expect_continue: bool,
     upgrade: bool,
+    /// The per-request lookups it needs ([`crate::proxy::headers::Seen`]).
+    seen: crate::proxy::headers::Seen,
 }
 
 /// Where a request body left the connection.
@@ -354,7 +356,7 @@ pub async fn serve(
                 return;
             }
         };
-        let Head { mut parts, framing, keep_alive, expect_continue, upgrade } = head;
+        let Head { mut parts, framing, keep_alive, expect_continue, upgrade, seen } = head;
         let head_only = parts.method == Method::HEAD;
         let version = parts.version;
         let mut switch = None;
@@ -376,7 +378,8 @@ pub async fn serve(
                 (ClientBody::Native(body), Some(back))
             }
         };
-        let handler = gateway::handle(shared.clone(), conn.clone(), Request::from_parts(parts, body));
+        let handler =
+            gateway::handle(shared.clone(), ConnInfo { seen, ..conn.clone() }, Request::from_parts(parts, body));
         let resp = match wire.as_mut() {
             // No body: the connection is ours while the handler runs. A client that leaves
             // cancels the request (the upstream sees its connection dropped); what it sends
@@ -581,6 +584,7 @@ fn parse_with(buf: &mut BytesMut, s: &Settings, slots: usize) -> Result<Option<H
     let t0 = target.as_ptr() as usize - base;
     let t1 = t0 + target.len();
     let spans = Spans::of(buf, req.headers);
+    let seen = spans.seen(buf);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(t0..t1)).map_err(|_| bad("invalid request target"))?;
 
@@ -646,6 +650,7 @@ fn parse_with(buf: &mut BytesMut, s: &Settings, slots: usize) -> Result<Option<H
         keep_alive,
         expect_continue: expect_continue && version == Version::HTTP_11 && framing != Framing::Empty,
         upgrade: conn_upgrade && has_upgrade && version == Version::HTTP_11,
+        seen,
     }))
 }
 
