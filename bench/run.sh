@@ -47,11 +47,15 @@ wait_port "$UP"
 PATH_Q="/api/v1/market/ticker/BTCUSDT"
 
 # nginx: one worker per core, upstream keep-alive (no request cap per connection), no access log.
-NG=$(free_port)
-cat >"$WORK/nginx.conf" <<NGINX
+# `nginx` does the per-request header work gw-bare does (the usual reverse-proxy headers
+# X-Forwarded-For/-Proto/-Host, a request id sent upstream and returned to the client;
+# gw-bare also sends `traceparent` and returns `Server-Timing`, which nginx does not);
+# `nginx-min` only proxies, for reference.
+nginx_conf() { # name port location-extras
+  cat >"$WORK/$1.conf" <<NGINX
 worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
+pid $WORK/$1.pid;
+error_log $WORK/$1-error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
@@ -60,12 +64,18 @@ http {
   keepalive_requests 1000000;
   upstream up { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; }
   server {
-    listen 127.0.0.1:$NG;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    listen 127.0.0.1:$2;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; $3 }
   }
 }
 NGINX
+}
+NG=$(free_port); NM=$(free_port)
+# shellcheck disable=SC2016 # nginx variables, not the shell's
+nginx_conf nginx "$NG" 'proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host; proxy_set_header X-Request-Id $request_id; add_header X-Request-Id $request_id always;'
+nginx_conf nginx-min "$NM" ""
 nginx -c "$WORK/nginx.conf" -g 'daemon off;' >"$WORK/nginx.out" 2>&1 & PIDS+=($!); NG_PID=$!
+nginx -c "$WORK/nginx-min.conf" -g 'daemon off;' >"$WORK/nginx-min.out" 2>&1 & PIDS+=($!); NM_PID=$!
 
 # HAProxy: two threads, connection reuse, no logging.
 HA=$(free_port)
@@ -79,8 +89,15 @@ defaults
   timeout client 30s
   timeout server 30s
   http-reuse always
+  # The same header work as gw-bare and nginx: X-Forwarded-*, a request id both ways.
+  option forwardfor
+  unique-id-format %{+X}o%ci%cp%fi%fp%Ts%rt%pid
+  unique-id-header X-Request-Id
 frontend f
   bind 127.0.0.1:$HA
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-response set-header X-Request-Id %[unique-id]
   default_backend b
 backend b
   server s1 127.0.0.1:$UP maxconn 1024
@@ -115,13 +132,13 @@ gw_config gw-cache "$GC" "" "public: true, cache: { ttl: 1h, scope: public }" fa
 # Appended (O_APPEND), so the file can be emptied after each count (see access_lines).
 ./target/release/b25-gateway run "$WORK/gw-full.yaml" >>"$LOGDIR/gw-full-access.log" 2>&1 & PIDS+=($!); GF_PID=$!
 ./target/release/b25-gateway run "$WORK/gw-cache.yaml" >"$WORK/gw-cache.log" 2>&1 & PIDS+=($!); GC_PID=$!
-for p in "$NG" "$HA" "$GB" "$GF" "$GC"; do wait_port "$p"; done
+for p in "$NG" "$NM" "$HA" "$GB" "$GF" "$GC"; do wait_port "$p"; done
 idle_mib() { python3 -c "print(f'{$(awk '/VmRSS/{print $2}' "/proc/$1/status")/1024:.1f}')"; }
 IDLE_BARE=$(idle_mib "$GB_PID"); IDLE_FULL=$(idle_mib "$GF_PID")
 
-declare -A PORT=([direct]=$UP [nginx]=$NG [haproxy]=$HA [gw-bare]=$GB [gw-full]=$GF [gw-cache-hit]=$GC)
-declare -A PIDOF=([direct]=$SIM_PID [nginx]=$NG_PID [haproxy]=$HA_PID [gw-bare]=$GB_PID [gw-full]=$GF_PID [gw-cache-hit]=$GC_PID)
-TARGETS=(direct nginx haproxy gw-bare gw-full gw-cache-hit)
+declare -A PORT=([direct]=$UP [nginx]=$NG [nginx-min]=$NM [haproxy]=$HA [gw-bare]=$GB [gw-full]=$GF [gw-cache-hit]=$GC)
+declare -A PIDOF=([direct]=$SIM_PID [nginx]=$NG_PID [nginx-min]=$NM_PID [haproxy]=$HA_PID [gw-bare]=$GB_PID [gw-full]=$GF_PID [gw-cache-hit]=$GC_PID)
+TARGETS=(direct nginx nginx-min haproxy gw-bare gw-full gw-cache-hit)
 hdr() { [ "$1" = gw-full ] && echo "Authorization: Bearer $TOKEN" || echo "X-Bench: 1"; }
 
 # CPU seconds of a target: its process and children (nginx workers), from /proc.
@@ -235,7 +252,9 @@ PY
   echo
   echo "gw-full access log: $ACCESS_LINES JSON lines written to its file during the run (one per request; counted, then the file emptied, after each round)."
   echo
-  echo "Targets: \`direct\` b25-sim itself; \`nginx\` and \`haproxy\` as keep-alive reverse proxies (2 workers/threads, no logs);"
+  echo "Targets: \`direct\` b25-sim itself; \`nginx\` and \`haproxy\` as keep-alive reverse proxies (2 workers/threads, no logs)"
+  echo "doing the per-request header work gw-bare does: X-Forwarded-For/-Proto/-Host and a request id sent upstream and returned"
+  echo "(gw-bare also sends \`traceparent\` and returns \`Server-Timing\`); \`nginx-min\` the same nginx without that header work, for reference;"
   echo "\`gw-bare\` a public route, no policies, access log off; \`gw-full\` JWT HS256 + per-principal rate limit + metrics +"
   echo "JSON access log to a file (in $(dirname "$LOGDIR")); \`gw-cache-hit\` a public cached route. CPU is the target's own processes (from /proc),"
   echo "divided by the requests it served."

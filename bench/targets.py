@@ -7,7 +7,7 @@ text = open(path).read().split("\n## Against the targets")[0].rstrip("\n")
 rows = {}
 for line in text.splitlines():
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if len(cells) == 9 and cells[0] in ("direct", "nginx", "haproxy", "gw-bare", "gw-full", "gw-cache-hit"):
+    if len(cells) == 9 and cells[0] in ("direct", "nginx", "nginx-min", "haproxy", "gw-bare", "gw-full", "gw-cache-hit"):
         num = lambda s: float(re.match(r"[0-9.]+", s).group()) if re.match(r"[0-9.]+", s) else float("nan")
         rows[cells[0]] = dict(rps=num(cells[1]), cpu=num(cells[3]), p99=num(cells[6]), p999=num(cells[7]), rss=num(cells[8]))
 ng, d = rows["nginx"], rows["direct"]
@@ -31,6 +31,17 @@ if idle:
     worst = max(float(idle.group(1)), float(idle.group(2)))
     check("gateway idle RSS", f"{worst:.1f} MiB", "≤ 12 MiB", worst <= 12)
 out = text + "\n\n## Against the targets\n\n| target | measured | limit | |\n|---|---|---|---|\n" + "\n".join(checks) + "\n"
+if "nginx-min" in rows:
+    m = rows["nginx-min"]
+    out += (
+        "\nThe targets are judged against `nginx` doing the header work gw-bare does (see Targets above).\n"
+        "Against `nginx-min` (the same nginx only proxying; ratio of the medians): "
+        + "; ".join(
+            f"`{t}` req/s {rows[t]['rps'] / m['rps']:.2f}×, CPU/request {rows[t]['cpu'] / m['cpu']:.2f}×"
+            for t in ("gw-bare", "gw-full")
+        )
+        + f"; `nginx` itself {ng['rps'] / m['rps']:.2f}× and {ng['cpu'] / m['cpu']:.2f}×.\n"
+    )
 # At saturation wrk, the upstream and the proxy share the two cores: what wrk and the upstream
 # spend per request is 2 cores / direct's req/s, and what is left at a given rate is the
 # proxy's budget.

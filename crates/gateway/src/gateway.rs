@@ -40,7 +40,7 @@ use http_body::Body as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Route label for requests that matched no route.
 const UNMATCHED: &str = "unmatched";
@@ -613,9 +613,9 @@ async fn serve(
         hop: Some(&hop),
         sent,
     };
-    let mut done = sent;
-    let result = route.upstream.forward(req, call, &mut done).await;
-    rec.upstream_us = Some(done.saturating_duration_since(sent).as_micros() as u64);
+    let mut took = Duration::ZERO;
+    let result = route.upstream.forward(req, call, &mut took).await;
+    rec.upstream_us = Some(took.as_micros() as u64);
     let resp = match result {
         Ok(r) => r,
         Err(e) => {

@@ -403,18 +403,19 @@ impl Upstream {
 
     /// Sends `req` (whose URI holds only path and query) and waits for the response headers,
     /// retrying where it is safe (see the module docs). The body streams; nothing is buffered
-    /// here. The first try starts at `call.sent`; `done` is set to when the last try ended
-    /// (the clock reading the caller would otherwise take again).
+    /// here. The first try starts at `call.sent`; `took` is set to the time from then until
+    /// the last try ended (the clock reading and subtraction the caller would otherwise repeat).
     pub async fn forward(
         &self,
         req: Request<Body>,
         call: Call<'_>,
-        done: &mut Instant,
+        took: &mut Duration,
     ) -> Result<Response<h1::ResponseBody>, GatewayError> {
         let started = call.sent;
-        *done = started;
-        // checked: an absurd configured timeout must not overflow `Instant` (a panic per request).
-        let deadline = started.checked_add(call.timeout).unwrap_or(started + Duration::from_secs(86_400));
+        *took = Duration::ZERO;
+        // Capped: an absurd configured timeout must not overflow `Instant` (a panic per request).
+        let timeout = call.timeout.min(Duration::from_secs(86_400));
+        let deadline = started + timeout;
         // The parts stay here across tries (no copy of the headers for a retry); their header
         // map becomes a spare when the call ends.
         let (parts, body) = req.into_parts();
@@ -446,7 +447,7 @@ impl Upstream {
             // The path and query are sent (origin form), whatever form the URI has; `Host` is
             // the instance's (written by the client, not set in the map).
 
-            let remaining = deadline.saturating_duration_since(sent);
+            let remaining = if attempt == 0 { timeout } else { deadline.saturating_duration_since(sent) };
             let per_try = self.retry.per_try_timeout.map_or(remaining, |p| p.get().min(remaining));
             inst.inflight.fetch_add(1, Ordering::Relaxed);
             // Deadline from the clock reading of the try's start (no second reading).
@@ -454,8 +455,9 @@ impl Upstream {
             let result = crate::deadline::timeout_at(sent + per_try, send).await;
             inst.inflight.fetch_sub(1, Ordering::Relaxed);
             let ended = Instant::now();
-            *done = ended;
-            series.latency(ended.saturating_duration_since(sent));
+            let this_try = ended.saturating_duration_since(sent);
+            *took = if attempt == 0 { this_try } else { ended.saturating_duration_since(started) };
+            series.latency(this_try);
             let now_ms = self.ms_at(ended);
 
             let failure = match result {
