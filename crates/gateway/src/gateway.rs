@@ -363,7 +363,7 @@ async fn serve(
     if conn.framing_conflict.load(Ordering::Acquire) {
         return Err(GatewayError::new(ErrorKind::BadRequest, "both Content-Length and Transfer-Encoding").closing());
     }
-    validate::check_limits(&parts, &snapshot.limits)?;
+    validate::check_limits(&parts, &snapshot.limits, conn.seen)?;
     if !conn.framing_checked {
         validate::check_framing(&parts.headers)?;
     }
@@ -520,7 +520,9 @@ async fn serve(
     }
 
     let h = &mut parts.headers;
-    headers::strip_hop_by_hop(h);
+    if conn.seen.may_have(headers::Seen::HOP_BY_HOP) {
+        headers::strip_hop_by_hop(h);
+    }
     strip_identity(snapshot, h);
     // What this hop adds goes straight onto the wire (`Expect` is answered here and dropped).
     let trace = crate::pipeline::trace::next_hop(h, conn.seen);

@@ -3,6 +3,7 @@
 //! content types (415), and JSON well-formedness and depth for `json` routes (400).
 
 use crate::error::{ErrorKind, GatewayError};
+use crate::proxy::headers::Seen;
 use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
 
@@ -18,13 +19,16 @@ pub struct Limits {
 }
 
 /// Target length, header count and size.
-pub fn check_limits(parts: &Parts, l: &Limits) -> Result<(), GatewayError> {
+pub fn check_limits(parts: &Parts, l: &Limits, seen: Seen) -> Result<(), GatewayError> {
     let target = parts.uri.path_and_query().map(|pq| pq.as_str().len()).unwrap_or(0);
     if target > l.max_uri {
         return Err(GatewayError::new(ErrorKind::UriTooLong, "request target is too long"));
     }
     if parts.headers.len() > l.max_headers {
         return Err(GatewayError::new(ErrorKind::HeadersTooLarge, "too many request headers"));
+    }
+    if seen.headers_within(l.max_header_bytes) {
+        return Ok(());
     }
     // `Authorization` is bounded by the JWT layer's own limit (a 401 names the real problem).
     let bytes: usize = parts

@@ -525,6 +525,7 @@ impl Spans {
         for &[n0, n1, _, _] in spans {
             seen.note(&head[n0 as usize..n1 as usize]);
         }
+        seen.note_size(head.len(), spans.len());
         seen
     }
 

@@ -13,39 +13,59 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 /// `X-Forwarded-Host`.
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Which of the headers looked up on every request (`X-Request-Id`, `traceparent`,
-/// `X-Forwarded-For`) a request came with, when the connection that parsed its head noted them
-/// (the native HTTP/1.1 server, from the raw names): a lookup of an absent one is skipped (a
-/// hashed probe each). [`Seen::UNKNOWN`] (every other connection) says "look".
+/// What the connection that parsed a request's head noted about it (the native HTTP/1.1
+/// server, from the raw names): which of the headers looked up on every request
+/// (`X-Request-Id`, `traceparent`, `X-Forwarded-For`, any hop-by-hop one) it came with, and
+/// the head's size. A lookup of an absent name (a hashed probe each) or a pass over the names
+/// is skipped. [`Seen::UNKNOWN`] (every other connection) says "look".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seen(u8);
+pub struct Seen {
+    names: u8,
+    /// The head's bytes with one more per header line (see [`Seen::headers_within`]).
+    head: u32,
+}
 
 impl Seen {
     /// Nothing known: every lookup happens.
-    pub const UNKNOWN: Seen = Seen(u8::MAX);
-    /// None of the names seen (yet).
-    pub const NONE: Seen = Seen(0);
+    pub const UNKNOWN: Seen = Seen { names: u8::MAX, head: u32::MAX };
+    /// None of the names seen (yet), an empty head.
+    pub const NONE: Seen = Seen { names: 0, head: 0 };
     /// `X-Request-Id`.
     pub const REQUEST_ID: u8 = 1;
     /// `traceparent`.
     pub const TRACEPARENT: u8 = 2;
     /// `X-Forwarded-For`.
     pub const FORWARDED_FOR: u8 = 4;
+    /// Any hop-by-hop header (`Connection` among them, so also any header it names).
+    pub const HOP_BY_HOP: u8 = 8;
 
     /// Notes a header name as received (any case).
     pub fn note(&mut self, name: &[u8]) {
         // By length first: most names are none of these.
-        self.0 |= match name.len() {
+        self.names |= match name.len() {
             11 if name.eq_ignore_ascii_case(b"traceparent") => Self::TRACEPARENT,
             12 if name.eq_ignore_ascii_case(b"x-request-id") => Self::REQUEST_ID,
             15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => Self::FORWARDED_FOR,
+            _ if is_hop_by_hop_name(name) => Self::HOP_BY_HOP,
             _ => 0,
         };
     }
 
+    /// Notes the size of the head: `bytes` in all, `lines` header lines.
+    pub fn note_size(&mut self, bytes: usize, lines: usize) {
+        self.head = u32::try_from(bytes.saturating_add(lines)).unwrap_or(u32::MAX);
+    }
+
     /// Whether the request may carry the header `bit` stands for.
     pub fn may_have(self, bit: u8) -> bool {
-        self.0 & bit != 0
+        self.names & bit != 0
+    }
+
+    /// Whether the header lines are known to take at most `limit` bytes counted as
+    /// name + value + 4 each: a line is at least name + value + 3 bytes (`name:value` and
+    /// CRLF), so the head's size plus one per line bounds the sum.
+    pub fn headers_within(self, limit: usize) -> bool {
+        self.head != u32::MAX && (self.head as usize) <= limit
     }
 }
 
@@ -146,6 +166,27 @@ mod tests {
                 assert!(Seen::UNKNOWN.may_have(bit));
             }
         }
+        let mut hop = Seen::NONE;
+        hop.note(b"Connection");
+        assert!(hop.may_have(Seen::HOP_BY_HOP) && !hop.may_have(Seen::REQUEST_ID));
+        // The head's size bounds what the header-bytes limit counts (name + value + 4 per
+        // line), however tightly the lines are written.
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost:a\r\nX:\r\nY:z\r\n\r\n"[..],
+            b"GET /x HTTP/1.1\r\nhost: a\r\nx-long-name:  padded  \r\n\r\n",
+        ] {
+            let mut slots = [httparse::EMPTY_HEADER; 8];
+            let mut req = httparse::Request::new(&mut slots);
+            let len = match req.parse(head).unwrap() {
+                httparse::Status::Complete(n) => n,
+                httparse::Status::Partial => unreachable!(),
+            };
+            let counted: usize = req.headers.iter().map(|h| h.name.len() + h.value.len() + 4).sum();
+            let mut seen = Seen::NONE;
+            seen.note_size(len, req.headers.len());
+            assert!(!seen.headers_within(counted - 1), "{:?}", String::from_utf8_lossy(head));
+        }
+        assert!(!Seen::UNKNOWN.headers_within(usize::MAX >> 1));
         // Absent: the peer alone, without a lookup; present: appended.
         let peer = HeaderValue::from_static("10.0.0.1");
         let mut h = HeaderMap::new();
