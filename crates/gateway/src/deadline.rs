@@ -10,8 +10,10 @@
 //! deadline it knew of when it last looked, then wakes what is due and sleeps again. A new
 //! deadline later than the one the driver sleeps towards (the usual case: one timeout per
 //! route, so later requests end later) does not wake the driver; an earlier one, or the
-//! first one, does. A deadline fires when its instant has passed, as with tokio's timer
-//! (whose resolution is also a millisecond).
+//! first one, does. A deadline fires once its instant has passed, at most [`TICK`] (5 ms)
+//! late: the driver scans its list at most once per tick, so a thread whose upstream calls
+//! time out one after another (a stalled service, thousands in flight) pays one scan per
+//! tick, not one per deadline. (tokio's timer fires within its 1 ms resolution.)
 //!
 //! The driver is spawned on the runtime of the first deadline that needs it, and marks its
 //! list driverless when that runtime drops it (a test's runtime ending): the next deadline on
@@ -21,7 +23,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The deadline passed before the future finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,12 +96,16 @@ struct Inner {
     /// Head of the free list.
     free: Option<usize>,
     live: usize,
-    /// What the driver sleeps towards (`None`: it waits to be woken).
+    /// When the driver next scans the list (`None`: it waits to be woken). A new deadline
+    /// earlier than this moves it (and wakes the driver); a scan sets it to the earliest
+    /// deadline left, but not sooner than [`TICK`] after the scan.
     armed: Option<Instant>,
     /// Wakes the driver.
     driver: Option<Waker>,
     /// Whether a driver task exists for this list.
     driven: bool,
+    /// Scans of the list so far.
+    scans: u64,
 }
 
 enum Slot {
@@ -135,15 +141,16 @@ impl Shard {
             }
         };
         inner.live += 1;
+        let earlier = inner.armed.is_none_or(|a| until < a);
+        if earlier {
+            // The driver sleeps past this deadline, or not at all: it re-arms (no scan).
+            inner.armed = Some(until);
+        }
         if !inner.driven {
             inner.driven = true;
-            inner.armed = None;
             inner.driver = None;
             tokio::spawn(Driver { shard: self, sleep: Box::pin(tokio::time::sleep_until(until.into())) });
-        } else if inner.armed.is_none_or(|a| until < a)
-            && let Some(d) = inner.driver.take()
-        {
-            // The driver sleeps past this deadline, or not at all: it re-arms.
+        } else if earlier && let Some(d) = inner.driver.take() {
             drop(inner);
             d.wake();
         }
@@ -175,40 +182,51 @@ struct Driver {
     sleep: Pin<Box<tokio::time::Sleep>>,
 }
 
+/// The least time between two scans of a list: a deadline fires at most this late, and a
+/// thread whose upstream calls time out one after another (a stalled service) scans its list
+/// at most this often, not once per deadline.
+const TICK: Duration = Duration::from_millis(5);
+
 impl Future for Driver {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let mut due = Vec::new();
-            let next = {
+            let target = {
                 let mut inner = self.shard.lock();
-                let mut next: Option<Instant> = None;
-                if inner.live > 0 {
-                    // The runtime's clock (the sleep's): a paused test clock is followed too.
-                    let now = tokio::time::Instant::now().into_std();
-                    for slot in &mut inner.slots {
-                        if let Slot::Used(e) = slot
-                            && !e.fired
-                        {
-                            if e.until <= now {
-                                e.fired = true;
-                                due.push(e.waker.clone());
-                            } else {
-                                next = Some(next.map_or(e.until, |n| n.min(e.until)));
-                            }
-                        }
-                    }
-                }
-                inner.armed = next;
                 if inner.driver.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
                     inner.driver = Some(cx.waker().clone());
                 }
-                next
+                // The runtime's clock (the sleep's): a paused test clock is followed too.
+                let now = tokio::time::Instant::now().into_std();
+                match inner.armed {
+                    Some(at) if at <= now => {
+                        inner.scans += 1;
+                        let mut next: Option<Instant> = None;
+                        for slot in &mut inner.slots {
+                            if let Slot::Used(e) = slot
+                                && !e.fired
+                            {
+                                if e.until <= now {
+                                    e.fired = true;
+                                    due.push(e.waker.clone());
+                                } else {
+                                    next = Some(next.map_or(e.until, |n| n.min(e.until)));
+                                }
+                            }
+                        }
+                        inner.armed = next.map(|n| n.max(now + TICK));
+                    }
+                    _ => {}
+                }
+                inner.armed
             };
             due.into_iter().for_each(Waker::wake);
-            let Some(at) = next else { return Poll::Pending };
-            self.sleep.as_mut().reset(at.into());
+            let Some(at) = target else { return Poll::Pending };
+            if self.sleep.deadline().into_std() != at {
+                self.sleep.as_mut().reset(at.into());
+            }
             if self.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
@@ -229,7 +247,6 @@ impl Drop for Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     /// One poll with a waker that does nothing (registers the deadline).
     fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
@@ -259,6 +276,23 @@ mod tests {
         assert!(short_at >= Duration::from_millis(30) && short_at < Duration::from_millis(300), "{short_at:?}");
         assert_eq!(long.await, Err(Elapsed));
         assert!(start.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn deadlines_passing_one_after_another_share_scans() {
+        // 40 deadlines 1 ms apart (a stalled service timing out request after request): every
+        // one fires, none before its instant, in a scan per TICK (5 ms) instead of one each.
+        let first = Instant::now() + Duration::from_millis(20);
+        let scans_before = SHARD.with(|s| s.lock().scans);
+        let waits = (0..40u32).map(|i| async move {
+            let until = first + Duration::from_millis(1) * i;
+            let fut = std::pin::pin!(std::future::pending::<()>());
+            assert_eq!(timeout_at(until, fut).await, Err(Elapsed));
+            assert!(Instant::now() >= until);
+        });
+        futures_util::future::join_all(waits).await;
+        let scans = SHARD.with(|s| s.lock().scans) - scans_before;
+        assert!(scans <= 14, "{scans} scans for 40 deadlines over 40 ms");
     }
 
     #[test]
