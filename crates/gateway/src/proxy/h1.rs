@@ -492,13 +492,15 @@ pub(crate) struct Spans {
     small: [[u32; 4]; 32],
     large: Vec<[u32; 4]>,
     len: usize,
+    /// What the names say for a request's handler ([`Seen`]; the head's size not yet noted).
+    pub(crate) seen: Seen,
 }
 
 impl Spans {
     /// The spans of `headers`, parsed out of `buf` (a head of at most 4 GiB).
     pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
         let base = buf.as_ptr() as usize;
-        let mut s = Self { small: [[0; 4]; 32], large: Vec::new(), len: headers.len() };
+        let mut s = Self { small: [[0; 4]; 32], large: Vec::new(), len: headers.len(), seen: Seen::NONE };
         let spans: &mut [[u32; 4]] = if headers.len() <= s.small.len() {
             &mut s.small[..headers.len()]
         } else {
@@ -509,6 +511,7 @@ impl Spans {
             let n = (h.name.as_ptr() as usize - base) as u32;
             let v = (h.value.as_ptr() as usize - base) as u32;
             *span = [n, n + h.name.len() as u32, v, v + h.value.len() as u32];
+            s.seen.note(h.name.as_bytes());
         }
         s
     }
@@ -516,17 +519,6 @@ impl Spans {
     /// How many headers.
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    /// Which of the names looked up on every request are among these ([`Seen`]).
-    pub(crate) fn seen(&self, head: &[u8]) -> Seen {
-        let spans = if self.len <= self.small.len() { &self.small[..self.len] } else { &self.large[..] };
-        let mut seen = Seen::NONE;
-        for &[n0, n1, _, _] in spans {
-            seen.note(&head[n0 as usize..n1 as usize]);
-        }
-        seen.note_size(head.len(), spans.len());
-        seen
     }
 
     /// The headers as names and values sharing `head` (the frozen buffer they came from).

@@ -584,7 +584,8 @@ fn parse_with(buf: &mut BytesMut, s: &Settings, slots: usize) -> Result<Option<H
     let t0 = target.as_ptr() as usize - base;
     let t1 = t0 + target.len();
     let spans = Spans::of(buf, req.headers);
-    let seen = spans.seen(&buf[..len]);
+    let mut seen = spans.seen;
+    seen.note_size(len, spans.len());
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(t0..t1)).map_err(|_| bad("invalid request target"))?;
 
