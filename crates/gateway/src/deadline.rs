@@ -149,6 +149,9 @@ impl Shard {
         if !inner.driven {
             inner.driven = true;
             inner.driver = None;
+            // Spawned outside the lock: a runtime that is shutting down drops the task at once,
+            // and the driver's drop takes the lock.
+            drop(inner);
             tokio::spawn(Driver { shard: self, sleep: Box::pin(tokio::time::sleep_until(until.into())) });
         } else if earlier && let Some(d) = inner.driver.take() {
             drop(inner);
@@ -305,6 +308,26 @@ mod tests {
                 assert_eq!(r, Err(Elapsed));
             });
         }
+    }
+
+    #[test]
+    fn a_runtime_shutting_down_does_not_deadlock_the_list() {
+        // A runtime that is shut down drops a spawned driver at once (its drop takes the lock).
+        // On a thread of its own, so a deadlock fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let handle = rt.handle().clone();
+            rt.shutdown_background();
+            let _guard = handle.enter();
+            let fut = std::pin::pin!(std::future::pending::<()>());
+            let mut t = std::pin::pin!(timeout_at(Instant::now() + Duration::from_secs(1), fut));
+            let pending = poll_once(&mut t).is_pending();
+            let _ = tx.send((pending, SHARD.with(|s| s.lock().driven)));
+        });
+        let (pending, driven) = rx.recv_timeout(Duration::from_secs(10)).expect("registering did not deadlock");
+        assert!(pending);
+        assert!(!driven, "the dropped driver marked the list driverless");
     }
 
     #[tokio::test]
