@@ -31,6 +31,13 @@ if idle:
     worst = max(float(idle.group(1)), float(idle.group(2)))
     check("gateway idle RSS", f"{worst:.1f} MiB", "≤ 12 MiB", worst <= 12)
 out = text + "\n\n## Against the targets\n\n| target | measured | limit | |\n|---|---|---|---|\n" + "\n".join(checks) + "\n"
+negative = [t for t in ("nginx", "gw-bare", "gw-full") if rows[t]["p99"] < d["p99"] or rows[t]["p999"] < d["p999"]]
+if negative:
+    out += (
+        f"\nIn this run the upstream's own tail at the fixed rate (p99 {d['p99']:.3f} ms, p99.9 {d['p999']:.3f} ms) was worse\n"
+        f"than that of a target going through it ({', '.join(negative)}): the host's noise, not a proxy that\n"
+        "subtracts latency. The added-latency rows above are not meaningful for this run.\n"
+    )
 if "nginx-min" in rows:
     m = rows["nginx-min"]
     out += (
