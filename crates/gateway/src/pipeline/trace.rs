@@ -111,12 +111,11 @@ pub struct Hop {
 /// a new trace when it sent no valid `traceparent` (its `tracestate` is then dropped).
 pub fn next_hop(h: &HeaderMap, seen: Seen) -> Hop {
     // Exactly one `traceparent` is continued; none or several start a new trace.
-    let parent = seen.may_have(Seen::TRACEPARENT).then(|| h.get_all(&TRACEPARENT).iter()).and_then(|mut all| {
-        match (all.next(), all.next()) {
-            (Some(v), None) => Some(v),
-            _ => None,
-        }
-    });
+    let mut all = seen.may_have(Seen::TRACEPARENT).then(|| h.get_all(&TRACEPARENT).iter()).into_iter().flatten();
+    let parent = match (all.next(), all.next()) {
+        (Some(v), None) => Some(v),
+        _ => None,
+    };
     let incoming = parent.and_then(|v| v.to_str().ok()).and_then(parse).map(|(t, f)| {
         let mut trace = [0u8; 32];
         trace.copy_from_slice(t.as_bytes());

@@ -192,6 +192,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
         assert_eq!(forwarded_for(&h, &peer, Seen::UNKNOWN), "1.1.1.1, 10.0.0.1");
+        assert_eq!(forwarded_for(&h, &peer, Seen::NONE), "10.0.0.1", "noted absent: not looked up");
         let mut seen = Seen::NONE;
         seen.note(b"X-Forwarded-For");
         assert_eq!(forwarded_for(&h, &peer, seen), "1.1.1.1, 10.0.0.1");
