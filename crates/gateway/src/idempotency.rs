@@ -55,10 +55,54 @@ pub enum Begin {
     Full,
 }
 
+impl Record {
+    fn expires_ms(&self) -> u64 {
+        match self {
+            Record::Pending { expires_ms, .. } | Record::Done { expires_ms, .. } => *expires_ms,
+        }
+    }
+}
+
 /// The idempotency store (memory, or Redis when `state.backend: redis`).
 pub struct IdempotencyStore {
-    mem: Mutex<HashMap<String, Record>>,
+    mem: Mutex<Memory>,
     redis: Option<Arc<RedisStore>>,
+}
+
+/// The in-memory records, and when purging them can next free a slot.
+#[derive(Default)]
+struct Memory {
+    records: HashMap<String, Record>,
+    /// No record expires before this (unix ms): while the store is full of live records, a new
+    /// key is refused without scanning them again until then. A full store scanned per request
+    /// would make each refusal cost a pass over `MAX_MEMORY_RECORDS` records under the lock.
+    next_purge_ms: u64,
+}
+
+impl Memory {
+    /// Whether a new record fits, after dropping the expired ones if any can have expired.
+    fn has_room(&mut self, now: u64) -> bool {
+        if self.records.len() < MAX_MEMORY_RECORDS {
+            return true;
+        }
+        if now >= self.next_purge_ms {
+            let mut earliest = u64::MAX;
+            self.records.retain(|_, r| {
+                let live = r.expires_ms() > now;
+                if live {
+                    earliest = earliest.min(r.expires_ms());
+                }
+                live
+            });
+            self.next_purge_ms = earliest;
+        }
+        self.records.len() < MAX_MEMORY_RECORDS
+    }
+
+    fn insert(&mut self, key: String, record: Record) {
+        self.next_purge_ms = self.next_purge_ms.min(record.expires_ms());
+        self.records.insert(key, record);
+    }
 }
 
 const BEGIN_LUA: &str = r#"
@@ -89,7 +133,7 @@ pub fn valid_key(v: &HeaderValue) -> bool {
 impl IdempotencyStore {
     /// A store; with `redis`, records live there and are shared by instances.
     pub fn new(redis: Option<Arc<RedisStore>>) -> Arc<Self> {
-        Arc::new(Self { mem: Mutex::new(HashMap::new()), redis })
+        Arc::new(Self { mem: Mutex::new(Memory::default()), redis })
     }
 
     fn key(scope: &str) -> String {
@@ -112,35 +156,24 @@ impl IdempotencyStore {
         }
         let now = crate::unix_ms();
         let mut m = self.mem.lock().expect("not poisoned");
-        if m.len() >= MAX_MEMORY_RECORDS {
-            m.retain(|_, r| match r {
-                Record::Pending { expires_ms, .. } | Record::Done { expires_ms, .. } => *expires_ms > now,
-            });
-            if m.len() >= MAX_MEMORY_RECORDS {
-                return Begin::Full;
-            }
-        }
         let k = Self::key(scope);
-        match m.get(&k) {
+        // A known key is answered even when the store is full: only a new record needs room.
+        let known = match m.records.get(&k) {
             Some(Record::Pending { hash: h, expires_ms }) if *expires_ms > now => {
-                if *h == hash {
-                    Begin::InFlight
-                } else {
-                    Begin::Mismatch
-                }
+                return if *h == hash { Begin::InFlight } else { Begin::Mismatch };
             }
             Some(Record::Done { hash: h, expires_ms, resp }) if *expires_ms > now => {
-                if *h == hash {
-                    Begin::Replay(resp.clone())
-                } else {
-                    Begin::Mismatch
-                }
+                return if *h == hash { Begin::Replay(resp.clone()) } else { Begin::Mismatch };
             }
-            _ => {
-                m.insert(k, Record::Pending { hash, expires_ms: now + inflight_ms });
-                Begin::First
-            }
+            // Expired: replaced in place.
+            Some(_) => true,
+            None => false,
+        };
+        if !known && !m.has_room(now) {
+            return Begin::Full;
         }
+        m.insert(k, Record::Pending { hash, expires_ms: now + inflight_ms });
+        Begin::First
     }
 
     /// Replaces the in-flight marker with the final response. Returns false when the store
@@ -169,7 +202,7 @@ impl IdempotencyStore {
                 redis.run(|mut c| async move { redis::cmd("DEL").arg(k).query_async(&mut c).await }).await;
             return;
         }
-        self.mem.lock().expect("not poisoned").remove(scope);
+        self.mem.lock().expect("not poisoned").records.remove(scope);
     }
 }
 
@@ -246,6 +279,31 @@ mod tests {
         }
         s.release("k").await;
         assert!(matches!(s.begin("k", h, 10_000).await, Begin::First));
+    }
+
+    #[tokio::test]
+    async fn a_full_store_refuses_new_keys_only_and_purges_when_a_record_can_have_expired() {
+        let s = IdempotencyStore::new(None);
+        let h = body_hash(b"{}");
+        assert!(matches!(s.begin("short", h, 1).await, Begin::First));
+        for i in 1..MAX_MEMORY_RECORDS {
+            assert!(matches!(s.begin(&format!("k{i}"), h, 60_000).await, Begin::First));
+        }
+        // Full: a known key is still answered, a new one refused.
+        assert!(matches!(s.begin("k1", h, 60_000).await, Begin::InFlight));
+        let until = crate::unix_ms() + 2;
+        while crate::unix_ms() < until {
+            tokio::task::yield_now().await;
+        }
+        // "short" has expired: the purge frees its slot and learns when the next one can.
+        assert!(matches!(s.begin("new-1", h, 60_000).await, Begin::First));
+        let next = s.mem.lock().unwrap().next_purge_ms;
+        assert!(next > crate::unix_ms() + 50_000, "next purge at the earliest live expiry");
+        assert!(matches!(s.begin("new-2", h, 60_000).await, Begin::Full));
+        assert_eq!(s.mem.lock().unwrap().records.len(), MAX_MEMORY_RECORDS);
+        // A release makes room at once.
+        s.release("k1").await;
+        assert!(matches!(s.begin("new-2", h, 60_000).await, Begin::First));
     }
 
     #[test]
