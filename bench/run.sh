@@ -2,8 +2,9 @@
 # b25-gateway load benchmark: direct upstream, nginx, HAProxy and three gateway setups,
 # loaded the same way in ONE run on loopback, results in bench/RESULTS.md.
 #
-#   bench/run.sh            # full run (≈ 7 minutes after the release build)
+#   bench/run.sh            # full run (≈ 13 minutes after the release and PGO builds)
 #   ROUNDS=1 DURATION=5s bench/run.sh   # quick look
+#   PGO=0 bench/run.sh      # the plain release build of the gateway instead of the PGO one
 #
 # Installs what it needs (wrk, nginx, haproxy from Debian; oha with cargo), binds only to
 # 127.0.0.1, and stops every process it started by PID.
@@ -37,6 +38,13 @@ fi
 command -v oha >/dev/null || cargo install oha --locked
 echo "building release binaries…"
 cargo build --release -q -p b25-gateway -p b25-sim
+# The gateway measured is the profile-guided build the container image ships
+# (scripts/build-pgo.sh, ≈ 8 minutes more); PGO=0 measures the plain release build instead.
+if [ "${PGO:-1}" = 1 ]; then
+  GW=target/pgo/b25-gateway; scripts/build-pgo.sh "$GW"; GW_BUILD="profile-guided (scripts/build-pgo.sh)"
+else
+  GW=target/release/b25-gateway; GW_BUILD="plain release (PGO=0)"
+fi
 
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
@@ -128,10 +136,10 @@ GB=$(free_port); GF=$(free_port); GC=$(free_port)
 gw_config gw-bare "$GB" "" "public: true" false
 gw_config gw-full "$GF" "rate_limits: { per_principal: { rate: 10000000, burst: 10000000 } }" "roles: [viewer]" true
 gw_config gw-cache "$GC" "" "public: true, cache: { ttl: 1h, scope: public }" false
-./target/release/b25-gateway run "$WORK/gw-bare.yaml" >"$WORK/gw-bare.log" 2>&1 & PIDS+=($!); GB_PID=$!
+"$GW" run "$WORK/gw-bare.yaml" >"$WORK/gw-bare.log" 2>&1 & PIDS+=($!); GB_PID=$!
 # Appended (O_APPEND), so the file can be emptied after each count (see access_lines).
-./target/release/b25-gateway run "$WORK/gw-full.yaml" >>"$LOGDIR/gw-full-access.log" 2>&1 & PIDS+=($!); GF_PID=$!
-./target/release/b25-gateway run "$WORK/gw-cache.yaml" >"$WORK/gw-cache.log" 2>&1 & PIDS+=($!); GC_PID=$!
+"$GW" run "$WORK/gw-full.yaml" >>"$LOGDIR/gw-full-access.log" 2>&1 & PIDS+=($!); GF_PID=$!
+"$GW" run "$WORK/gw-cache.yaml" >"$WORK/gw-cache.log" 2>&1 & PIDS+=($!); GC_PID=$!
 for p in "$NG" "$NM" "$HA" "$GB" "$GF" "$GC"; do wait_port "$p"; done
 idle_mib() { python3 -c "print(f'{$(awk '/VmRSS/{print $2}' "/proc/$1/status")/1024:.1f}')"; }
 IDLE_BARE=$(idle_mib "$GB_PID"); IDLE_FULL=$(idle_mib "$GF_PID")
@@ -214,7 +222,7 @@ NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
   echo
   echo "Run on $(date -u +%Y-%m-%dT%H:%MZ) on this machine ($(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo)); load generator on the same cores."
   echo "wrk -t2 -c$CONNS -d$DURATION, $ROUNDS rounds, order rotated, median (min–max); latency: oha at $RATE req/s for $RATE_DURATION with latency correction."
-  echo "Versions: $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR==1{print $3}'), b25-gateway $(./target/release/b25-gateway --version | awk '{print $2}'), wrk $(wrk -v 2>&1 | awk 'NR==1{print $2}'), $(oha --version)."
+  echo "Versions: $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR==1{print $3}'), b25-gateway $("$GW" --version | awk '{print $2}'), wrk $(wrk -v 2>&1 | awk 'NR==1{print $2}'), $(oha --version). b25-gateway build: $GW_BUILD."
   echo
   echo "| target | req/s | × nginx | CPU µs/req | × nginx | p50 ms | p99 ms | p99.9 ms | peak RSS MiB |"
   echo "|---|---|---|---|---|---|---|---|---|"
