@@ -41,9 +41,9 @@ TOKEN=$(python3 bench/token.py "$SECRET" "$ROLE")
 URL_PATH="/api/v1/market/ticker/BTCUSDT"; ROUTE_PATH="/api/v1/market/ticker/{s}"; SVC=$UP; METHODS="[GET]"; SCRIPT=""
 if [ "$MODE" = order ]; then
   TOP="rate_limits: { per_principal: { rate: 10000000, burst: 10000000 } }"; LOG=true
-  ROUTE="roles: [operator], idempotency: { required: true, ttl: 5s }, json: true, content_types: [application/json]"
+  ROUTE="roles: [operator], idempotency: { required: true, ttl: 2s }, json: true, content_types: [application/json]"
   HDR="Authorization: Bearer $TOKEN"; URL_PATH="/api/v1/orders"; ROUTE_PATH=$URL_PATH; SVC=$((UP + 1)); METHODS="[POST]"
-  # Records live 5 s: at this rate a longer TTL fills the in-memory store (200 000 live records;
+  # Records live 2 s: at this rate a longer TTL fills the in-memory store (200 000 live records;
   # beyond, new keys are refused, fail closed).
   # A new key per request (wrk's threads have a Lua state each: the thread's own table tells them apart).
   SCRIPT=$WORK/order.lua
@@ -101,7 +101,7 @@ for r in $(seq 1 "$ROUNDS"); do
     c1=$(cpu_ticks "${PID[$k]}")
     reqs=$(echo "$out" | awk '/requests in/{print $1}')
     rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
-    ups=$(ss -Htn state established "( dport = :$UP )" | wc -l)
+    ups=$(ss -Htn state established "( dport = :$SVC )" | wc -l)
     rss=$(awk '/VmHWM/{print $2}' "/proc/${PID[$k]}/status")
     printf "round %d  %-40s %10s req/s  %5.1f µs/req  peak %5.1f MiB  upstream conns now %s\n" "$r" "${!k}" "$rps" \
       "$(python3 -c "print(($c1-$c0)/$HZ/$reqs*1e6)")" "$(python3 -c "print($rss/1024)")" "$ups"
