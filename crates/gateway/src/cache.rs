@@ -278,7 +278,7 @@ impl ResponseCache {
             .flat_map(|v| v.split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
             .map(|n| {
-                let v = req_headers.get(&n).cloned();
+                let v = req_headers.get(&n).map(crate::proxy::headers::detached);
                 (n, v)
             })
             .collect();
@@ -294,7 +294,7 @@ impl ResponseCache {
                         | &header::AGE
                 ) && n.as_str() != "x-request-id"
             })
-            .map(|(n, v)| (n.clone(), v.clone()))
+            .map(|(n, v)| (n.clone(), crate::proxy::headers::detached(v)))
             .collect();
         let e = Arc::new(Entry {
             status,
@@ -420,4 +420,39 @@ fn decode(raw: &[u8]) -> Option<Entry> {
 /// Counts a cache outcome.
 pub fn count(metrics: &Metrics, route: &Arc<str>, outcome: &'static str) {
     metrics.cache(route, outcome);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CacheConfig, CacheStoreConfig, HumanDuration};
+
+    fn within(v: &HeaderValue, buf: &Bytes) -> bool {
+        buf.as_ptr_range().contains(&v.as_bytes().as_ptr())
+    }
+
+    #[tokio::test]
+    async fn an_entry_does_not_keep_the_connection_buffers_its_headers_came_from() {
+        // As the HTTP/1.1 legs parse them: values are slices of the connection's read buffer.
+        let upstream = Bytes::from(vec![b'a'; 8192]);
+        let client = Bytes::from(vec![b'b'; 8192]);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_maybe_shared(upstream.slice(0..16)).unwrap());
+        headers.insert(header::VARY, HeaderValue::from_static("accept"));
+        let mut req_headers = HeaderMap::new();
+        req_headers.insert(header::ACCEPT, HeaderValue::from_maybe_shared(client.slice(0..8)).unwrap());
+        assert!(within(&headers[header::CONTENT_TYPE], &upstream) && within(&req_headers[header::ACCEPT], &client));
+
+        let cache = ResponseCache::new(&CacheStoreConfig::default(), None);
+        let cfg = CacheConfig { ttl: HumanDuration::from_secs(60), scope: CacheScope::Public, statuses: vec![200] };
+        let req = request(&Arc::from("r"), &cfg, &http::Method::GET, "/x", None, None, &req_headers);
+        let e = cache.store(&req, 200, &headers, &req_headers, Bytes::from_static(b"{}")).await;
+
+        let (_, ct) = e.headers.iter().find(|(n, _)| *n == header::CONTENT_TYPE).expect("kept");
+        assert_eq!(ct.as_bytes(), &[b'a'; 16]);
+        assert!(!within(ct, &upstream), "the entry's header value is a copy");
+        let accept = e.vary.iter().find_map(|(n, v)| (*n == header::ACCEPT).then_some(v.as_ref())).flatten();
+        assert_eq!(accept.map(HeaderValue::as_bytes), Some(&[b'b'; 8][..]));
+        assert!(!within(accept.unwrap(), &client), "the vary value is a copy");
+    }
 }

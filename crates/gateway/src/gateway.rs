@@ -689,7 +689,7 @@ async fn serve(
             .headers
             .iter()
             .filter(|(n, _)| *n != header::DATE && *n != header::SET_COOKIE && n.as_str() != "x-request-id")
-            .map(|(n, v)| (n.clone(), v.clone()))
+            .map(|(n, v)| (n.clone(), headers::detached(v)))
             .collect();
         let stored = Stored { status: status.as_u16(), headers: kept, body: bytes.clone() };
         shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;

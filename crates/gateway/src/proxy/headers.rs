@@ -145,9 +145,31 @@ pub fn set_forwarded(h: &mut HeaderMap, peer: &HeaderValue, tls: bool, host: Opt
     }
 }
 
+/// A copy of `v` in an allocation of its own, for a value kept after its response: a cache
+/// entry, an idempotency record. Header values parsed by the HTTP/1.1 legs share their
+/// connection's read buffer (8 KiB allocations, `proxy::h1`), so a kept clone would hold the
+/// whole buffer alive: an order record or a small cache entry would cost 8 KiB or more instead
+/// of its size, outside the cache's byte budget.
+pub fn detached(v: &HeaderValue) -> HeaderValue {
+    let mut d = HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
+    d.set_sensitive(v.is_sensitive());
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_detached_value_is_a_copy_with_the_same_bytes_and_sensitivity() {
+        let buf = bytes::Bytes::from(vec![b'v'; 8192]);
+        let mut v = HeaderValue::from_maybe_shared(buf.slice(100..132)).unwrap();
+        v.set_sensitive(true);
+        let d = detached(&v);
+        assert_eq!(d.as_bytes(), v.as_bytes());
+        assert!(d.is_sensitive());
+        assert!(!buf.as_ptr_range().contains(&d.as_bytes().as_ptr()), "not a slice of the buffer");
+    }
 
     #[test]
     fn seen_notes_the_looked_up_names_in_any_case_and_nothing_else() {
