@@ -199,7 +199,7 @@ declare -A P50 P99 P999
 for t in "${TARGETS[@]}"; do
   j=$(oha -z "$RATE_DURATION" -q "$RATE" --latency-correction -c 32 --no-tui --output-format json \
         -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" 2>/dev/null || true)
-  read -r P50[$t] P99[$t] P999[$t] < <(echo "$j" | python3 -c 'import json,sys
+  read -r "P50[$t]" "P99[$t]" "P999[$t]" < <(echo "$j" | python3 -c 'import json,sys
 j=json.load(sys.stdin)
 codes=j.get("statusCodeDistribution", {})
 if set(codes) != {"200"}: sys.exit(f"bench: latency run saw statuses {codes}")
@@ -214,7 +214,10 @@ if [ "${ACCESS_LINES:-0}" -lt 1000 ]; then
   exit 1
 fi
 
+# $1 is a space-separated list of figures, split on purpose.
+# shellcheck disable=SC2086
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f'{statistics.median(v):.0f} ({min(v):.0f}–{max(v):.0f})')" $1; }
+# shellcheck disable=SC2086
 med() { python3 -c "import statistics,sys; print(statistics.median([float(x) for x in sys.argv[1:]]))" $1; }
 NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
 {

