@@ -44,7 +44,7 @@ rm -f "$RAW"/*.profraw
 
 echo "pgo: training" >&2
 for mode in bare full cache order; do
-  MODE=$mode ROUNDS=1 WARMUP=1s DURATION=3s SHM=0 bench/ab.sh "$PGO/gen/release/b25-gateway" >/dev/null
+  MODE=$mode ROUNDS=1 WARMUP=1s DURATION=3s SHM=0 bash bench/ab.sh "$PGO/gen/release/b25-gateway" >/dev/null
 done
 ls "$RAW"/*.profraw >/dev/null 2>&1 || { echo "pgo: the training wrote no profile" >&2; exit 1; }
 "$PROFDATA" merge -o "$PGO/merged.profdata" "$RAW"/*.profraw
