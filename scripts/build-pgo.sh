@@ -44,7 +44,10 @@ rm -f "$RAW"/*.profraw
 
 echo "pgo: training" >&2
 for mode in bare full cache order; do
-  MODE=$mode ROUNDS=1 WARMUP=1s DURATION=3s SHM=0 bash bench/ab.sh "$PGO/gen/release/b25-gateway" >/dev/null
+  # A mode that fails (wrk saw errors, a port was taken) still leaves the profile of what ran:
+  # the build goes on with it rather than failing the image's build.
+  MODE=$mode ROUNDS=1 WARMUP=1s DURATION=3s SHM=0 bash bench/ab.sh "$PGO/gen/release/b25-gateway" >/dev/null \
+    || echo "pgo: training mode $mode failed; its profile so far is kept" >&2
 done
 ls "$RAW"/*.profraw >/dev/null 2>&1 || { echo "pgo: the training wrote no profile" >&2; exit 1; }
 "$PROFDATA" merge -o "$PGO/merged.profdata" "$RAW"/*.profraw
