@@ -37,12 +37,15 @@ if ((${#need[@]})); then
 fi
 command -v oha >/dev/null || cargo install oha --locked
 echo "building release binaries…"
-cargo build --release -q -p b25-gateway -p b25-sim
+# b25-sim alone, as scripts/build-pgo.sh builds it (built together with the gateway, its
+# dependencies' features would differ and it would be built twice).
+cargo build --release --locked -q -p b25-sim
 # The gateway measured is the profile-guided build the container image ships
 # (scripts/build-pgo.sh, ≈ 8 minutes more); PGO=0 measures the plain release build instead.
 if [ "${PGO:-1}" = 1 ]; then
   GW=target/pgo/b25-gateway; scripts/build-pgo.sh "$GW"; GW_BUILD="profile-guided (scripts/build-pgo.sh)"
 else
+  cargo build --release --locked -q -p b25-gateway
   GW=target/release/b25-gateway; GW_BUILD="plain release (PGO=0)"
 fi
 

@@ -282,20 +282,7 @@ impl ResponseCache {
                 (n, v)
             })
             .collect();
-        let kept = headers
-            .iter()
-            .filter(|(n, _)| {
-                !matches!(
-                    *n,
-                    &header::DATE
-                        | &header::SET_COOKIE
-                        | &header::CONNECTION
-                        | &header::TRANSFER_ENCODING
-                        | &header::AGE
-                ) && n.as_str() != "x-request-id"
-            })
-            .map(|(n, v)| (n.clone(), crate::proxy::headers::detached(v)))
-            .collect();
+        let kept = crate::proxy::headers::kept_for_replay(headers);
         let e = Arc::new(Entry {
             status,
             headers: kept,

@@ -685,13 +685,8 @@ async fn serve(
                 return Err(e);
             }
         };
-        let kept: Vec<(HeaderName, HeaderValue)> = parts
-            .headers
-            .iter()
-            .filter(|(n, _)| *n != header::DATE && *n != header::SET_COOKIE && n.as_str() != "x-request-id")
-            .map(|(n, v)| (n.clone(), headers::detached(v)))
-            .collect();
-        let stored = Stored { status: status.as_u16(), headers: kept, body: bytes.clone() };
+        let stored =
+            Stored { status: status.as_u16(), headers: headers::kept_for_replay(&parts.headers), body: bytes.clone() };
         shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
         return Ok(Response::from_parts(parts, GatewayBody::full(bytes)));
     }

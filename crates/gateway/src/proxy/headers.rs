@@ -145,6 +145,21 @@ pub fn set_forwarded(h: &mut HeaderMap, peer: &HeaderValue, tls: bool, host: Opt
     }
 }
 
+/// The response headers a stored response replays (a cache entry, an idempotency record):
+/// not `Date` and `Age` (the replay's own), `Set-Cookie` (one client's), the request's
+/// `X-Request-Id`, or connection framing; each value a copy ([`detached`]).
+pub fn kept_for_replay(h: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    h.iter()
+        .filter(|(n, _)| {
+            !matches!(
+                *n,
+                &header::DATE | &header::AGE | &header::SET_COOKIE | &header::CONNECTION | &header::TRANSFER_ENCODING
+            ) && *n != crate::pipeline::request_id::X_REQUEST_ID
+        })
+        .map(|(n, v)| (n.clone(), detached(v)))
+        .collect()
+}
+
 /// A copy of `v` in an allocation of its own, for a value kept after its response: a cache
 /// entry, an idempotency record. Header values parsed by the HTTP/1.1 legs share their
 /// connection's read buffer (8 KiB allocations, `proxy::h1`), so a kept clone would hold the
