@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# jemalloc (the gateway's allocator) is built from source with make.
+command -v make >/dev/null 2>&1 || need_apt+=(make)
 # Rate-limit tests start their own redis-server processes (standalone and cluster).
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)

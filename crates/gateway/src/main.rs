@@ -9,6 +9,13 @@ use b25_gateway::server;
 use clap::{Parser, Subcommand};
 
 mod demo;
+
+/// jemalloc: the same CPU per request as glibc's allocator where a request allocates nothing
+/// (a proxied GET), 5–8 % less on order entry, where each request allocates its body and
+/// idempotency record, and a smaller heap there (bench/EXPERIMENTS.md, "Allocators again").
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
