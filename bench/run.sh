@@ -43,10 +43,10 @@ cargo build --release --locked -q -p b25-sim
 # The gateway measured is the profile-guided build the container image ships
 # (scripts/build-pgo.sh, ≈ 8 minutes more); PGO=0 measures the plain release build instead.
 if [ "${PGO:-1}" = 1 ]; then
-  GW=target/pgo/b25-gateway; scripts/build-pgo.sh "$GW"; GW_BUILD="profile-guided (scripts/build-pgo.sh)"
+  GW=target/pgo/b25-gateway; scripts/build-pgo.sh "$GW"; GW_BUILD="profile-guided (scripts/build-pgo.sh), jemalloc"
 else
   cargo build --release --locked -q -p b25-gateway
-  GW=target/release/b25-gateway; GW_BUILD="plain release (PGO=0)"
+  GW=target/release/b25-gateway; GW_BUILD="plain release (PGO=0), jemalloc"
 fi
 
 # shellcheck source=bench/lib.sh

@@ -14,7 +14,8 @@ use crate::ratelimit::redis::RedisStore;
 use aws_lc_rs::digest;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// Most records kept in memory; beyond it new keys are refused (fail closed) rather than
@@ -69,38 +70,66 @@ pub struct IdempotencyStore {
     redis: Option<Arc<RedisStore>>,
 }
 
-/// The in-memory records, and when purging them can next free a slot.
+/// The in-memory records, and when each expires.
 #[derive(Default)]
 struct Memory {
-    records: HashMap<String, Record>,
-    /// No record expires before this (unix ms): while the store is full of live records, a new
-    /// key is refused without scanning them again until then. A full store scanned per request
-    /// would make each refusal cost a pass over `MAX_MEMORY_RECORDS` records under the lock.
-    next_purge_ms: u64,
+    records: HashMap<Arc<str>, Record>,
+    /// Each written record's expiry, earliest first. An entry whose record has since been
+    /// replaced (in flight -> done) or released is dropped when it comes up; the record then
+    /// has an entry of its own (or none is needed).
+    expiry: BinaryHeap<Reverse<(u64, Arc<str>)>>,
 }
 
 impl Memory {
-    /// Whether a new record fits, after dropping the expired ones if any can have expired.
-    fn has_room(&mut self, now: u64) -> bool {
-        if self.records.len() < MAX_MEMORY_RECORDS {
-            return true;
+    /// Drops the records that have expired by `now`. Each write is looked at once, when its
+    /// expiry comes up: an expired record does not hold memory until the store fills, and a
+    /// request finds nothing to drop in one comparison.
+    fn purge(&mut self, now: u64) {
+        while self.expiry.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+            let Some(Reverse((_, key))) = self.expiry.pop() else { break };
+            if self.records.get(&key).is_some_and(|r| r.expires_ms() <= now) {
+                self.records.remove(&key);
+            }
         }
-        if now >= self.next_purge_ms {
-            let mut earliest = u64::MAX;
-            self.records.retain(|_, r| {
-                let live = r.expires_ms() > now;
-                if live {
-                    earliest = earliest.min(r.expires_ms());
-                }
-                live
-            });
-            self.next_purge_ms = earliest;
-        }
-        self.records.len() < MAX_MEMORY_RECORDS
     }
 
-    fn insert(&mut self, key: String, record: Record) {
-        self.next_purge_ms = self.next_purge_ms.min(record.expires_ms());
+    /// `IdempotencyStore::begin` in memory, at `now` (unix ms).
+    fn begin(&mut self, scope: &str, hash: [u8; 32], inflight_ms: u64, now: u64) -> Begin {
+        self.purge(now);
+        // A known key is answered even when the store is full: only a new record needs room.
+        match self.records.get(scope) {
+            Some(Record::Pending { hash: h, expires_ms }) if *expires_ms > now => {
+                return if *h == hash { Begin::InFlight } else { Begin::Mismatch };
+            }
+            Some(Record::Done { hash: h, expires_ms, resp }) if *expires_ms > now => {
+                return if *h == hash { Begin::Replay(resp.clone()) } else { Begin::Mismatch };
+            }
+            // Expired (normally dropped by the purge above already): replaced in place.
+            Some(_) => {}
+            None if self.records.len() >= MAX_MEMORY_RECORDS => return Begin::Full,
+            None => {}
+        }
+        self.insert(Arc::from(scope), Record::Pending { hash, expires_ms: now + inflight_ms });
+        Begin::First
+    }
+
+    /// `IdempotencyStore::complete` in memory, at `now` (unix ms).
+    fn complete(&mut self, scope: &str, hash: [u8; 32], resp: Stored, ttl_ms: u64, now: u64) {
+        self.insert(Arc::from(scope), Record::Done { hash, expires_ms: now + ttl_ms, resp: Arc::new(resp) });
+    }
+
+    fn release(&mut self, scope: &str) {
+        self.records.remove(scope);
+    }
+
+    fn insert(&mut self, key: Arc<str>, record: Record) {
+        // Entries of replaced or released records wait for their expiry in the heap; a key
+        // released and written again and again (upstream 5xx, client retries) must not grow
+        // it without bound: past twice the record cap it is rebuilt from the records.
+        if self.expiry.len() >= 2 * MAX_MEMORY_RECORDS {
+            self.expiry = self.records.iter().map(|(k, r)| Reverse((r.expires_ms(), k.clone()))).collect();
+        }
+        self.expiry.push(Reverse((record.expires_ms(), key.clone())));
         self.records.insert(key, record);
     }
 }
@@ -136,10 +165,6 @@ impl IdempotencyStore {
         Arc::new(Self { mem: Mutex::new(Memory::default()), redis })
     }
 
-    fn key(scope: &str) -> String {
-        scope.to_string()
-    }
-
     /// Atomically checks the record for `scope` and marks it in flight if absent.
     pub async fn begin(&self, scope: &str, hash: [u8; 32], inflight_ms: u64) -> Begin {
         if let Some(redis) = &self.redis {
@@ -154,26 +179,7 @@ impl IdempotencyStore {
             };
             return decode_begin(&v, &hash);
         }
-        let now = crate::unix_ms();
-        let mut m = self.mem.lock().expect("not poisoned");
-        let k = Self::key(scope);
-        // A known key is answered even when the store is full: only a new record needs room.
-        let known = match m.records.get(&k) {
-            Some(Record::Pending { hash: h, expires_ms }) if *expires_ms > now => {
-                return if *h == hash { Begin::InFlight } else { Begin::Mismatch };
-            }
-            Some(Record::Done { hash: h, expires_ms, resp }) if *expires_ms > now => {
-                return if *h == hash { Begin::Replay(resp.clone()) } else { Begin::Mismatch };
-            }
-            // Expired: replaced in place.
-            Some(_) => true,
-            None => false,
-        };
-        if !known && !m.has_room(now) {
-            return Begin::Full;
-        }
-        m.insert(k, Record::Pending { hash, expires_ms: now + inflight_ms });
-        Begin::First
+        self.mem.lock().expect("not poisoned").begin(scope, hash, inflight_ms, crate::unix_ms())
     }
 
     /// Replaces the in-flight marker with the final response. Returns false when the store
@@ -189,8 +195,7 @@ impl IdempotencyStore {
                 .await
                 .is_some();
         }
-        let mut m = self.mem.lock().expect("not poisoned");
-        m.insert(Self::key(scope), Record::Done { hash, expires_ms: crate::unix_ms() + ttl_ms, resp: Arc::new(resp) });
+        self.mem.lock().expect("not poisoned").complete(scope, hash, resp, ttl_ms, crate::unix_ms());
         true
     }
 
@@ -202,7 +207,7 @@ impl IdempotencyStore {
                 redis.run(|mut c| async move { redis::cmd("DEL").arg(k).query_async(&mut c).await }).await;
             return;
         }
-        self.mem.lock().expect("not poisoned").records.remove(scope);
+        self.mem.lock().expect("not poisoned").release(scope);
     }
 }
 
@@ -281,29 +286,52 @@ mod tests {
         assert!(matches!(s.begin("k", h, 10_000).await, Begin::First));
     }
 
-    #[tokio::test]
-    async fn a_full_store_refuses_new_keys_only_and_purges_when_a_record_can_have_expired() {
-        let s = IdempotencyStore::new(None);
-        let h = body_hash(b"{}");
-        assert!(matches!(s.begin("short", h, 1).await, Begin::First));
+    #[test]
+    fn a_full_store_refuses_new_keys_only_until_a_record_expires() {
+        let mut m = Memory::default();
+        let (h, t) = (body_hash(b"{}"), 1_000_000);
+        assert!(matches!(m.begin("short", h, 1, t), Begin::First));
         for i in 1..MAX_MEMORY_RECORDS {
-            assert!(matches!(s.begin(&format!("k{i}"), h, 60_000).await, Begin::First));
+            assert!(matches!(m.begin(&format!("k{i}"), h, 60_000, t), Begin::First));
         }
         // Full: a known key is still answered, a new one refused.
-        assert!(matches!(s.begin("k1", h, 60_000).await, Begin::InFlight));
-        let until = crate::unix_ms() + 2;
-        while crate::unix_ms() < until {
-            tokio::task::yield_now().await;
-        }
-        // "short" has expired: the purge frees its slot and learns when the next one can.
-        assert!(matches!(s.begin("new-1", h, 60_000).await, Begin::First));
-        let next = s.mem.lock().unwrap().next_purge_ms;
-        assert!(next > crate::unix_ms() + 50_000, "next purge at the earliest live expiry");
-        assert!(matches!(s.begin("new-2", h, 60_000).await, Begin::Full));
-        assert_eq!(s.mem.lock().unwrap().records.len(), MAX_MEMORY_RECORDS);
+        assert!(matches!(m.begin("k1", h, 60_000, t), Begin::InFlight));
+        assert!(matches!(m.begin("new-0", h, 60_000, t), Begin::Full));
+        // A millisecond later "short" has expired: its slot is free again.
+        assert!(matches!(m.begin("new-1", h, 60_000, t + 1), Begin::First));
+        assert!(matches!(m.begin("new-2", h, 60_000, t + 1), Begin::Full));
+        assert_eq!(m.records.len(), MAX_MEMORY_RECORDS);
         // A release makes room at once.
-        s.release("k1").await;
-        assert!(matches!(s.begin("new-2", h, 60_000).await, Begin::First));
+        m.release("k1");
+        assert!(matches!(m.begin("new-2", h, 60_000, t + 1), Begin::First));
+    }
+
+    #[test]
+    fn expired_records_are_dropped_before_the_store_fills() {
+        let mut m = Memory::default();
+        let (h, t) = (body_hash(b"{}"), 1_000_000);
+        for i in 0..1000 {
+            assert!(matches!(m.begin(&format!("k{i}"), h, 1 + i % 7, t), Begin::First));
+        }
+        // A completed record has two writes behind it (in flight, then done).
+        m.complete("k0", h, Stored { status: 201, headers: vec![], body: Bytes::from_static(b"ok") }, 9, t + 1);
+        assert!(matches!(m.begin("k0", h, 60_000, t + 9), Begin::Replay(_)));
+        assert_eq!(m.records.len(), 1, "every record but the completed one has expired");
+        assert!(matches!(m.begin("live", h, 60_000, t + 10), Begin::First));
+        assert_eq!(m.records.len(), 1, "only the live record is kept");
+        assert_eq!(m.expiry.len(), 1, "and only its expiry");
+    }
+
+    #[test]
+    fn a_key_released_and_written_again_does_not_grow_the_expiry_heap_without_bound() {
+        let mut m = Memory::default();
+        let (h, t) = (body_hash(b"{}"), 1_000_000);
+        for _ in 0..2 * MAX_MEMORY_RECORDS + 10 {
+            assert!(matches!(m.begin("k", h, 60_000, t), Begin::First));
+            m.release("k");
+        }
+        assert!(m.expiry.len() <= 2 * MAX_MEMORY_RECORDS, "{} entries", m.expiry.len());
+        assert!(m.records.is_empty());
     }
 
     #[test]
