@@ -14,8 +14,7 @@ use crate::ratelimit::redis::RedisStore;
 use aws_lc_rs::digest;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// Most records kept in memory; beyond it new keys are refused (fail closed) rather than
@@ -74,20 +73,18 @@ pub struct IdempotencyStore {
 #[derive(Default)]
 struct Memory {
     records: HashMap<Arc<str>, Record>,
-    /// Each written record's expiry, earliest first. An entry whose record has since been
-    /// replaced (in flight -> done) or released is dropped when it comes up; the record then
-    /// has an entry of its own (or none is needed).
-    expiry: BinaryHeap<Reverse<(u64, Arc<str>)>>,
+    /// (expiry, key) of every record, earliest first: one entry per record, moved when the
+    /// record is replaced (in flight -> done) and removed with it.
+    expiry: BTreeSet<(u64, Arc<str>)>,
 }
 
 impl Memory {
-    /// Drops the records that have expired by `now`. Each write is looked at once, when its
-    /// expiry comes up: an expired record does not hold memory until the store fills, and a
-    /// request finds nothing to drop in one comparison.
+    /// Drops the records that have expired by `now`. A record is dropped when its expiry comes
+    /// up, not when the store fills: memory follows the live records. With nothing to drop this
+    /// is one look at the earliest expiry.
     fn purge(&mut self, now: u64) {
-        while self.expiry.peek().is_some_and(|Reverse((at, _))| *at <= now) {
-            let Some(Reverse((_, key))) = self.expiry.pop() else { break };
-            if self.records.get(&key).is_some_and(|r| r.expires_ms() <= now) {
+        while self.expiry.first().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, key)) = self.expiry.pop_first() {
                 self.records.remove(&key);
             }
         }
@@ -109,27 +106,32 @@ impl Memory {
             None if self.records.len() >= MAX_MEMORY_RECORDS => return Begin::Full,
             None => {}
         }
-        self.insert(Arc::from(scope), Record::Pending { hash, expires_ms: now + inflight_ms });
+        self.insert(scope, Record::Pending { hash, expires_ms: now + inflight_ms });
         Begin::First
     }
 
     /// `IdempotencyStore::complete` in memory, at `now` (unix ms).
     fn complete(&mut self, scope: &str, hash: [u8; 32], resp: Stored, ttl_ms: u64, now: u64) {
-        self.insert(Arc::from(scope), Record::Done { hash, expires_ms: now + ttl_ms, resp: Arc::new(resp) });
+        self.insert(scope, Record::Done { hash, expires_ms: now + ttl_ms, resp: Arc::new(resp) });
     }
 
     fn release(&mut self, scope: &str) {
-        self.records.remove(scope);
+        if let Some((key, r)) = self.records.remove_entry(scope) {
+            self.expiry.remove(&(r.expires_ms(), key));
+        }
     }
 
-    fn insert(&mut self, key: Arc<str>, record: Record) {
-        // Entries of replaced or released records wait for their expiry in the heap; a key
-        // released and written again and again (upstream 5xx, client retries) must not grow
-        // it without bound: past twice the record cap it is rebuilt from the records.
-        if self.expiry.len() >= 2 * MAX_MEMORY_RECORDS {
-            self.expiry = self.records.iter().map(|(k, r)| Reverse((r.expires_ms(), k.clone()))).collect();
-        }
-        self.expiry.push(Reverse((record.expires_ms(), key.clone())));
+    /// Writes the record of `scope`, replacing the one it has.
+    fn insert(&mut self, scope: &str, record: Record) {
+        let key = match self.records.get_key_value(scope) {
+            Some((k, old)) => {
+                let k = k.clone();
+                self.expiry.remove(&(old.expires_ms(), k.clone()));
+                k
+            }
+            None => Arc::from(scope),
+        };
+        self.expiry.insert((record.expires_ms(), key.clone()));
         self.records.insert(key, record);
     }
 }
@@ -323,15 +325,17 @@ mod tests {
     }
 
     #[test]
-    fn a_key_released_and_written_again_does_not_grow_the_expiry_heap_without_bound() {
+    fn the_expiry_index_holds_one_entry_per_record() {
         let mut m = Memory::default();
         let (h, t) = (body_hash(b"{}"), 1_000_000);
-        for _ in 0..2 * MAX_MEMORY_RECORDS + 10 {
+        for _ in 0..3 {
             assert!(matches!(m.begin("k", h, 60_000, t), Begin::First));
+            m.complete("k", h, Stored { status: 201, headers: vec![], body: Bytes::new() }, 1_000, t);
+            assert_eq!((m.records.len(), m.expiry.len()), (1, 1), "the done record replaced the in-flight one");
+            assert_eq!(m.expiry.first().map(|(at, _)| *at), Some(t + 1_000));
             m.release("k");
+            assert_eq!((m.records.len(), m.expiry.len()), (0, 0));
         }
-        assert!(m.expiry.len() <= 2 * MAX_MEMORY_RECORDS, "{} entries", m.expiry.len());
-        assert!(m.records.is_empty());
     }
 
     #[test]
