@@ -13,7 +13,7 @@
 #
 # The workspace's crates are rebuilt with each new profile; dependencies keep the profile of their
 # first build in target/pgo/use (their code does not change between runs): PGO_CLEAN=1 rebuilds
-# them too. Installs what it needs when missing (apt-get, as root): llvm-<N>, wrk, curl, python3,
+# them too. Installs what it needs when missing (apt-get, as root): llvm-<N>, wrk, curl, python3, make (jemalloc),
 # iproute2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ LLVM=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 PROFDATA=/usr/lib/llvm-$LLVM/bin/llvm-profdata
 need=()
 [ -x "$PROFDATA" ] || need+=("llvm-$LLVM")
-for tool in wrk curl python3; do command -v "$tool" >/dev/null || need+=("$tool"); done
+for tool in wrk curl python3 make; do command -v "$tool" >/dev/null || need+=("$tool"); done
 command -v ss >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
