@@ -201,6 +201,11 @@ impl IdempotencyStore {
         true
     }
 
+    /// Records held in memory (`/admin/stats`); `None` with the Redis backend.
+    pub fn memory_records(&self) -> Option<usize> {
+        self.redis.is_none().then(|| self.mem.lock().expect("not poisoned").records.len())
+    }
+
     /// Forgets the record (an upstream 5xx: the client may retry).
     pub async fn release(&self, scope: &str) {
         if let Some(redis) = &self.redis {

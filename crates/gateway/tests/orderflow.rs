@@ -168,6 +168,10 @@ async fn idempotency_replays_conflicts_and_mismatches() {
     let other = who("trader-2");
     let refs = [("authorization", other.as_str()), ("content-type", "application/json"), ("idempotency-key", "k-1")];
     assert_eq!(send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("c3")).await.status, 201);
+    // Three keys are held: k-1 and k-2 of trader-1, k-1 of trader-2.
+    let stats = get(gw.handle.admin_addr().unwrap(), "/admin/stats").await;
+    let stats: serde_json::Value = serde_json::from_slice(&stats.body).unwrap();
+    assert_eq!(stats["idempotency_records"], 3, "{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

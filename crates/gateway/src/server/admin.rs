@@ -148,6 +148,7 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> Result<Response<Gatew
                 serde_json::json!({
                     "rate_limit_keys_tracked": snap.ratelimit.tracked_keys(),
                     "cache_bytes": shared.cache.weight(),
+                    "idempotency_records": shared.idempotency.memory_records(),
                     "websocket_connections": shared.ws.active(),
                     "redis": shared.redis.as_ref().map(|r| if r.is_down() { "down" } else { "up" }),
                     "trading_halt": shared.halt.info(),
