@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 /// Most records kept in memory; beyond it new keys are refused (fail closed) rather than
 /// evicting records that still protect orders.
 pub const MAX_MEMORY_RECORDS: usize = 200_000;
+/// Most expired records a keyed request drops (more only when the store is full).
+const PURGE_STEP: usize = 64;
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_KEY_LEN: usize = 255;
 
@@ -79,11 +81,16 @@ struct Memory {
 }
 
 impl Memory {
-    /// Drops the records that have expired by `now`. A record is dropped when its expiry comes
-    /// up, not when the store fills: memory follows the live records. With nothing to drop this
-    /// is one look at the earliest expiry.
-    fn purge(&mut self, now: u64) {
-        while self.expiry.first().is_some_and(|(at, _)| *at <= now) {
+    /// Drops up to `limit` of the records that have expired by `now`, earliest first. A record
+    /// is dropped when its expiry comes up, not when the store fills: memory follows the live
+    /// records. With nothing to drop this is one look at the earliest expiry; the limit keeps
+    /// a request that comes after a burst has expired from dropping the whole burst under the
+    /// lock (each keyed request drops a few).
+    fn purge(&mut self, now: u64, limit: usize) {
+        for _ in 0..limit {
+            if self.expiry.first().is_none_or(|(at, _)| *at > now) {
+                return;
+            }
             if let Some((_, key)) = self.expiry.pop_first() {
                 self.records.remove(&key);
             }
@@ -92,7 +99,7 @@ impl Memory {
 
     /// `IdempotencyStore::begin` in memory, at `now` (unix ms).
     fn begin(&mut self, scope: &str, hash: [u8; 32], inflight_ms: u64, now: u64) -> Begin {
-        self.purge(now);
+        self.purge(now, PURGE_STEP);
         // A known key is answered even when the store is full: only a new record needs room.
         match self.records.get(scope) {
             Some(Record::Pending { hash: h, expires_ms }) if *expires_ms > now => {
@@ -101,9 +108,15 @@ impl Memory {
             Some(Record::Done { hash: h, expires_ms, resp }) if *expires_ms > now => {
                 return if *h == hash { Begin::Replay(resp.clone()) } else { Begin::Mismatch };
             }
-            // Expired (normally dropped by the purge above already): replaced in place.
+            // Expired, not dropped yet: replaced in place.
             Some(_) => {}
-            None if self.records.len() >= MAX_MEMORY_RECORDS => return Begin::Full,
+            None if self.records.len() >= MAX_MEMORY_RECORDS => {
+                // Full, perhaps of expired records the steps have not reached yet.
+                self.purge(now, usize::MAX);
+                if self.records.len() >= MAX_MEMORY_RECORDS {
+                    return Begin::Full;
+                }
+            }
             None => {}
         }
         self.insert(scope, Record::Pending { hash, expires_ms: now + inflight_ms });
@@ -317,7 +330,7 @@ mod tests {
     fn expired_records_are_dropped_before_the_store_fills() {
         let mut m = Memory::default();
         let (h, t) = (body_hash(b"{}"), 1_000_000);
-        for i in 0..1000 {
+        for i in 0..PURGE_STEP as u64 {
             assert!(matches!(m.begin(&format!("k{i}"), h, 1 + i % 7, t), Begin::First));
         }
         // A completed record has two writes behind it (in flight, then done).
@@ -327,6 +340,25 @@ mod tests {
         assert!(matches!(m.begin("live", h, 60_000, t + 10), Begin::First));
         assert_eq!(m.records.len(), 1, "only the live record is kept");
         assert_eq!(m.expiry.len(), 1, "and only its expiry");
+    }
+
+    #[test]
+    fn a_request_drops_a_bounded_number_of_expired_records() {
+        let mut m = Memory::default();
+        let (h, t) = (body_hash(b"{}"), 1_000_000);
+        for i in 0..1_000 {
+            assert!(matches!(m.begin(&format!("k{i}"), h, 1, t), Begin::First));
+        }
+        assert!(matches!(m.begin("next", h, 60_000, t + 1), Begin::First));
+        assert_eq!(m.records.len(), 1_000 - PURGE_STEP + 1, "one step of the burst dropped");
+        // An expired key not dropped yet is free again.
+        assert!(matches!(m.begin("k999", h, 60_000, t + 1), Begin::First));
+        assert_eq!(m.records.len(), m.expiry.len());
+        // Every keyed request drops its step: the burst is gone after a few.
+        for i in 0..20 {
+            m.begin(&format!("n{i}"), h, 60_000, t + 1);
+        }
+        assert_eq!(m.records.len(), 22, "the 22 live records");
     }
 
     #[test]
