@@ -109,7 +109,10 @@ impl Memory {
                 return if *h == hash { Begin::Replay(resp.clone()) } else { Begin::Mismatch };
             }
             // Expired, not dropped yet: replaced in place.
-            Some(_) => {}
+            Some(_) => {
+                self.insert(scope, Record::Pending { hash, expires_ms: now + inflight_ms });
+                return Begin::First;
+            }
             None if self.records.len() >= MAX_MEMORY_RECORDS => {
                 // Full, perhaps of expired records the steps have not reached yet.
                 self.purge(now, usize::MAX);
@@ -119,7 +122,8 @@ impl Memory {
             }
             None => {}
         }
-        self.insert(scope, Record::Pending { hash, expires_ms: now + inflight_ms });
+        // Known to be absent: no second lookup.
+        self.add(Arc::from(scope), Record::Pending { hash, expires_ms: now + inflight_ms });
         Begin::First
     }
 
@@ -144,6 +148,11 @@ impl Memory {
             }
             None => Arc::from(scope),
         };
+        self.add(key, record);
+    }
+
+    /// Writes a record under `key`, which has none (or whose index entry is gone).
+    fn add(&mut self, key: Arc<str>, record: Record) {
         self.expiry.insert((record.expires_ms(), key.clone()));
         self.records.insert(key, record);
     }
@@ -306,18 +315,24 @@ mod tests {
         assert!(matches!(s.begin("k", h, 10_000).await, Begin::First));
     }
 
+    /// Begins `n` keys `k0`, `k1`, … at `t`, key `i` in flight for `ttl(i)` ms.
+    fn begin_keys(m: &mut Memory, n: usize, t: u64, ttl: impl Fn(u64) -> u64) {
+        let h = body_hash(b"{}");
+        for i in 0..n as u64 {
+            assert!(matches!(m.begin(&format!("k{i}"), h, ttl(i), t), Begin::First));
+        }
+    }
+
     #[test]
     fn a_full_store_refuses_new_keys_only_until_a_record_expires() {
         let mut m = Memory::default();
         let (h, t) = (body_hash(b"{}"), 1_000_000);
-        assert!(matches!(m.begin("short", h, 1, t), Begin::First));
-        for i in 1..MAX_MEMORY_RECORDS {
-            assert!(matches!(m.begin(&format!("k{i}"), h, 60_000, t), Begin::First));
-        }
+        // k0 lives 1 ms, the others a minute.
+        begin_keys(&mut m, MAX_MEMORY_RECORDS, t, |i| if i == 0 { 1 } else { 60_000 });
         // Full: a known key is still answered, a new one refused.
         assert!(matches!(m.begin("k1", h, 60_000, t), Begin::InFlight));
         assert!(matches!(m.begin("new-0", h, 60_000, t), Begin::Full));
-        // A millisecond later "short" has expired: its slot is free again.
+        // A millisecond later k0 has expired: its slot is free again.
         assert!(matches!(m.begin("new-1", h, 60_000, t + 1), Begin::First));
         assert!(matches!(m.begin("new-2", h, 60_000, t + 1), Begin::Full));
         assert_eq!(m.records.len(), MAX_MEMORY_RECORDS);
@@ -330,9 +345,7 @@ mod tests {
     fn expired_records_are_dropped_before_the_store_fills() {
         let mut m = Memory::default();
         let (h, t) = (body_hash(b"{}"), 1_000_000);
-        for i in 0..PURGE_STEP as u64 {
-            assert!(matches!(m.begin(&format!("k{i}"), h, 1 + i % 7, t), Begin::First));
-        }
+        begin_keys(&mut m, PURGE_STEP, t, |i| 1 + i % 7);
         // A completed record has two writes behind it (in flight, then done).
         m.complete("k0", h, Stored { status: 201, headers: vec![], body: Bytes::from_static(b"ok") }, 9, t + 1);
         assert!(matches!(m.begin("k0", h, 60_000, t + 9), Begin::Replay(_)));
@@ -346,9 +359,7 @@ mod tests {
     fn a_request_drops_a_bounded_number_of_expired_records() {
         let mut m = Memory::default();
         let (h, t) = (body_hash(b"{}"), 1_000_000);
-        for i in 0..1_000 {
-            assert!(matches!(m.begin(&format!("k{i}"), h, 1, t), Begin::First));
-        }
+        begin_keys(&mut m, 1_000, t, |_| 1);
         assert!(matches!(m.begin("next", h, 60_000, t + 1), Begin::First));
         assert_eq!(m.records.len(), 1_000 - PURGE_STEP + 1, "one step of the burst dropped");
         // An expired key not dropped yet is free again.
