@@ -5,6 +5,7 @@
 #   bench/run.sh            # full run (≈ 13 minutes after the release and PGO builds)
 #   ROUNDS=1 DURATION=5s bench/run.sh   # quick look
 #   PGO=0 bench/run.sh      # the plain release build of the gateway instead of the PGO one
+#   GW_BIN=target/pgo/b25-gateway GW_BUILD="profile-guided, jemalloc" bench/run.sh   # no build
 #
 # Installs what it needs (wrk, nginx, haproxy from Debian; oha with cargo), binds only to
 # 127.0.0.1, and stops every process it started by PID.
@@ -16,6 +17,7 @@ DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 RATE=${RATE:-5000}
 RATE_DURATION=${RATE_DURATION:-10s}
+LAT_ROUNDS=${LAT_ROUNDS:-5}
 WORK=$(mktemp -d /tmp/b25-bench.XXXXXX)
 # gw-full's access log goes to a file in memory where there is one: written to disk, its
 # hundreds of MiB are flushed by kernel threads while the next targets are being measured.
@@ -42,7 +44,10 @@ echo "building release binaries…"
 cargo build --release --locked -q -p b25-sim
 # The gateway measured is the profile-guided build the container image ships
 # (scripts/build-pgo.sh, ≈ 8 minutes more); PGO=0 measures the plain release build instead.
-if [ "${PGO:-1}" = 1 ]; then
+if [ -n "${GW_BIN:-}" ]; then
+  # A binary built before (e.g. by scripts/build-pgo.sh), measured as it is.
+  GW=$GW_BIN; GW_BUILD=${GW_BUILD:-"$GW_BIN, built before the run"}
+elif [ "${PGO:-1}" = 1 ]; then
   GW=target/pgo/b25-gateway; scripts/build-pgo.sh "$GW"; GW_BUILD="profile-guided (scripts/build-pgo.sh), jemalloc"
 else
   cargo build --release --locked -q -p b25-gateway
@@ -153,17 +158,18 @@ TARGETS=(direct nginx nginx-min haproxy gw-bare gw-full gw-cache-hit)
 hdr() { [ "$1" = gw-full ] && echo "Authorization: Bearer $TOKEN" || echo "X-Bench: 1"; }
 
 # CPU seconds of a target: its process and children (nginx workers), from /proc.
+# With a second argument, only that field of /proc/PID/stat (15: system time).
 cpu_ticks() {
   local total=0 p
   for p in $1 $(pgrep -P "$1" || true); do
-    [ -r "/proc/$p/stat" ] && total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    [ -r "/proc/$p/stat" ] && total=$((total + $(awk -v f="${2:-0}" '{print f ? $f : $14 + $15}' "/proc/$p/stat")))
   done
   echo "$total"
 }
 rss_kib() { local m=0 p v; for p in $1 $(pgrep -P "$1" || true); do v=$(awk '/VmHWM/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0); m=$((m + v)); done; echo "$m"; }
 HZ=$(getconf CLK_TCK)
 
-declare -A RPS CPU OPENED STEADY
+declare -A RPS CPU SYS OPENED STEADY
 # gw-full's access lines so far; the file is then emptied (it would reach hundreds of MiB).
 ACCESS_LINES=0
 access_lines() {
@@ -177,14 +183,14 @@ for r in $(seq 1 "$ROUNDS"); do
   # Rotate the order each round so no target always runs first or last.
   order=("${TARGETS[@]:$(( (r - 1) % ${#TARGETS[@]} ))}" "${TARGETS[@]:0:$(( (r - 1) % ${#TARGETS[@]} ))}")
   for t in "${order[@]}"; do
-    c0=$(cpu_ticks "${PIDOF[$t]}"); o0=$(active_opens)
+    c0=$(cpu_ticks "${PIDOF[$t]}"); s0=$(cpu_ticks "${PIDOF[$t]}" 15); o0=$(active_opens)
     wrk -t2 -c"$CONNS" -d"$DURATION" -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" >"$WORK/wrk.out" & WRK=$!
     # After a second every client connection is open and the proxies' pools are warm: what
     # opens after that is opened under steady load.
     sleep 1; o_mid=$(active_opens)
     wait "$WRK"; out=$(cat "$WORK/wrk.out")
     wrk_clean "$out"
-    c1=$(cpu_ticks "${PIDOF[$t]}"); o1=$(active_opens)
+    c1=$(cpu_ticks "${PIDOF[$t]}"); s1=$(cpu_ticks "${PIDOF[$t]}" 15); o1=$(active_opens)
     OPENED[$t]="${OPENED[$t]:-} $((o1 - o0 - CONNS - 1))" # wrk opens one more than -c
     STEADY[$t]="${STEADY[$t]:-} $((o1 - o_mid))"
     [ "$t" != gw-full ] || access_lines
@@ -194,20 +200,29 @@ for r in $(seq 1 "$ROUNDS"); do
     [ -z "$non2xx" ] || echo "warning: $t had $non2xx non-2xx responses" >&2
     RPS[$t]="${RPS[$t]:-} $rps"
     CPU[$t]="${CPU[$t]:-} $(python3 -c "print(($c1-$c0)/$HZ/$reqs*1e6)")"
+    SYS[$t]="${SYS[$t]:-} $(python3 -c "print(($s1-$s0)/$HZ/$reqs*1e6)")"
     echo "round $r $t: $rps req/s"
   done
 done
 
+# Latency at a fixed rate: LAT_ROUNDS rounds, order rotated as above. A target's added latency
+# is taken within each round (its percentile minus direct's of the same round), then the median
+# over the rounds: one oha run's tail moves by tenths of a millisecond with the host.
 declare -A P50 P99 P999
-for t in "${TARGETS[@]}"; do
-  j=$(oha -z "$RATE_DURATION" -q "$RATE" --latency-correction -c 32 --no-tui --output-format json \
-        -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" 2>/dev/null || true)
-  read -r "P50[$t]" "P99[$t]" "P999[$t]" < <(echo "$j" | python3 -c 'import json,sys
+for r in $(seq 1 "$LAT_ROUNDS"); do
+  order=("${TARGETS[@]:$(( (r - 1) % ${#TARGETS[@]} ))}" "${TARGETS[@]:0:$(( (r - 1) % ${#TARGETS[@]} ))}")
+  for t in "${order[@]}"; do
+    j=$(oha -z "$RATE_DURATION" -q "$RATE" --latency-correction -c 32 --no-tui --output-format json \
+          -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" 2>/dev/null || true)
+    read -r p50 p99 p999 < <(echo "$j" | python3 -c 'import json,sys
 j=json.load(sys.stdin)
 codes=j.get("statusCodeDistribution", {})
 if set(codes) != {"200"}: sys.exit(f"bench: latency run saw statuses {codes}")
 d=j["latencyPercentiles"]
-print(*(f"{d[k]*1000:.3f}" for k in ("p50","p99","p99.9")))' || echo "- - -")
+print(*(f"{d[k]*1000:.3f}" for k in ("p50","p99","p99.9")))' || echo "nan nan nan")
+    P50[$t]="${P50[$t]:-} $p50"; P99[$t]="${P99[$t]:-} $p99"; P999[$t]="${P999[$t]:-} $p999"
+    echo "latency round $r $t: p50 $p50 p99 $p99 p99.9 $p999 ms"
+  done
 done
 
 # gw-full must really have written its access log (a filter once dropped every line).
@@ -222,12 +237,14 @@ fi
 median() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f'{statistics.median(v):.0f} ({min(v):.0f}–{max(v):.0f})')" $1; }
 # shellcheck disable=SC2086
 med() { python3 -c "import statistics,sys; print(statistics.median([float(x) for x in sys.argv[1:]]))" $1; }
+# shellcheck disable=SC2086
+med3() { python3 -c "import statistics,sys; print(f'{statistics.median([float(x) for x in sys.argv[1:]]):.3f}')" $1; }
 NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
 {
   echo "# Benchmark results"
   echo
   echo "Run on $(date -u +%Y-%m-%dT%H:%MZ) on this machine ($(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo)); load generator on the same cores."
-  echo "wrk -t2 -c$CONNS -d$DURATION, $ROUNDS rounds, order rotated, median (min–max); latency: oha at $RATE req/s for $RATE_DURATION with latency correction."
+  echo "wrk -t2 -c$CONNS -d$DURATION, $ROUNDS rounds, order rotated, median (min–max); latency: oha -c 32 at $RATE req/s for $RATE_DURATION with latency correction, $LAT_ROUNDS rounds, order rotated, median."
   echo "Versions: $(nginx -v 2>&1 | sed 's/.*: //'), HAProxy $(haproxy -v | awk 'NR==1{print $3}'), b25-gateway $("$GW" --version | awk '{print $2}'), wrk $(wrk -v 2>&1 | awk 'NR==1{print $2}'), $(oha --version). b25-gateway build: $GW_BUILD."
   echo
   echo "| target | req/s | × nginx | CPU µs/req | × nginx | p50 ms | p99 ms | p99.9 ms | peak RSS MiB |"
@@ -235,7 +252,7 @@ NG_RPS=$(med "${RPS[nginx]}"); NG_CPU=$(med "${CPU[nginx]}")
   for t in "${TARGETS[@]}"; do
     r=$(med "${RPS[$t]}"); c=$(med "${CPU[$t]}")
     printf "| %s | %s | %.2f | %.1f | %.2f | %s | %s | %s | %.1f |\n" "$t" "$(median "${RPS[$t]}")" \
-      "$(python3 -c "print($r/$NG_RPS)")" "$c" "$(python3 -c "print($c/$NG_CPU)")" "${P50[$t]}" "${P99[$t]}" "${P999[$t]}" \
+      "$(python3 -c "print($r/$NG_RPS)")" "$c" "$(python3 -c "print($c/$NG_CPU)")" "$(med3 "${P50[$t]}")" "$(med3 "${P99[$t]}")" "$(med3 "${P999[$t]}")" \
       "$(python3 -c "print($(rss_kib "${PIDOF[$t]}")/1024)")"
   done
   echo
@@ -253,6 +270,32 @@ def paired(a, b):
     r = [x / y for x, y in zip(a, b)]
     return f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})"
 print(f"| {sys.argv[5]} | {paired(rps, ng_rps)} | {paired(cpu, ng_cpu)} |")
+PY
+  done
+  echo
+  echo "CPU per request in user space and in the kernel (system time of the target's processes), µs, median over the rounds:"
+  echo
+  echo "| target | user | system |"
+  echo "|---|---|---|"
+  for t in "${TARGETS[@]}"; do
+    c=$(med "${CPU[$t]}"); k=$(med "${SYS[$t]}")
+    printf "| %s | %.1f | %.1f |\n" "$t" "$(python3 -c "print($c-$k)")" "$k"
+  done
+  echo
+  echo "Latency added to the upstream's own at $RATE req/s: within each latency round the target's"
+  echo "percentile minus direct's of the same round, median (min–max) over the $LAT_ROUNDS rounds, ms:"
+  echo
+  echo "| target | added p50 | added p99 | added p99.9 |"
+  echo "|---|---|---|---|"
+  for t in "${TARGETS[@]}"; do
+    [ "$t" != direct ] || continue
+    python3 - "${P50[$t]}" "${P50[direct]}" "${P99[$t]}" "${P99[direct]}" "${P999[$t]}" "${P999[direct]}" "$t" <<'PY'
+import statistics, sys
+a = [[float(x) for x in s.split()] for s in sys.argv[1:7]]
+def added(t, d):
+    v = [x - y for x, y in zip(t, d)]
+    return f"{statistics.median(v):.3f} ({min(v):.3f}–{max(v):.3f})"
+print(f"| {sys.argv[7]} | {added(a[0], a[1])} | {added(a[2], a[3])} | {added(a[4], a[5])} |")
 PY
   done
   echo

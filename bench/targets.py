@@ -10,18 +10,35 @@ for line in text.splitlines():
     if len(cells) == 9 and cells[0] in ("direct", "nginx", "nginx-min", "haproxy", "gw-bare", "gw-full", "gw-cache-hit"):
         num = lambda s: float(re.match(r"[0-9.]+", s).group()) if re.match(r"[0-9.]+", s) else float("nan")
         rows[cells[0]] = dict(rps=num(cells[1]), cpu=num(cells[3]), p99=num(cells[6]), p999=num(cells[7]), rss=num(cells[8]))
+# Added latency paired within each latency round (bench/run.sh), when the table is there.
+added = {}
+for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 4 and cells[0] in rows and re.match(r"-?[0-9.]+ \(", cells[2]):
+        first = lambda s: float(s.split()[0])
+        added[cells[0]] = dict(p99=first(cells[2]), p999=first(cells[3]))
+split = {}
+for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 3 and cells[0] in rows and re.match(r"[0-9.]+$", cells[1]):
+        split[cells[0]] = dict(user=float(cells[1]), sys=float(cells[2]))
 ng, d = rows["nginx"], rows["direct"]
+def add_of(t, k):
+    return added[t][k] if t in added else rows[t][k] - d[k]
 checks = []
 def check(name, value, limit, ok):
-    checks.append(f"| {name} | {value} | {limit} | {'met' if ok else '**missed**'} |")
+    checks.append(f"| {name} | {value} | {limit} | {ok if isinstance(ok, str) else 'met' if ok else '**missed**'} |")
+def added_ok(add, limit):
+    # Less than nothing added is the host's noise (see the note below), not a proxy's feat.
+    return "inconclusive (negative: noise)" if add < 0 else add <= limit
 for t, rps_k, cpu_k, p99_add in (("gw-bare", 1.1, 1.0, 0.1), ("gw-full", 0.9, 1.25, 0.15)):
     r = rows[t]
     check(f"`{t}` req/s vs nginx", f"{r['rps'] / ng['rps']:.2f}×", f"≥ {rps_k}×", r["rps"] >= rps_k * ng["rps"])
     check(f"`{t}` CPU/request vs nginx", f"{r['cpu'] / ng['cpu']:.2f}×", f"≤ {cpu_k}×", r["cpu"] <= cpu_k * ng["cpu"])
-    add = r["p99"] - d["p99"]
-    check(f"`{t}` added p99 at the fixed rate", f"{add:.3f} ms", f"≤ {p99_add} ms", add <= p99_add)
-    add9 = r["p999"] - d["p999"]
-    check(f"`{t}` added p99.9 at the fixed rate", f"{add9:.3f} ms", "≤ 0.5 ms", add9 <= 0.5)
+    add = add_of(t, "p99")
+    check(f"`{t}` added p99 at the fixed rate", f"{add:.3f} ms", f"≤ {p99_add} ms", added_ok(add, p99_add))
+    add9 = add_of(t, "p999")
+    check(f"`{t}` added p99.9 at the fixed rate", f"{add9:.3f} ms", "≤ 0.5 ms", added_ok(add9, 0.5))
 c = rows["gw-cache-hit"]
 check("`gw-cache-hit` req/s vs direct", f"{c['rps'] / d['rps']:.2f}×", "≥ 0.9×", c["rps"] >= 0.9 * d["rps"])
 peak = max(rows[t]["rss"] for t in ("gw-bare", "gw-full", "gw-cache-hit"))
@@ -31,11 +48,11 @@ if idle:
     worst = max(float(idle.group(1)), float(idle.group(2)))
     check("gateway idle RSS", f"{worst:.1f} MiB", "≤ 12 MiB", worst <= 12)
 out = text + "\n\n## Against the targets\n\n| target | measured | limit | |\n|---|---|---|---|\n" + "\n".join(checks) + "\n"
-negative = [t for t in ("nginx", "gw-bare", "gw-full") if rows[t]["p99"] < d["p99"] or rows[t]["p999"] < d["p999"]]
+negative = [t for t in ("nginx", "gw-bare", "gw-full") if add_of(t, "p99") < 0 or add_of(t, "p999") < 0]
 if negative:
     out += (
-        f"\nIn this run the upstream's own tail at the fixed rate (p99 {d['p99']:.3f} ms, p99.9 {d['p999']:.3f} ms) was worse\n"
-        f"than that of a target going through it ({', '.join(negative)}): the host's noise, not a proxy that\n"
+        f"\nIn this run the upstream's own tail at the fixed rate (p99 {d['p99']:.3f} ms, p99.9 {d['p999']:.3f} ms) was, by the\n"
+        f"median of the rounds, worse than that of a target going through it ({', '.join(negative)}): the host's noise, not a proxy that\n"
         "subtracts latency. The added-latency rows above are not meaningful for this run.\n"
     )
 if "nginx-min" in rows:
@@ -54,10 +71,18 @@ if "nginx-min" in rows:
 # proxy's budget.
 client_and_upstream = 2e6 / d["rps"]
 budget = 2e6 / (1.1 * ng["rps"]) - client_and_upstream
+if "gw-bare" in split and "nginx" in split:
+    g, n = split["gw-bare"], split["nginx"]
+    kernel = (
+        f"in this run {g['sys']:.1f} µs of system time per request for gw-bare and {n['sys']:.1f} for nginx, "
+        f"against {g['user']:.1f} and {n['user']:.1f} in user space"
+    )
+else:
+    kernel = "see the CPU split above"
 out += (
     "\nWhat limits the proxied targets: the kernel's loopback work is about the same for every proxy\n"
-    "(2 reads and 2 writes per request, ≈ 8 µs of system time per request for the gateway and for\n"
-    "nginx); the rest is user space. Instructions per request (callgrind, one process, the same\n"
+    f"(2 reads and 2 writes per request, the least a proxy can do; {kernel}).\n"
+    "Instructions per request (callgrind, one process, the same\n"
     "load): gw-bare 17.9k in the profile-guided build measured here (22.4k in a plain release build),\n"
     "nginx doing the same header work 30.3k (its `$request_id` alone ≈ 7.7k), nginx proxying only\n"
     "(`nginx-min`) 20.7k. The gateway's per-request state is larger than nginx's (≈ 13.5 KB of\n"
@@ -68,8 +93,9 @@ out += (
     f"At saturation wrk and the upstream use ≈ {client_and_upstream:.1f} µs of the two cores per request\n"
     f"(2 cores / direct's req/s); at 1.1× nginx's req/s that leaves a proxy ≈ {budget:.1f} µs per request\n"
     "in all, system time included.\n"
-    "The tail latencies vary by ±0.5 ms between runs on this shared 2-core machine (the load\n"
-    "generators run on the same cores); nginx's own added p99 is in the table above.\n"
+    "The tail latencies vary between rounds by tenths of a millisecond on a quiet day and by\n"
+    "milliseconds on a busy one (this is a shared 2-core VM, the load generators run on the same\n"
+    "cores): the added latency is taken within each round, and nginx's own is in the same table.\n"
 )
 open(path, "w").write(out)
 print("\n".join(checks))
