@@ -205,6 +205,26 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
+# The host's own stalls, for reading the tails below: one busy loop per core reads the clock for
+# STALL_SECONDS; a gap of more than 1 ms between two reads is time the core was taken from this
+# machine (another tenant, the hypervisor), which every target's tail pays alike.
+STALL_SECONDS=${STALL_SECONDS:-5}
+stall_probe() {
+  python3 - "$STALL_SECONDS" <<'PY'
+import sys, time
+t = time.perf_counter_ns
+end = t() + int(float(sys.argv[1]) * 1e9); prev = t(); over = 0; longest = 0
+while prev < end:
+    now = t(); g = now - prev; prev = now
+    if g > 1_000_000:
+        over += 1
+        longest = max(longest, g)
+print(over, f"{longest / 1e6:.2f}")
+PY
+}
+read -r STALLS STALL_MAX < <(for _ in $(seq 1 "$(nproc)"); do stall_probe & done | awk '{ n += $1; if ($2 > m) m = $2 } END { print n + 0, m + 0 }')
+echo "host stalls: $STALLS over 1 ms in $(nproc) x $STALL_SECONDS s, longest $STALL_MAX ms"
+
 # Latency at a fixed rate: LAT_ROUNDS rounds, order rotated as above. A target's added latency
 # is taken within each round (its percentile minus direct's of the same round), then the median
 # over the rounds: one oha run's tail moves by tenths of a millisecond with the host.
@@ -298,6 +318,11 @@ def added(t, d):
 print(f"| {sys.argv[7]} | {added(a[0], a[1])} | {added(a[2], a[3])} | {added(a[4], a[5])} |")
 PY
   done
+  echo
+  echo "Host stalls, measured before the latency rounds: $STALLS gaps of more than 1 ms (the longest $STALL_MAX ms) in"
+  echo "$STALL_SECONDS s of one busy loop per core reading the clock, i.e. time the cores were taken from this VM. At $RATE req/s"
+  echo "such a stall holds every request that arrives during it (latency correction counts them), so a few per second"
+  echo "are enough to set the p99 of every target alike; on a quiet host there are none."
   echo
   echo "Idle RSS (after start, before any load): gw-bare $IDLE_BARE MiB, gw-full $IDLE_FULL MiB."
   echo

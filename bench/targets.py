@@ -55,6 +55,13 @@ if negative:
         f"median of the rounds, worse than that of a target going through it ({', '.join(negative)}): the host's noise, not a proxy that\n"
         "subtracts latency. The added-latency rows above are not meaningful for this run.\n"
     )
+stalls = re.search(r"Host stalls, .*?: ([0-9]+) gaps of more than 1 ms \(the longest ([0-9.]+) ms\)", text)
+if stalls and int(stalls.group(1)) > 0:
+    out += (
+        f"\nThe host stalled {stalls.group(1)} times for more than 1 ms (the longest {stalls.group(2)} ms) in the few seconds it was\n"
+        "probed before the latency rounds (see above): at such a rate of stalls the p99 and p99.9 of every target, the\n"
+        "upstream's own included, are the host's, and the added-latency rows compare noise with noise.\n"
+    )
 if "nginx-min" in rows:
     m = rows["nginx-min"]
     out += (
