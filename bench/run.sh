@@ -2,7 +2,7 @@
 # b25-gateway load benchmark: direct upstream, nginx, HAProxy and three gateway setups,
 # loaded the same way in ONE run on loopback, results in bench/RESULTS.md.
 #
-#   bench/run.sh            # full run (≈ 13 minutes after the release and PGO builds)
+#   bench/run.sh            # full run (≈ 16 minutes after the release and PGO builds)
 #   ROUNDS=1 DURATION=5s bench/run.sh   # quick look
 #   PGO=0 bench/run.sh      # the plain release build of the gateway instead of the PGO one
 #   GW_BIN=target/pgo/b25-gateway GW_BUILD="profile-guided, jemalloc" bench/run.sh   # no build

@@ -483,6 +483,11 @@ async fn serve(
         .filter(|_| matches!(parts.method, Method::POST | Method::PUT | Method::PATCH));
     let idem_key = match idem_cfg {
         Some(cfg) => match parts.headers.get(&IDEMPOTENCY_KEY) {
+            // Two keys: the gateway and an upstream that reads the other one would not agree
+            // on which order this is.
+            Some(_) if parts.headers.get_all(&IDEMPOTENCY_KEY).iter().nth(1).is_some() => {
+                return Err(GatewayError::new(ErrorKind::BadRequest, "more than one Idempotency-Key header"));
+            }
             Some(v) if idempotency::valid_key(v) => Some(v.clone()),
             Some(_) => {
                 return Err(GatewayError::new(
@@ -776,14 +781,22 @@ async fn websocket_proxy(
     request_id: &HeaderValue,
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let cfg = &snapshot.config.websocket;
+    // RFC 6455 §4.2.1: one key, the base64 of 16 bytes; anything else is not a WebSocket
+    // handshake and gets 400 here rather than being passed to the upstream to judge.
+    let mut keys = parts.headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) if websocket::valid_key(k.as_bytes()) => k.clone(),
+        (None, _) => return Err(GatewayError::new(ErrorKind::BadRequest, "missing Sec-WebSocket-Key")),
+        _ => {
+            return Err(GatewayError::new(
+                ErrorKind::BadRequest,
+                "Sec-WebSocket-Key must be one base64-encoded 16-byte value",
+            ));
+        }
+    };
     let slot = shared.ws.admit(cfg, principal.as_ref().map(|p| &p.subject)).inspect_err(|_| {
         shared.metrics.websocket(&route.id, "limit");
     })?;
-    let key = parts
-        .headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .cloned()
-        .ok_or_else(|| GatewayError::new(ErrorKind::BadRequest, "missing Sec-WebSocket-Key"))?;
     let client_upgrade = websocket::ClientUpgrade::take(&mut parts.extensions)
         .ok_or_else(|| GatewayError::new(ErrorKind::BadRequest, "this connection cannot be upgraded"))?;
     let upstream_path = route.rewrite(path);

@@ -141,6 +141,15 @@ pub fn is_upgrade(method: &http::Method, h: &HeaderMap) -> bool {
         && h.contains_key(header::SEC_WEBSOCKET_KEY)
 }
 
+/// A `Sec-WebSocket-Key` value: the base64 of 16 bytes (22 characters, the last of which
+/// carries 2 bits and 4 zero bits, then `==`).
+pub fn valid_key(k: &[u8]) -> bool {
+    k.len() == 24
+        && k[..21].iter().all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+        && matches!(k[21], b'A' | b'Q' | b'g' | b'w')
+        && &k[22..] == b"=="
+}
+
 /// Moves a browser token (query parameter or subprotocol entry) into `Authorization` when the
 /// request has none, and removes it from what will be forwarded. Returns the cleaned query.
 pub fn take_token(cfg: &WebSocketConfig, headers: &mut HeaderMap, query: Option<&str>) -> Option<String> {
@@ -343,5 +352,31 @@ impl Relay {
         self.metrics.websocket_bytes(&self.route, to_up, to_client);
         self.metrics.websocket_active(&self.route, -1);
         drop(self.slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_key;
+
+    #[test]
+    fn websocket_keys() {
+        // RFC 6455's example and all-zero / all-one 16 bytes.
+        for ok in ["dGhlIHNhbXBsZSBub25jZQ==", "AAAAAAAAAAAAAAAAAAAAAA==", "/////////////////////w=="] {
+            assert!(valid_key(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZQ",    // no padding
+            "dGhlIHNhbXBsZSBub25jZR==",  // 16 bytes cannot end in 'R'
+            "dGhlIHNhbXBsZSBub25jZQ=",   // 23
+            "dGhlIHNhbXBsZSBub25jZQ===", // 25
+            "dGhlIHNhbXBsZSBub25j*Q==",  // not base64
+            "dGhlIHNhbXBsZSBub25jZQ= ",  // trailing space
+            "dGhlIHNhbXBsZSBub25jZWU=",  // 17 bytes
+        ] {
+            assert!(!valid_key(bad.as_bytes()), "{bad:?}");
+        }
     }
 }

@@ -155,6 +155,21 @@ async fn idempotency_replays_conflicts_and_mismatches() {
     // Missing key on a route that requires one.
     let refs = [("authorization", op.as_str()), ("content-type", "application/json")];
     send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("x")).await.assert_error(400, "bad_request");
+    // Two keys (a new one and one already used): refused, nothing sent upstream, no key taken.
+    for second in ["k-1", "k-9"] {
+        let refs = [
+            ("authorization", op.as_str()),
+            ("content-type", "application/json"),
+            ("idempotency-key", "k-8"),
+            ("idempotency-key", second),
+        ];
+        let r = send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("two-keys")).await;
+        r.assert_error(400, "bad_request");
+        assert!(String::from_utf8_lossy(&r.body).contains("more than one Idempotency-Key"));
+    }
+    assert_eq!(sim.hits(), 1, "an order with two keys reached the upstream");
+    assert_eq!(post("k-8", order("c8")).await.status, 201, "the refused request took its first key");
+    assert_eq!(sim.hits(), 2);
     // 20 at once: one reaches the upstream, the others get 409 or the replay.
     sim.knobs().set_latency(Duration::from_millis(150));
     let replies = futures_util::future::join_all((0..20).map(|_| post("k-2", order("c2")))).await;
@@ -162,16 +177,16 @@ async fn idempotency_replays_conflicts_and_mismatches() {
     let conflicts = replies.iter().filter(|r| r.status == 409).count();
     assert_eq!(created + conflicts, 20, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
     assert!(created >= 1);
-    assert_eq!(sim.hits(), 2, "the concurrent duplicates reached the upstream");
+    assert_eq!(sim.hits(), 3, "the concurrent duplicates reached the upstream");
     assert_eq!(sim.orders().iter().filter(|o| o["client_order_id"] == "c2").count(), 1);
     // Another principal's key space is separate.
     let other = who("trader-2");
     let refs = [("authorization", other.as_str()), ("content-type", "application/json"), ("idempotency-key", "k-1")];
     assert_eq!(send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("c3")).await.status, 201);
-    // Three keys are held: k-1 and k-2 of trader-1, k-1 of trader-2.
+    // Four keys are held: k-1, k-8 and k-2 of trader-1, k-1 of trader-2.
     let stats = get(gw.handle.admin_addr().unwrap(), "/admin/stats").await;
     let stats: serde_json::Value = serde_json::from_slice(&stats.body).unwrap();
-    assert_eq!(stats["idempotency_records"], 3, "{stats}");
+    assert_eq!(stats["idempotency_records"], 4, "{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

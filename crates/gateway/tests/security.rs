@@ -391,6 +391,65 @@ async fn path_bypass_variants_never_reach_an_admin_upstream_with_a_viewer_token(
     assert_eq!(sims["risk-manager"].requests().pop().unwrap().uri.path(), "/api/v1/risk/emergency-stop");
 }
 
+/// Escapes that are not UTF-8 once decoded (overlong `.` and `/`, an overlong NUL, a
+/// surrogate, truncated and impossible bytes) are refused even on a public catch-all route:
+/// forwarded as they are, a lenient upstream decoder would read `%c0%ae%c0%ae` as `..`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escapes_that_are_not_utf8_get_400_and_never_reach_the_upstream() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let routes = "  - { id: pub, path: \"/pub/{*rest}\", methods: [GET], service: up, public: true }\n";
+    let gw = TestGateway::start(&config_yaml(&[("up", sim.url())], routes), &[]).await;
+    for v in [
+        "/pub/%c0%ae%c0%ae/admin",
+        "/pub/%C0%AE%C0%AE/admin",
+        "/pub/%e0%80%ae%e0%80%ae/admin",
+        "/pub/a%c0%afadmin",
+        "/pub/a%c0%80",
+        "/pub/%ed%a0%80",
+        "/pub/%e2%82",
+        "/pub/%ff",
+        "/pub/%80",
+        "/pub/%f8%80%80%80%ae",
+    ] {
+        let req = format!("GET {v} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
+        let (status, text, _) = raw(gw.addr(), req.as_bytes()).await;
+        assert_eq!(status, 400, "{v}\n{text}");
+        assert!(text.contains("\"bad_request\"") && text.contains("UTF-8"), "{v}\n{text}");
+    }
+    assert_eq!(sim.hits(), 0, "a path that is not UTF-8 reached the upstream");
+    // Percent-encoded UTF-8 is forwarded, kept encoded (the simulator has no such path: its 404).
+    send(gw.addr(), Method::GET, "/pub/caf%c3%a9", &[], "").await;
+    assert_eq!(sim.hits(), 1);
+    assert_eq!(sim.requests().pop().unwrap().uri.path(), "/pub/caf%c3%a9");
+}
+
+/// A `Host` that is not `host[:port]` gets 400 (RFC 9112 §3.2) and is never copied into
+/// `X-Forwarded-Host` for an upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_host_headers_get_400_and_never_reach_the_upstream() {
+    let (sims, gw) = shipped().await;
+    let viewer = bearer(&token(&["viewer"]));
+    let req = |host: &str| {
+        format!(
+            "GET /api/v1/market/ticker/BTCUSDT HTTP/1.1\r\nHost: {host}\r\nAuthorization: {viewer}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    for host in ["a b", "evil/../x", "u@evil.example", "gw:8o", "a:b:c", "[::1", "gw\\x", "gw?x", "gw#x"] {
+        let (status, text, _) = raw(gw.addr(), req(host).as_bytes()).await;
+        assert_eq!(status, 400, "{host:?}: {text}");
+        assert!(text.contains("invalid Host header"), "{host:?}: {text}");
+    }
+    assert_eq!(total_hits(&sims), 0, "a malformed Host reached an upstream");
+    for host in ["gw:8080", "[::1]:443", ""] {
+        let (status, text, _) = raw(gw.addr(), req(host).as_bytes()).await;
+        assert_eq!(status, 200, "{host:?}: {text}");
+    }
+    for r in sims["market-data"].requests() {
+        let xfh = r.headers.get("x-forwarded-host").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        assert!(["gw:8080", "[::1]:443", ""].contains(&xfh.as_str()), "{xfh:?} forwarded");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_principal_headers_never_reach_the_upstream() {
     let (sims, gw) = shipped().await;
@@ -562,6 +621,21 @@ async fn request_validation_statuses() {
         .assert_error(400, "bad_request");
     send(gw.addr(), Method::POST, "/v", &json_h, "{\"a\":").await.assert_error(400, "bad_request");
     send(gw.addr(), Method::POST, "/v", &json_h, "[[[[[1]]]]]").await.assert_error(400, "bad_request");
+    // JSON is UTF-8: a stray byte inside a string is not JSON.
+    send(gw.addr(), Method::POST, "/v", &json_h, &b"{\"a\":\"\xff\"}"[..]).await.assert_error(400, "bad_request");
+    // Two Content-Type headers: the gateway would check one, the upstream might read the other.
+    send(
+        gw.addr(),
+        Method::POST,
+        "/v",
+        &[("content-type", "application/json"), ("content-type", "text/plain"), ("x-client-id", "c1")],
+        "{}",
+    )
+    .await
+    .assert_error(400, "bad_request");
+    send(gw.addr(), Method::POST, "/s", &[("content-type", "a/b"), ("content-type", "c/d")], "x")
+        .await
+        .assert_error(400, "bad_request");
     send(gw.addr(), Method::POST, "/v", &json_h, vec![b' '; 2048]).await.assert_error(413, "payload_too_large");
     assert_eq!(sim.hits(), 0);
     let ok = send(gw.addr(), Method::POST, "/v", &json_h, "{\"a\":[1,{\"b\":2}]}").await;

@@ -77,6 +77,8 @@ async fn wire() -> Wire {
                         "continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
                         "head" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n",
                         "no-content" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                        // A length on a 204 (RFC 9110 §8.6 forbids it): not relayed.
+                        "no-content-length" => b"HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n",
                         "te-and-cl" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
                         "two-lengths" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
                         "bad-chunk" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
@@ -142,6 +144,9 @@ async fn every_response_framing_is_relayed_and_connections_reused_only_when_clea
     assert!(r.body.is_empty());
     let r = get(gw.addr(), "/w/no-content").await;
     assert_eq!(r.status, 204);
+    let r = get(gw.addr(), "/w/no-content-length").await;
+    assert_eq!(r.status, 204);
+    assert!(!r.headers.contains_key("content-length"), "a 204 with a Content-Length: {:?}", r.headers);
     let r = send(gw.addr(), Method::POST, "/w/echo", &[("content-type", "text/plain")], "order-1").await;
     assert_eq!((r.status.as_u16(), body(&r).as_str()), (200, "order-1"));
     assert_eq!(conns(), 1, "clean responses of every framing leave the connection reusable");

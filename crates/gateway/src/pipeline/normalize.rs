@@ -21,6 +21,10 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
         return Err(InvalidPath("path must start with '/'"));
     }
     let mut needs_decode = false;
+    // An escape of a byte ≥ 0x80 is kept encoded, but what it decodes to must be UTF-8 (with the
+    // raw bytes around it): `%c0%ae` is an overlong '.', which a lenient upstream decoder turns
+    // into a `..` segment the route match never saw.
+    let mut high_escape = false;
     // One pass: ordinary bytes are skipped through a table; a `/` ends a segment, checked
     // there (on the raw form: when an escape is decoded below, the decoded form is checked
     // again, so `%2e%2e` is caught like `..`); the special bytes are looked at.
@@ -45,12 +49,16 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
                 if is_unreserved(v) {
                     needs_decode = true;
                 }
+                high_escape |= v >= 0x80;
                 i += 3;
             }
             b'\\' => return Err(InvalidPath("backslash in path")),
             b';' => return Err(InvalidPath("';' path parameters are not accepted")),
             _ => return Err(InvalidPath("control character in path")),
         }
+    }
+    if high_escape && !decodes_to_utf8(bytes) {
+        return Err(InvalidPath("path is not UTF-8 after percent-decoding"));
     }
     if !needs_decode {
         check_segment(&bytes[segment..], true)?;
@@ -78,6 +86,26 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
     let out = String::from_utf8(out).map_err(|_| InvalidPath("path is not UTF-8"))?;
     check_segments(out.as_bytes())?;
     Ok(Cow::Owned(out))
+}
+
+/// Whether `path` (its escapes checked well-formed) is UTF-8 with every escape decoded:
+/// overlong forms, surrogates, stray continuation bytes and truncated sequences are not.
+fn decodes_to_utf8(path: &[u8]) -> bool {
+    let mut out = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        match (path[i], path.get(i + 1..i + 3).and_then(decode_hex)) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    std::str::from_utf8(&out).is_ok()
 }
 
 /// Bytes the pass must look at: `/` (a segment ends), `%`, `\\`, `;`, control characters.
@@ -138,6 +166,10 @@ mod tests {
         assert_eq!(normalize("/api/v1/orders/").unwrap(), "/api/v1/orders/");
         assert_eq!(normalize("/").unwrap(), "/");
         assert_eq!(normalize("/a/.b/..c/...").unwrap(), "/a/.b/..c/...");
+        // UTF-8 escapes stay as they are (upper-cased when something else is decoded).
+        assert!(matches!(normalize("/m/caf%c3%a9").unwrap(), Cow::Borrowed(_)));
+        assert_eq!(normalize("/%6d/caf%c3%a9/\u{e9}").unwrap(), "/m/caf%C3%A9/\u{e9}");
+        assert_eq!(normalize("/m/%E2%82%AC").unwrap(), "/m/%E2%82%AC");
         for bad in [
             "",
             "api",
@@ -163,6 +195,18 @@ mod tests {
             "/a/b/..",
             "/a/b/.",
             "/./a",
+            // Not UTF-8 once decoded: overlong '.', '/' and NUL, a surrogate, a truncated
+            // sequence, a byte UTF-8 never uses, a stray continuation byte, an escape that
+            // breaks a raw character.
+            "/pub/%c0%ae%c0%ae/admin",
+            "/a/%e0%80%ae",
+            "/a%c0%afb",
+            "/a%c0%80",
+            "/a/%ed%a0%80",
+            "/a/%e2%82",
+            "/a/%ff",
+            "/a/%80",
+            "/a/%c3\u{e9}",
         ] {
             assert!(normalize(bad).is_err(), "{bad:?} accepted");
         }
@@ -177,6 +221,8 @@ mod tests {
         }
         let mut decoded = false;
         let mut out = Vec::new();
+        // Every escape decoded: must be UTF-8.
+        let mut full = Vec::new();
         let mut i = 0;
         while i < b.len() {
             match b[i] {
@@ -185,6 +231,7 @@ mod tests {
                     if v == b'/' || v == b'\\' || v < 0x20 || v == 0x7f {
                         return Err(());
                     }
+                    full.push(v);
                     if is_unreserved(v) {
                         decoded = true;
                         out.push(v);
@@ -196,9 +243,13 @@ mod tests {
                 c if c < 0x20 || c == 0x7f || c == b'\\' || c == b';' => return Err(()),
                 c => {
                     out.push(c);
+                    full.push(c);
                     i += 1;
                 }
             }
+        }
+        if std::str::from_utf8(&full).is_err() {
+            return Err(());
         }
         let segs: Vec<&[u8]> = out[1..].split(|&c| c == b'/').collect();
         for (n, seg) in segs.iter().enumerate() {

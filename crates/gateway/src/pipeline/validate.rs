@@ -43,11 +43,37 @@ pub fn check_limits(parts: &Parts, l: &Limits, seen: Seen) -> Result<(), Gateway
     Ok(())
 }
 
+/// Whether a `Host` value is `uri-host [":" port]` (RFC 9112 §3.2, RFC 3986 §3.2.2) or empty:
+/// a reg-name (unreserved, sub-delims, `%`) or a bracketed IP literal, then digits after `:`.
+/// `Host: a b` or `Host: evil/../x` is refused with 400 (RFC 9112 §3.2: "MUST respond with a
+/// 400") instead of reaching `X-Forwarded-Host` and the upstream.
+pub fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = if v.first() == Some(&b'[') {
+        let Some(end) = v.iter().position(|&b| b == b']') else { return false };
+        let inner = &v[1..end];
+        if inner.is_empty() || !inner.iter().all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+            return false;
+        }
+        (&[][..], &v[end + 1..])
+    } else {
+        match v.iter().rposition(|&b| b == b':') {
+            Some(i) => (&v[..i], &v[i..]),
+            None => (v, &[][..]),
+        }
+    };
+    let port_ok = port.is_empty() || (port[0] == b':' && port[1..].iter().all(u8::is_ascii_digit));
+    port_ok && host.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b))
+}
+
 /// Refuses ambiguous framing (RFC 9112 §6.1, §6.3): both `Content-Length` and
 /// `Transfer-Encoding`, several `Content-Length` values, a non-numeric length, or a transfer
-/// coding other than `chunked`. The connection is closed after the 400.
+/// coding other than `chunked`; and a malformed `Host` ([`valid_host`]). The connection is
+/// closed after the 400. (The native HTTP/1.1 connection checks the same while parsing.)
 pub fn check_framing(h: &HeaderMap) -> Result<(), GatewayError> {
     let bad = |m: &'static str| Err(GatewayError::new(ErrorKind::BadRequest, m).closing());
+    if h.get_all(header::HOST).iter().any(|v| !valid_host(v.as_bytes())) {
+        return bad("invalid Host header");
+    }
     let te = h.contains_key(header::TRANSFER_ENCODING);
     let mut cls = h.get_all(header::CONTENT_LENGTH).iter();
     let first = cls.next();
@@ -84,12 +110,21 @@ pub fn check_required(h: &HeaderMap, required: &[HeaderName]) -> Result<(), Gate
 }
 
 /// When the route lists content types and the request has a body, its media type must be one.
+/// A body with two `Content-Type` headers is refused on any route (400): the gateway would check
+/// one and the upstream might act on the other.
 pub fn check_content_type(h: &HeaderMap, has_body: bool, allowed: &[String]) -> Result<(), GatewayError> {
-    if allowed.is_empty() || !has_body {
+    if !has_body {
         return Ok(());
     }
-    let media =
-        h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.split(';').next().unwrap_or("").trim());
+    let mut values = h.get_all(header::CONTENT_TYPE).iter();
+    let first = values.next();
+    if first.is_some() && values.next().is_some() {
+        return Err(GatewayError::new(ErrorKind::BadRequest, "more than one Content-Type header"));
+    }
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let media = first.and_then(|v| v.to_str().ok()).map(|v| v.split(';').next().unwrap_or("").trim());
     match media {
         Some(m) if allowed.iter().any(|a| a.eq_ignore_ascii_case(m)) => Ok(()),
         _ => Err(GatewayError::new(
@@ -102,6 +137,10 @@ pub fn check_content_type(h: &HeaderMap, has_body: bool, allowed: &[String]) -> 
 /// Well-formed JSON no deeper than `max_depth` (depth counted before parsing, so a deeply
 /// nested document is refused in linear time without recursion).
 pub fn check_json(body: &[u8], max_depth: usize) -> Result<(), GatewayError> {
+    // JSON text is UTF-8 (RFC 8259 §8.1); serde_json lets invalid bytes inside strings through.
+    if std::str::from_utf8(body).is_err() {
+        return Err(GatewayError::new(ErrorKind::BadRequest, "body is not valid JSON: not UTF-8"));
+    }
     let mut depth = 0usize;
     let mut in_str = false;
     let mut escaped = false;
@@ -157,6 +196,21 @@ mod tests {
     }
 
     #[test]
+    fn hosts() {
+        for ok in ["", "gw", "gw:8080", "api.b25.example", "127.0.0.1:1", "[::1]", "[::1]:443", "a-b_c~d", "h:"] {
+            assert!(valid_host(ok.as_bytes()), "{ok:?}");
+        }
+        for bad in
+            ["a b", "evil/../x", "a\\b", "u@h", "h?x", "h#x", "h:8o", "a:b:c", "[::1", "[]", "[zz]", "[::1]x", "\u{e9}"]
+        {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, http::HeaderValue::from_static("a b"));
+        assert!(check_framing(&h).is_err());
+    }
+
+    #[test]
     fn json() {
         assert!(check_json(br#"{"a":[1,{"b":"[[[["}]}"#, 3).is_ok());
         assert!(check_json(br#"{"a":[1,{"b":[]}]}"#, 4).is_ok());
@@ -164,6 +218,10 @@ mod tests {
         assert!(check_json(b"{\"a\":", 8).is_err());
         assert!(check_json(&vec![b'['; 100_000], 32).is_err());
         assert!(check_json(br#"{"a":"\"{{{{"}"#, 1).is_ok());
+        // Not UTF-8 inside a string (a stray byte, an overlong '.'): refused; UTF-8 is fine.
+        assert!(check_json(b"{\"a\":\"\xff\"}", 8).is_err());
+        assert!(check_json(b"{\"a\":\"\xc0\xae\"}", 8).is_err());
+        assert!(check_json("{\"a\":\"caf\u{e9} \u{20ac}\"}".as_bytes(), 8).is_ok());
     }
 
     #[test]
@@ -176,5 +234,14 @@ mod tests {
         assert!(check_content_type(&h, true, &allowed).is_ok());
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         assert!(check_content_type(&h, true, &allowed).is_err());
+        // Two Content-Type headers: 400 whatever the route allows, 415 is for one wrong type.
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.append(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        for allowed in [&allowed[..], &[]] {
+            let e = check_content_type(&h, true, allowed).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::BadRequest);
+        }
+        assert!(check_content_type(&h, false, &allowed).is_ok(), "no body, no media type to check");
     }
 }

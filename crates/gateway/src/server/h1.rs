@@ -617,6 +617,9 @@ fn parse_with(buf: &mut BytesMut, s: &Settings, slots: usize) -> Result<Option<H
             has_upgrade = true;
         } else if name == header::HOST {
             hosts += 1;
+            if !crate::pipeline::validate::valid_host(value.as_bytes()) {
+                return Err(Some(bad("invalid Host header")));
+            }
         } else if name == header::EXPECT {
             expect_continue = value.as_bytes().trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
@@ -741,6 +744,7 @@ async fn write_response(
         has_date: false,
         informational,
         bodiless,
+        no_length: informational || status == 204,
         own_id: own.is_some(),
         own_timing: own.as_ref().is_some_and(|(_, o)| o.server_timing.is_some()),
     };
@@ -865,6 +869,8 @@ struct Lines<'a> {
     has_date: bool,
     informational: bool,
     bodiless: bool,
+    /// 1xx and 204: no `Content-Length` at all (RFC 9110 §8.6), whatever the upstream sent.
+    no_length: bool,
     /// The gateway's `X-Request-Id` follows (it replaces any other).
     own_id: bool,
     /// The gateway's `Server-Timing` follows (it replaces any other).
@@ -884,7 +890,7 @@ impl Lines<'_> {
                 false
             }
             17 if !self.informational && is(b"transfer-encoding") => false,
-            14 if !self.informational && is(b"content-length") => self.bodiless,
+            14 if is(b"content-length") => self.bodiless && !self.no_length,
             12 if is(b"x-request-id") => !self.own_id,
             13 if is(b"server-timing") => !self.own_timing,
             4 if is(b"date") => {
