@@ -439,6 +439,11 @@ async fn serve(
     }
 
     if ws {
+        // A handshake is a GET without content (RFC 6455 §4.1); one with a body is refused
+        // rather than left waiting for an upstream that will not read it.
+        if !body.is_end_stream() {
+            return Err(GatewayError::new(ErrorKind::BadRequest, "a WebSocket handshake carries no body").closing());
+        }
         let path = path.into_owned();
         return websocket_proxy(shared, snapshot, conn, parts, &route, &path, ws_query, principal, request_id).await;
     }
