@@ -81,6 +81,7 @@ async fn wire() -> Wire {
                         "no-content-length" => b"HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n",
                         "te-and-cl" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
                         "two-lengths" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
+                        "status-999" => b"HTTP/1.1 999 Whatever\r\ncontent-length: 0\r\n\r\n",
                         "bad-chunk" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
                         "switch" => b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
                         "echo" => {
@@ -180,7 +181,7 @@ async fn every_response_framing_is_relayed_and_connections_reused_only_when_clea
 async fn ambiguous_or_broken_upstream_framing_is_502_not_guessed() {
     let w = wire().await;
     let gw = gateway(&w).await;
-    for case in ["te-and-cl", "two-lengths", "switch"] {
+    for case in ["te-and-cl", "two-lengths", "switch", "status-999"] {
         let r = get(gw.addr(), &format!("/w/{case}")).await;
         r.assert_error(502, "bad_upstream_response");
     }

@@ -391,7 +391,12 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Gatew
         Err(httparse::Error::TooManyHeaders) => return Err(bad_response("too many response headers")),
         Err(e) => return Err(bad_response(&format!("invalid response head: {e}"))),
     };
-    let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or_else(|| bad_response("invalid status"))?;
+    // 100–599 only (RFC 9110 §15): `http` takes up to 999, which no client should be handed.
+    let status = resp
+        .code
+        .filter(|c| (100..600).contains(c))
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| bad_response("invalid status"))?;
     let version = if resp.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     let mut parts = Response::new(()).into_parts().0;
     parts.status = status;
