@@ -487,12 +487,9 @@ async fn serve(
         .as_ref()
         .filter(|_| matches!(parts.method, Method::POST | Method::PUT | Method::PATCH));
     let idem_key = match idem_cfg {
-        Some(cfg) => match parts.headers.get(&IDEMPOTENCY_KEY) {
-            // Two keys: the gateway and an upstream that reads the other one would not agree
-            // on which order this is.
-            Some(_) if parts.headers.get_all(&IDEMPOTENCY_KEY).iter().nth(1).is_some() => {
-                return Err(GatewayError::new(ErrorKind::BadRequest, "more than one Idempotency-Key header"));
-            }
+        // Two keys: the gateway and an upstream that reads the other one would not agree on
+        // which order this is.
+        Some(cfg) => match validate::at_most_one(&parts.headers, &IDEMPOTENCY_KEY, "Idempotency-Key")? {
             Some(v) if idempotency::valid_key(v) => Some(v.clone()),
             Some(_) => {
                 return Err(GatewayError::new(
@@ -788,11 +785,10 @@ async fn websocket_proxy(
     let cfg = &snapshot.config.websocket;
     // RFC 6455 §4.2.1: one key, the base64 of 16 bytes; anything else is not a WebSocket
     // handshake and gets 400 here rather than being passed to the upstream to judge.
-    let mut keys = parts.headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
-    let key = match (keys.next(), keys.next()) {
-        (Some(k), None) if websocket::valid_key(k.as_bytes()) => k.clone(),
-        (None, _) => return Err(GatewayError::new(ErrorKind::BadRequest, "missing Sec-WebSocket-Key")),
-        _ => {
+    let key = match validate::at_most_one(&parts.headers, &header::SEC_WEBSOCKET_KEY, "Sec-WebSocket-Key")? {
+        Some(k) if websocket::valid_key(k.as_bytes()) => k.clone(),
+        None => return Err(GatewayError::new(ErrorKind::BadRequest, "missing Sec-WebSocket-Key")),
+        Some(_) => {
             return Err(GatewayError::new(
                 ErrorKind::BadRequest,
                 "Sec-WebSocket-Key must be one base64-encoded 16-byte value",

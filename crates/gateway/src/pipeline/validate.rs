@@ -4,7 +4,7 @@
 
 use crate::error::{ErrorKind, GatewayError};
 use crate::proxy::headers::Seen;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 
 /// Limits checked on every request.
@@ -109,6 +109,20 @@ pub fn check_required(h: &HeaderMap, required: &[HeaderName]) -> Result<(), Gate
     Ok(())
 }
 
+/// The value of a header that may come once at most: two of them (the gateway would act on one
+/// and an upstream perhaps on the other) are 400. `label` names it in the message.
+pub fn at_most_one<'a>(
+    h: &'a HeaderMap,
+    name: &HeaderName,
+    label: &str,
+) -> Result<Option<&'a HeaderValue>, GatewayError> {
+    let mut values = h.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (first, None) => Ok(first),
+        _ => Err(GatewayError::new(ErrorKind::BadRequest, format!("more than one {label} header"))),
+    }
+}
+
 /// When the route lists content types and the request has a body, its media type must be one.
 /// A body with two `Content-Type` headers is refused on any route (400): the gateway would check
 /// one and the upstream might act on the other.
@@ -116,11 +130,7 @@ pub fn check_content_type(h: &HeaderMap, has_body: bool, allowed: &[String]) -> 
     if !has_body {
         return Ok(());
     }
-    let mut values = h.get_all(header::CONTENT_TYPE).iter();
-    let first = values.next();
-    if first.is_some() && values.next().is_some() {
-        return Err(GatewayError::new(ErrorKind::BadRequest, "more than one Content-Type header"));
-    }
+    let first = at_most_one(h, &header::CONTENT_TYPE, "Content-Type")?;
     if allowed.is_empty() {
         return Ok(());
     }
@@ -137,10 +147,10 @@ pub fn check_content_type(h: &HeaderMap, has_body: bool, allowed: &[String]) -> 
 /// Well-formed JSON no deeper than `max_depth` (depth counted before parsing, so a deeply
 /// nested document is refused in linear time without recursion).
 pub fn check_json(body: &[u8], max_depth: usize) -> Result<(), GatewayError> {
-    // JSON text is UTF-8 (RFC 8259 §8.1); serde_json lets invalid bytes inside strings through.
-    if std::str::from_utf8(body).is_err() {
-        return Err(GatewayError::new(ErrorKind::BadRequest, "body is not valid JSON: not UTF-8"));
-    }
+    // JSON text is UTF-8 (RFC 8259 §8.1); serde_json's slice reader lets invalid bytes inside
+    // skipped strings through, so the text is checked first and parsed as a `str`.
+    let text = std::str::from_utf8(body)
+        .map_err(|_| GatewayError::new(ErrorKind::BadRequest, "body is not valid JSON: not UTF-8"))?;
     let mut depth = 0usize;
     let mut in_str = false;
     let mut escaped = false;
@@ -166,7 +176,7 @@ pub fn check_json(body: &[u8], max_depth: usize) -> Result<(), GatewayError> {
             _ => {}
         }
     }
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
         .map(|_| ())
         .map_err(|e| GatewayError::new(ErrorKind::BadRequest, format!("body is not valid JSON: {e}")))
 }
