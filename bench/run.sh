@@ -169,7 +169,11 @@ cpu_ticks() {
 rss_kib() { local m=0 p v; for p in $1 $(pgrep -P "$1" || true); do v=$(awk '/VmHWM/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0); m=$((m + v)); done; echo "$m"; }
 HZ=$(getconf CLK_TCK)
 
-declare -A RPS CPU SYS OPENED STEADY
+declare -A RPS CPU SYS OPENED STEADY SHARE
+# The whole host's CPU time from /proc/stat, in ticks: idle (with iowait), steal, and all.
+host_ticks() { awk '/^cpu / { print $5 + $6, $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+# CPU time of this shell's finished children (wrk, once waited for), in ticks.
+child_ticks() { awk '{ print $16 + $17 }' "/proc/$$/stat"; }
 # gw-full's access lines so far; the file is then emptied (it would reach hundreds of MiB).
 ACCESS_LINES=0
 access_lines() {
@@ -184,11 +188,12 @@ for r in $(seq 1 "$ROUNDS"); do
   order=("${TARGETS[@]:$(( (r - 1) % ${#TARGETS[@]} ))}" "${TARGETS[@]:0:$(( (r - 1) % ${#TARGETS[@]} ))}")
   for t in "${order[@]}"; do
     c0=$(cpu_ticks "${PIDOF[$t]}"); s0=$(cpu_ticks "${PIDOF[$t]}" 15); o0=$(active_opens)
+    u0=$(cpu_ticks "$SIM_PID"); h0=$(host_ticks); w0=$(child_ticks)
     wrk -t2 -c"$CONNS" -d"$DURATION" -H "$(hdr "$t")" "http://127.0.0.1:${PORT[$t]}$PATH_Q" >"$WORK/wrk.out" & WRK=$!
     # After a second every client connection is open and the proxies' pools are warm: what
     # opens after that is opened under steady load.
     sleep 1; o_mid=$(active_opens)
-    wait "$WRK"; out=$(cat "$WORK/wrk.out")
+    wait "$WRK"; w1=$(child_ticks); h1=$(host_ticks); u1=$(cpu_ticks "$SIM_PID"); out=$(cat "$WORK/wrk.out")
     wrk_clean "$out"
     c1=$(cpu_ticks "${PIDOF[$t]}"); s1=$(cpu_ticks "${PIDOF[$t]}" 15); o1=$(active_opens)
     OPENED[$t]="${OPENED[$t]:-} $((o1 - o0 - CONNS - 1))" # wrk opens one more than -c
@@ -201,6 +206,20 @@ for r in $(seq 1 "$ROUNDS"); do
     RPS[$t]="${RPS[$t]:-} $rps"
     CPU[$t]="${CPU[$t]:-} $(python3 -c "print(($c1-$c0)/$HZ/$reqs*1e6)")"
     SYS[$t]="${SYS[$t]:-} $(python3 -c "print(($s1-$s0)/$HZ/$reqs*1e6)")"
+    # Where both cores went (µs per request): wrk, the upstream (direct: it is the target),
+    # the target, idle, steal, and the rest (other processes, kernel threads).
+    SHARE[$t]="${SHARE[$t]:-}$(python3 - "$reqs" "$HZ" "$t" "$((w1 - w0))" "$((u1 - u0))" "$((c1 - c0))" "$h0" "$h1" <<'PY'
+import sys
+n, hz, t = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+wrk, up, tgt = (int(x) for x in sys.argv[4:7])
+h = [int(b) - int(a) for a, b in zip(sys.argv[7].split(), sys.argv[8].split())]
+us = lambda ticks: ticks / hz / n * 1e6
+if t == "direct":
+    up = 0
+idle, steal, total = us(h[0]), us(h[1]), us(h[2])
+print(f"{us(wrk):.2f},{us(up):.2f},{us(tgt):.2f},{idle:.2f},{steal:.2f},{total - us(wrk) - us(up) - us(tgt) - idle - steal:.2f},{total:.2f}", end=" ")
+PY
+)"
     echo "round $r $t: $rps req/s"
   done
 done
@@ -300,6 +319,24 @@ PY
   for t in "${TARGETS[@]}"; do
     c=$(med "${CPU[$t]}"); k=$(med "${SYS[$t]}")
     printf "| %s | %.1f | %.1f |\n" "$t" "$(python3 -c "print($c-$k)")" "$k"
+  done
+  echo
+  echo "Where the two cores went per request at saturation, µs, median over the rounds: the load generator (wrk), the"
+  echo "upstream (b25-sim; for \`direct\` it is the target), the target's processes, the host idle or stolen by the hypervisor,"
+  echo "and the rest (kernel threads, other processes); the total is the cores' time divided by the requests (≈ 2 cores ÷ req/s)."
+  echo "Process times include the kernel's work done on their behalf (system time, loopback softirqs):"
+  echo
+  echo "| target | load generator | upstream | target | idle | steal | rest | total |"
+  echo "|---|---|---|---|---|---|---|---|"
+  for t in "${TARGETS[@]}"; do
+    # shellcheck disable=SC2086 # one argument per round
+    python3 - "$t" ${SHARE[$t]} <<'PY'
+import statistics, sys
+rows = [[float(x) for x in r.split(",")] for r in sys.argv[2:]]
+cols = [statistics.median(c) for c in zip(*rows)]
+up = "—" if sys.argv[1] == "direct" else f"{cols[1]:.1f}"
+print(f"| {sys.argv[1]} | {cols[0]:.1f} | {up} | {cols[2]:.1f} | {cols[3]:.1f} | {cols[4]:.1f} | {cols[5]:.1f} | {cols[6]:.1f} |")
+PY
   done
   echo
   echo "Latency added to the upstream's own at $RATE req/s: within each latency round the target's"

@@ -22,6 +22,12 @@ for line in text.splitlines():
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
     if len(cells) == 3 and cells[0] in rows and re.match(r"[0-9.]+$", cells[1]):
         split[cells[0]] = dict(user=float(cells[1]), sys=float(cells[2]))
+# Where the two cores went per request (bench/run.sh), when the table is there.
+share = {}
+for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 8 and cells[0] in rows and re.match(r"[0-9.]+$", cells[3]):
+        share[cells[0]] = dict(target=float(cells[3]), total=float(cells[7]))
 ng, d = rows["nginx"], rows["direct"]
 def add_of(t, k):
     return added[t][k] if t in added else rows[t][k] - d[k]
@@ -86,6 +92,26 @@ if "gw-bare" in split and "nginx" in split:
     )
 else:
     kernel = "see the CPU split above"
+if "nginx" in share and "gw-bare" in share:
+    # Behind nginx, everything but nginx itself (wrk, the upstream, idle, the rest) is what a
+    # proxy cannot change; a proxy's req/s against nginx then follows from its own CPU alone.
+    n, g = share["nginx"], share["gw-bare"]
+    fixed = n["total"] - n["target"]
+    need = n["total"] / 1.1 - fixed
+    limits = (
+        f"Behind nginx the two cores spent {n['total']:.1f} µs per request, {n['target']:.1f} of them in nginx and\n"
+        f"{fixed:.1f} in everything a proxy does not do itself (wrk, the upstream, idle, the rest; table above).\n"
+        f"With that fixed, 1.1× nginx's req/s needs a proxy spending at most {need:.1f} µs per request\n"
+        f"({need / n['target']:.2f}× nginx's own), system time included; gw-bare spent {g['target']:.1f}, which alone\n"
+        f"predicts {n['total'] / (fixed + g['target']):.2f}× (measured: {rows['gw-bare']['rps'] / ng['rps']:.2f}×; behind gw-bare the rest\n"
+        f"came to {g['total'] - g['target']:.1f} µs).\n"
+    )
+else:
+    limits = (
+        f"At saturation wrk and the upstream use ≈ {client_and_upstream:.1f} µs of the two cores per request\n"
+        f"(2 cores / direct's req/s); at 1.1× nginx's req/s that leaves a proxy ≈ {budget:.1f} µs per request\n"
+        "in all, system time included.\n"
+    )
 out += (
     "\nWhat limits the proxied targets: the kernel's loopback work is about the same for every proxy\n"
     f"(2 reads and 2 writes per request, the least a proxy can do; {kernel}).\n"
@@ -97,10 +123,8 @@ out += (
     "and what remains of its instructions is spread thin: `httparse` on both legs,\n"
     "the request's `http::HeaderMap`, the tokio reactor, those copies (EXPERIMENTS.md, last\n"
     "sections).\n"
-    f"At saturation wrk and the upstream use ≈ {client_and_upstream:.1f} µs of the two cores per request\n"
-    f"(2 cores / direct's req/s); at 1.1× nginx's req/s that leaves a proxy ≈ {budget:.1f} µs per request\n"
-    "in all, system time included.\n"
-    "The tail latencies vary between rounds by tenths of a millisecond on a quiet day and by\n"
+    + limits
+    + "The tail latencies vary between rounds by tenths of a millisecond on a quiet day and by\n"
     "milliseconds on a busy one (this is a shared 2-core VM, the load generators run on the same\n"
     "cores): the added latency is taken within each round, and nginx's own is in the same table.\n"
 )

@@ -555,12 +555,7 @@ async fn serve(
             validate::check_json(&bytes, route.config.max_json_depth)?;
         }
         if let Some(key) = &idem_key {
-            let scope = format!(
-                "{}:{}:{}",
-                route.id,
-                principal.as_deref().map_or("-", |p| &*p.subject),
-                key.to_str().unwrap_or("")
-            );
+            let scope = idempotency::scope(&route.id, principal.as_deref().map(|p| &*p.subject), key.as_bytes());
             let hash = idempotency::body_hash(&bytes);
             let inflight_ms = route.timeout.as_millis() as u64 * u64::from(route.upstream.default_attempts()) + 30_000;
             match shared.idempotency.begin(&scope, hash, inflight_ms).await {

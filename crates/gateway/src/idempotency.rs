@@ -177,6 +177,18 @@ fn hex(h: &[u8; 32]) -> String {
     h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The record's name: one per route, principal and key. The subject is length-prefixed
+/// (subjects may contain `:`, and so may keys), so two different (principal, key) pairs can
+/// never name the same record: `sub "urn"` with key `acct:k9` is not `sub "urn:acct"` with
+/// `k9`. Route ids have no `:` (config validation); anonymous callers are `-`.
+pub fn scope(route: &str, subject: Option<&str>, key: &[u8]) -> String {
+    let key = String::from_utf8_lossy(key);
+    match subject {
+        Some(sub) => format!("{route}:{}.{sub}:{key}", sub.len()),
+        None => format!("{route}:-:{key}"),
+    }
+}
+
 /// A valid client key: 1–255 visible ASCII characters.
 pub fn valid_key(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
@@ -298,6 +310,21 @@ fn decode_begin(v: &[u8], hash: &[u8; 32]) -> Begin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_never_collide() {
+        let cases = [
+            ("orders", Some("urn:acct"), "k9"),
+            ("orders", Some("urn"), "acct:k9"),
+            ("orders", Some("urn:"), "acct:k9"),
+            ("orders", Some("-"), "k9"),
+            ("orders", None, "k9"),
+            ("orders", Some(""), "k9"),
+            ("orders", Some("3.urn:acct"), "k9"),
+        ];
+        let scopes: BTreeSet<String> = cases.iter().map(|(r, s, k)| scope(r, *s, k.as_bytes())).collect();
+        assert_eq!(scopes.len(), cases.len(), "{scopes:?}");
+    }
 
     #[tokio::test]
     async fn memory_lifecycle() {

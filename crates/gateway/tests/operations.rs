@@ -126,6 +126,49 @@ async fn an_invalid_reload_keeps_the_old_config_and_says_so() {
     assert!(get(admin, "/admin/services").await.json()["services"]["md"]["circuit_breaker"].is_string());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_hides_the_redis_password_and_says_which_methods_it_answers() {
+    let redis = RedisServer::start_with(dead_port(), &["--requirepass", "R3dis-Pa55word"]);
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let url = redis.url().replace("redis://", "redis://default:R3dis-Pa55word@");
+    let yaml = cfg_text(&sim.url(), &sim.url(), false, "").replacen(
+        "services:",
+        &format!("state: {{ backend: redis, redis: {{ url: \"{url}\" }} }}\nrate_limits: {{ per_ip: {{ rate: 1000 }} }}\nservices:"),
+        1,
+    );
+    let gw = TestGateway::start(&yaml, &[]).await;
+    // The password works (the Redis-backed limit reached Redis), and is shown nowhere.
+    assert_eq!(get(gw.addr(), "/api/v1/market/ticker/BTCUSDT").await.status, 200);
+    let admin = gw.handle.admin_addr().unwrap();
+    assert_eq!(get(admin, "/admin/stats").await.json()["redis"], "up");
+    let c = get(admin, "/admin/config").await;
+    let text = String::from_utf8_lossy(&c.body);
+    assert!(!text.contains("R3dis-Pa55word"), "{text}");
+    assert_eq!(c.json()["state"]["redis"]["url"], url.replace("R3dis-Pa55word", "<redacted>"));
+    // 405 lists exactly the methods each admin endpoint answers.
+    for (method, path, allow) in [
+        (Method::GET, "/admin/cache/invalidate", "POST"),
+        (Method::DELETE, "/admin/halt", "GET, POST, PUT"),
+        (Method::PUT, "/admin/reload", "GET, POST"),
+        (Method::POST, "/admin/config", "GET"),
+        (Method::DELETE, "/admin/routes", "GET"),
+        (Method::POST, "/admin/stats", "GET"),
+    ] {
+        let r = send(admin, method.clone(), path, &[], "").await;
+        r.assert_error(405, "method_not_allowed");
+        assert_eq!(r.headers["allow"], allow, "{method} {path}");
+    }
+    // And each listed method is answered (not 405).
+    for (method, path, body) in [
+        (Method::PUT, "/admin/halt", r#"{"halted": false}"#),
+        (Method::POST, "/admin/cache/invalidate", r#"{"all": true}"#),
+        (Method::GET, "/admin/stats", ""),
+    ] {
+        let r = send(admin, method.clone(), path, &[("content-type", "application/json")], body).await;
+        assert_ne!(r.status, 405, "{method} {path}");
+    }
+}
+
 fn cert(dir: &std::path::Path, name: &str) -> (rustls::pki_types::CertificateDer<'static>, String) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();

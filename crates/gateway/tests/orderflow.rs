@@ -189,6 +189,36 @@ async fn idempotency_replays_conflicts_and_mismatches() {
     assert_eq!(stats["idempotency_records"], 4, "{stats}");
 }
 
+/// Subjects and keys may contain `:`: one principal's key must never name another's record,
+/// in memory or in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_records_of_principals_with_colons_never_meet() {
+    let redis = RedisServer::start();
+    for state in [String::new(), format!("state: {{ backend: redis, redis: {{ url: \"{}\" }} }}\n", redis.url())] {
+        let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let gw = TestGateway::start(&yaml(&sim.url(), &state, ORDERS), &[]).await;
+        let post = |sub: &str, key: &str, id: &str| {
+            let auth = who(sub);
+            let (key, body, addr) = (key.to_string(), order(id), gw.addr());
+            async move {
+                let h =
+                    [("authorization", auth.as_str()), ("content-type", "application/json"), ("idempotency-key", &key)];
+                send(addr, Method::POST, "/api/v1/orders", &h, body).await
+            }
+        };
+        assert_eq!(post("urn:acct", "k9", "first").await.status, 201);
+        for (sub, key) in [("urn", "acct:k9"), ("urn:", "acct:k9"), ("urn:acct:k9", "x"), ("8.urn:acct", "k9")] {
+            let r = post(sub, key, &format!("{sub}/{key}")).await;
+            assert_eq!(r.status, 201, "{sub} {key}: {state}");
+            assert!(
+                !r.headers.contains_key("idempotent-replayed"),
+                "{sub} {key} got another principal's order: {state}"
+            );
+        }
+        assert_eq!(sim.hits(), 5, "{state}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_fails_closed_when_redis_is_down() {
     let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();

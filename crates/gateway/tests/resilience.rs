@@ -167,7 +167,11 @@ async fn read_request(s: &mut TcpStream) -> Option<(String, Vec<u8>)> {
 }
 
 async fn fault_upstream() -> FaultUpstream {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    fault_upstream_on("127.0.0.1:0".parse().unwrap()).await
+}
+
+async fn fault_upstream_on(addr: std::net::SocketAddr) -> FaultUpstream {
+    let l = TcpListener::bind(addr).await.unwrap();
     let addr = l.local_addr().unwrap();
     let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let seen2 = seen.clone();
@@ -191,6 +195,14 @@ async fn fault_upstream() -> FaultUpstream {
                         }
                         Some("hang") => {
                             std::future::pending::<()>().await;
+                        }
+                        // The order's first delivery hangs, any later one is refused with 503.
+                        Some("hang-then-503") => {
+                            let id = v["client_order_id"].as_str().unwrap_or_default().to_string();
+                            if seen.lock().unwrap()[&id] == 1 {
+                                std::future::pending::<()>().await;
+                            }
+                            let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await;
                         }
                         // Answer the first request on a connection; close on the second after
                         // reading it (the keep-alive race, at its worst: processed, unanswered).
@@ -252,6 +264,76 @@ async fn an_order_is_never_sent_twice_whatever_the_upstream_does() {
     for id in ["a", "b", "c", "d1", "e0", "e4"] {
         assert!(seen.contains_key(id), "order {id} never arrived");
     }
+}
+
+/// A keyed order whose first try may have reached the upstream (reset after the upstream read
+/// it, or no answer in time) keeps its key whatever the gateway's own retry then gets: refused
+/// (the service died), the breaker open, or a 503. The client gets the in-doubt 502/504, and its
+/// retry with the same key replays that instead of placing the order again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_order_in_doubt_keeps_its_key_whatever_the_retry_gets() {
+    let routes = "  - { id: orders, path: \"/api/v1/orders\", methods: [POST], service: up, public: true, json: true, timeout: 3s, idempotency: { required: true, ttl: 1h } }\n";
+    let gateway = |addr: std::net::SocketAddr, breaker: &str, retry: &str| {
+        let extra = format!(
+            "    health_check: {{ enabled: false }}\n    outlier_detection: {{ enabled: false }}\n    circuit_breaker: {breaker}\n    retry: {retry}\n"
+        );
+        service_yaml(&[format!("http://{addr}")], &extra, routes)
+    };
+    let order =
+        |id: &str| format!(r#"{{"symbol":"BTCUSDT","side":"buy","quantity":1,"price":1,"client_order_id":"{id}"}}"#);
+    let post = |addr: std::net::SocketAddr, key: &'static str, fault: &'static str, id: &'static str| async move {
+        let h = [("content-type", "application/json"), ("idempotency-key", key), ("x-fault", fault)];
+        send(addr, Method::POST, "/api/v1/orders", &h, order(id)).await
+    };
+
+    // (a) The order service reads the order and dies: the retry finds the port closed.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let gw =
+        TestGateway::start(&gateway(addr, "{ enabled: false }", "{ attempts: 2, min_retries_per_second: 100 }"), &[])
+            .await;
+    let crash = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        read_request(&mut s).await.unwrap();
+        // The port closes before the connection does: the retry is refused.
+        drop(l);
+        drop(s);
+    });
+    let first = post(gw.addr(), "k-a", "", "a").await;
+    crash.await.unwrap();
+    first.assert_error(502, "upstream_reset");
+    // The service comes back on its port; the client retries with the key.
+    let back = fault_upstream_on(addr).await;
+    let again = post(gw.addr(), "k-a", "", "a").await;
+    assert_eq!(again.status, 502, "the in-doubt order was placed again");
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert!(back.seen.lock().unwrap().is_empty(), "the order reached the upstream a second time");
+
+    // (b) The first try is reset after the upstream read it, which opens the breaker: the retry
+    // finds it open.
+    let up = fault_upstream().await;
+    let gw = TestGateway::start(
+        &gateway(up.addr, "{ consecutive_failures: 1 }", "{ attempts: 2, min_retries_per_second: 100 }"),
+        &[],
+    )
+    .await;
+    post(gw.addr(), "k-b", "reset", "b").await.assert_error(502, "upstream_reset");
+    let again = post(gw.addr(), "k-b", "", "b").await;
+    assert_eq!(again.headers["idempotent-replayed"], "true", "status {}", again.status);
+    assert_eq!(up.seen.lock().unwrap()["b"], 1);
+
+    // (c) The first try gets no answer in time; the retry gets a 503.
+    let up = fault_upstream().await;
+    let gw = TestGateway::start(
+        &gateway(up.addr, "{ enabled: false }", "{ attempts: 2, per_try_timeout: 300ms, min_retries_per_second: 100 }"),
+        &[],
+    )
+    .await;
+    post(gw.addr(), "k-c", "hang-then-503", "c").await.assert_error(504, "upstream_timeout");
+    let again = post(gw.addr(), "k-c", "", "c").await;
+    assert_eq!(again.status, 504);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(up.seen.lock().unwrap()["c"], 2, "the first try and the gateway's retry, nothing more");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -597,6 +597,60 @@ async fn cors_matrix() {
     assert_eq!(r.headers["access-control-allow-origin"], TEST_ORIGIN);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_own_cors_headers_never_reach_a_disallowed_origin() {
+    // A permissive upstream: `*`, or the caller's origin echoed, with credentials and the rest.
+    let up = upstream(|req: http::Request<hyper::body::Incoming>| {
+        let origin = req.headers().get("origin").cloned();
+        let echo = req.uri().path() == "/echo";
+        async move {
+            let mut r = http::Response::builder()
+                .header("access-control-allow-credentials", "true")
+                .header("access-control-expose-headers", "x-secret")
+                .header("access-control-allow-methods", "GET, POST, DELETE")
+                .header("access-control-allow-headers", "*")
+                .header("access-control-max-age", "86400")
+                .header("content-type", "application/json");
+            r = match (echo, origin) {
+                (true, Some(o)) => r.header("access-control-allow-origin", o),
+                _ => r.header("access-control-allow-origin", "*"),
+            };
+            r.body(full_body("{}")).unwrap()
+        }
+    })
+    .await;
+    let mut yaml = config_yaml(
+        &[("up", format!("http://{up}"))],
+        "  - { id: star, path: \"/star\", methods: [GET], service: up, public: true }\n  - { id: echo, path: \"/echo\", methods: [GET], service: up, public: true }\n",
+    );
+    yaml.push_str(&format!("cors: {{ allowed_origins: [\"{TEST_ORIGIN}\"], exposed_headers: [x-request-id] }}\n"));
+    let gw = TestGateway::start(&yaml, &[]).await;
+    let upstream_only = [
+        "access-control-allow-origin",
+        "access-control-allow-credentials",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+        "access-control-max-age",
+    ];
+    for path in ["/star", "/echo"] {
+        for origin in [Some("https://evil.example"), Some("null"), None] {
+            let h: Vec<(&str, &str)> = origin.iter().map(|o| ("origin", *o)).collect();
+            let r = send(gw.addr(), Method::GET, path, &h, "").await;
+            assert_eq!(r.status, 200);
+            for name in upstream_only.iter().chain(&["access-control-expose-headers"]) {
+                assert!(!r.headers.contains_key(*name), "{path} from {origin:?}: the upstream's {name} got through");
+            }
+        }
+        // The allowed origin gets the gateway's answer, not the upstream's.
+        let r = send(gw.addr(), Method::GET, path, &[("origin", TEST_ORIGIN)], "").await;
+        assert_eq!(r.headers["access-control-allow-origin"], TEST_ORIGIN, "{path}");
+        assert_eq!(r.headers["access-control-expose-headers"], "x-request-id", "{path}");
+        for name in upstream_only.iter().skip(1) {
+            assert!(!r.headers.contains_key(*name), "{path}: the upstream's {name} got through");
+        }
+    }
+}
+
 const VALIDATION_ROUTES: &str = "  - { id: v, path: \"/v\", methods: [POST], service: up, public: true, max_body: 1KiB, content_types: [application/json], required_headers: [x-client-id], json: true, max_json_depth: 4 }\n  - { id: s, path: \"/s\", methods: [POST], service: up, public: true, max_body: 1KiB }\n";
 
 async fn validation_gateway() -> (b25_sim::SimServer, TestGateway) {

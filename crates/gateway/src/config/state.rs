@@ -1,7 +1,9 @@
 //! `state:` (where shared state lives) and `rate_limits:` sections.
 
 use super::HumanDuration;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
+use std::borrow::Cow;
+use std::fmt;
 
 /// Redis calls must never stall a request for long: tens of milliseconds, then the
 /// configured fallback applies.
@@ -34,15 +36,16 @@ pub enum Backend {
     Redis,
 }
 
-/// `state.redis:`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+/// `state.redis:`. The URLs may carry a password (`redis://user:password@host`): it is
+/// shown as `<redacted>` by `Debug` and by the admin API (`Serialize`).
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port/db` of a single Redis.
-    #[serde(default)]
+    #[serde(default, serialize_with = "ser_url")]
     pub url: Option<String>,
     /// Seed nodes of a Redis Cluster (`redis://host:port` each).
-    #[serde(default)]
+    #[serde(default, serialize_with = "ser_urls")]
     pub cluster: Vec<String>,
     /// Timeout of one call.
     #[serde(default = "default_redis_timeout")]
@@ -53,6 +56,39 @@ pub struct RedisConfig {
     /// Prefix of every key the gateway writes.
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
+}
+
+/// `url` with the password of its user information replaced by `<redacted>` (the whole user
+/// information when it has no `:`, since a lone part may be the password).
+pub fn redact_url(url: &str) -> Cow<'_, str> {
+    let Some((scheme, rest)) = url.split_once("://") else { return Cow::Borrowed(url) };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let Some(at) = authority.rfind('@') else { return Cow::Borrowed(url) };
+    let user = match authority[..at].split_once(':') {
+        Some((user, _)) => format!("{user}:<redacted>"),
+        None => "<redacted>".to_string(),
+    };
+    Cow::Owned(format!("{scheme}://{user}{}", &rest[at..]))
+}
+
+fn ser_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    url.as_deref().map(redact_url).serialize(s)
+}
+
+fn ser_urls<S: Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| redact_url(u)))
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("cluster", &self.cluster.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .field("retry_interval", &self.retry_interval)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
 }
 
 fn default_redis_timeout() -> HumanDuration {
@@ -127,5 +163,24 @@ impl Default for RateLimitsConfig {
             max_keys: DEFAULT_MAX_KEYS,
             headers: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redis_passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://default:s3cret@127.0.0.1:6379/0"),
+            "redis://default:<redacted>@127.0.0.1:6379/0"
+        );
+        assert_eq!(redact_url("rediss://:s3cret@h:6380"), "rediss://:<redacted>@h:6380");
+        assert_eq!(redact_url("redis://s3cret@h"), "redis://<redacted>@h");
+        assert_eq!(redact_url("redis://u:p@ss@h/0"), "redis://u:<redacted>@h/0");
+        assert_eq!(redact_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(redact_url("redis://h/0?x=a@b"), "redis://h/0?x=a@b");
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 }

@@ -483,6 +483,7 @@ fn validate_state(c: &Config, err: &mut impl FnMut(String, String)) {
                 let nodes = r.cluster.iter().enumerate().map(|(i, u)| (format!("state.redis.cluster[{i}]"), u));
                 for (path, u) in urls.chain(nodes) {
                     if !u.starts_with("redis://") {
+                        let u = super::state::redact_url(u);
                         err(path, format!("{u:?} is not a redis:// URL (TLS to Redis is not built in)"));
                     }
                 }

@@ -122,8 +122,16 @@ impl Cors {
     }
 
     /// Adds the response headers for an allowed origin (every response, errors included), and
-    /// `Vary: Origin` in any case.
+    /// `Vary: Origin` in any case. The gateway owns CORS once it is configured: an upstream's
+    /// own `Access-Control-*` answers (a `*`, an echoed origin) are removed first, so an origin
+    /// that is not allowed never gets them.
     pub fn apply(&self, origin: Option<&HeaderValue>, preflight: bool, h: &mut HeaderMap) {
+        if !preflight {
+            // (A preflight's answer is the gateway's own.)
+            for name in &UPSTREAM_CORS {
+                h.remove(name);
+            }
+        }
         h.append(header::VARY, HeaderValue::from_static("Origin"));
         let Some(origin) = origin.filter(|o| self.allows(o)) else { return };
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
@@ -135,6 +143,16 @@ impl Cors {
         }
     }
 }
+
+/// The CORS response headers, all set by the gateway alone when `cors` is configured.
+const UPSTREAM_CORS: [header::HeaderName; 6] = [
+    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+    header::ACCESS_CONTROL_ALLOW_METHODS,
+    header::ACCESS_CONTROL_ALLOW_HEADERS,
+    header::ACCESS_CONTROL_MAX_AGE,
+];
 
 fn valid_origin(o: &str) -> bool {
     let Some((scheme, rest)) = o.split_once("://") else { return false };

@@ -273,6 +273,16 @@ enum Failure {
     Error(GatewayError, bool),
 }
 
+impl Failure {
+    /// What the call returns when this try is its last.
+    fn into_result(self) -> Result<Response<h1::ResponseBody>, GatewayError> {
+        match self {
+            Failure::Status(resp) => Ok(*resp),
+            Failure::Error(e, _) => Err(e),
+        }
+    }
+}
+
 impl Upstream {
     /// Builds the service's instances and connection pools (one per worker thread and
     /// instance, plus one per instance for other threads; validated config: URLs parse).
@@ -425,6 +435,19 @@ impl Upstream {
         self.budget.deposit();
         let metrics = call.metrics;
         let series = self.series(metrics);
+        // The first failure of a POST/PATCH try that may have reached the upstream (sent, no
+        // answer). Once there is one, the order's outcome is unknown whatever a later try gets:
+        // a later failure that sent nothing, or a 5xx, must not stand for the call (the caller
+        // would free the Idempotency-Key, and the client's retry would place the order again).
+        let mut in_doubt: Option<GatewayError> = None;
+        let settle = |result: Result<Response<h1::ResponseBody>, GatewayError>, in_doubt: Option<GatewayError>| {
+            let Some(doubt) = in_doubt else { return result };
+            match &result {
+                Ok(r) if r.status().is_server_error() => Err(doubt),
+                Err(e) if e.kind().request_not_sent() => Err(doubt),
+                _ => result,
+            }
+        };
 
         for attempt in 0..call.attempts.max(1) {
             // Clock readings are reused: one when the try starts, one when it ends.
@@ -432,14 +455,19 @@ impl Upstream {
             let now_ms = self.ms_at(sent);
             let (permit, t) = self.breaker.acquire(now_ms);
             self.transition(t, metrics);
-            let permit = permit.map_err(|wait_ms| {
-                GatewayError::new(ErrorKind::CircuitOpen, "the service is failing; try again shortly")
-                    .with_header(header::RETRY_AFTER, http::HeaderValue::from(wait_ms.div_ceil(1000).max(1)))
-                    .with_detail(&self.name)
-            })?;
+            let permit = match permit {
+                Ok(p) => p,
+                Err(wait_ms) => {
+                    let e = GatewayError::new(ErrorKind::CircuitOpen, "the service is failing; try again shortly")
+                        .with_header(header::RETRY_AFTER, http::HeaderValue::from(wait_ms.div_ceil(1000).max(1)))
+                        .with_detail(&self.name);
+                    return settle(Err(e), in_doubt);
+                }
+            };
             let Some(idx) = self.balancer.pick(&self.instances, call.hash_key, now_ms, exclude) else {
-                return Err(GatewayError::new(ErrorKind::NoHealthyUpstream, "no healthy instance of the service")
-                    .with_detail(&self.name));
+                let e = GatewayError::new(ErrorKind::NoHealthyUpstream, "no healthy instance of the service")
+                    .with_detail(&self.name);
+                return settle(Err(e), in_doubt);
             };
             let inst = &self.instances[idx];
             // This try's body: the original the first time, the kept bytes after.
@@ -468,7 +496,7 @@ impl Upstream {
                     let t = self.breaker.record(permit, !server_error, now_ms);
                     self.transition(t, metrics);
                     self.passive(idx, true, now_ms, metrics);
-                    return Ok(resp);
+                    return settle(Ok(resp), in_doubt);
                 }
                 Ok(Ok(resp)) => {
                     series.request(metrics, idx, resp.status().as_u16());
@@ -507,10 +535,7 @@ impl Upstream {
                 ok
             };
             if !retry {
-                return match failure {
-                    Failure::Status(resp) => Ok(*resp),
-                    Failure::Error(e, _) => Err(e),
-                };
+                return settle(failure.into_result(), in_doubt);
             }
             // Wait: an upstream's Retry-After on 503 if it fits the deadline, else backoff
             // with full jitter.
@@ -526,14 +551,14 @@ impl Upstream {
             {
                 let ra = Duration::from_secs(ra);
                 if ra >= left {
-                    return match failure {
-                        Failure::Status(resp) => Ok(*resp),
-                        Failure::Error(e, _) => Err(e),
-                    };
+                    return settle(failure.into_result(), in_doubt);
                 }
                 wait = ra;
             }
-            drop(failure);
+            match failure {
+                Failure::Error(e, false) if in_doubt.is_none() && !idempotent(&parts.method) => in_doubt = Some(e),
+                f => drop(f),
+            }
             metrics.retry(&self.name);
             tokio::time::sleep(wait.min(left)).await;
             exclude = Some(idx);

@@ -155,8 +155,12 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> Result<Response<Gatew
                 }),
             ))
         }
-        (_, "/admin/halt" | "/admin/cache/invalidate" | "/admin/reload") => {
-            Err(GatewayError::method_not_allowed(HeaderValue::from_static("GET, POST")))
+        // The methods each endpoint answers (RFC 9110 §15.5.6: `Allow` lists exactly those).
+        (_, "/admin/halt") => Err(GatewayError::method_not_allowed(HeaderValue::from_static("GET, POST, PUT"))),
+        (_, "/admin/cache/invalidate") => Err(GatewayError::method_not_allowed(HeaderValue::from_static("POST"))),
+        (_, "/admin/reload") => Err(GatewayError::method_not_allowed(HeaderValue::from_static("GET, POST"))),
+        (_, "/admin/config" | "/admin/routes" | "/admin/services" | "/admin/stats") => {
+            Err(GatewayError::method_not_allowed(HeaderValue::from_static("GET")))
         }
         _ => Err(GatewayError::new(ErrorKind::NotFound, "no such admin endpoint")),
     }
