@@ -120,6 +120,14 @@ impl Observed {
         }
     }
 
+    /// The body broke before any byte of the response was written: the client is answered
+    /// with `status` instead, and the request is recorded so. Returns the request id.
+    pub fn replaced_by(&mut self, status: u16) -> Option<http::HeaderValue> {
+        let rec = self.record.as_mut()?;
+        rec.status = status;
+        Some(rec.request_id.clone())
+    }
+
     /// The request id and the gateway's other own headers, when the connection's writer is
     /// to put them into the head ([`crate::observe::OwnHeaders`]).
     pub fn own_headers(&self) -> Option<(http::HeaderValue, crate::observe::OwnHeaders)> {

@@ -367,6 +367,9 @@ async fn serve(
     if !conn.framing_checked {
         validate::check_framing(&parts.headers)?;
     }
+    if let Some(a) = parts.uri.authority() {
+        validate::check_authority(a.as_str(), &parts.headers, parts.version)?;
+    }
     let path = normalize::normalize(parts.uri.path()).map_err(|e| GatewayError::new(ErrorKind::BadRequest, e.0))?;
 
     // CORS preflight: answered here, for a path and method the table serves, without auth.
@@ -507,13 +510,10 @@ async fn serve(
     let has_body = !body.is_end_stream();
     validate::check_content_type(&parts.headers, has_body, &route.config.content_types)?;
 
-    // HTTP/2 clients send `:authority` instead of `Host`. (The client's `Host` stays in the map
-    // but is not sent: the upstream gets its own.)
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    // The target's authority when it has one (HTTP/2's `:authority`, an absolute-form target:
+    // RFC 9112 §3.2.2 and RFC 9113 §8.3.1 put it before `Host`), else `Host`. (The client's
+    // `Host` stays in the map but is not sent: the upstream gets its own.)
+    let host = request_authority(&parts);
     // The upstream client sends the URI's path and query (origin form); it is only rebuilt
     // when normalisation or a prefix rewrite changed the path.
     let upstream_path = route.rewrite(&path);
@@ -723,6 +723,16 @@ async fn serve(
     Ok(Response::from_parts(parts, GatewayBody::Upstream(body)))
 }
 
+/// The host the client addressed: the target's authority when it has one (HTTP/2, an
+/// absolute-form target), else `Host` (checked by [`validate::check_authority`] and
+/// [`validate::valid_host`]).
+fn request_authority(parts: &http::request::Parts) -> Option<HeaderValue> {
+    match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    }
+}
+
 /// `Idempotency-Key` (draft-ietf-httpapi-idempotency-key-header).
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// Marks a replayed response.
@@ -800,7 +810,8 @@ async fn websocket_proxy(
         Some(q) => format!("{upstream_path}?{q}"),
         None => upstream_path.into_owned(),
     };
-    let host = parts.headers.remove(header::HOST);
+    let host = request_authority(&parts);
+    parts.headers.remove(header::HOST);
     let mut h = parts.headers.clone();
     headers::strip_hop_by_hop(&mut h);
     // Compression extensions are not relayed (messages are re-framed by the relay).

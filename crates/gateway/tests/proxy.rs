@@ -396,6 +396,45 @@ async fn http2_prior_knowledge_h2c() {
     assert_eq!(rec.headers["x-forwarded-host"], gw.addr().to_string().as_str());
 }
 
+/// The host the client addressed is the target's authority when there is one: HTTP/2's
+/// `:authority` (a different `Host` beside it, or user information in it, is a malformed
+/// request) and an HTTP/1.1 absolute-form target (its `Host` is ignored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_targets_authority_is_the_forwarded_host() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let gw = TestGateway::start(&sim_route(sim.url()), &[]).await;
+    let mut tx = h2c(gw.addr()).await;
+    let h2 = |authority: &str, host: Option<&str>| {
+        let mut r = Request::get(format!("http://{authority}/api/v1/market/ticker/A"));
+        if let Some(h) = host {
+            r = r.header("host", h);
+        }
+        r.body(http_body_util::Empty::<Bytes>::new()).unwrap()
+    };
+    let ok = tx.send_request(h2("gw.example", Some("GW.example"))).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(sim.requests().pop().unwrap().headers["x-forwarded-host"], "gw.example");
+    for (authority, host) in [("gw.example", Some("other.example")), ("user@gw.example", None)] {
+        let r = tx.send_request(h2(authority, host)).await.unwrap();
+        assert_eq!(r.status(), 400, "{authority} with Host {host:?}");
+    }
+    assert_eq!(sim.requests().len(), 1, "a malformed authority reached the upstream");
+    // HTTP/1.1, absolute form: the target's authority, not Host.
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"GET http://gw.example:8443/api/v1/market/ticker/B HTTP/1.1\r\nHost: other.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    assert_eq!(sim.requests().pop().unwrap().headers["x-forwarded-host"], "gw.example:8443");
+    s.write_all(b"GET http://user@gw.example/api/v1/market/ticker/B HTTP/1.1\r\nHost: gw.example\r\n\r\n")
+        .await
+        .unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 400"), "{}", String::from_utf8_lossy(&buf[..n]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connection_is_closed_after_header_timeout() {
     let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();

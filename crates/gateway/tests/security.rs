@@ -417,10 +417,11 @@ async fn escapes_that_are_not_utf8_get_400_and_never_reach_the_upstream() {
         assert!(text.contains("\"bad_request\"") && text.contains("UTF-8"), "{v}\n{text}");
     }
     assert_eq!(sim.hits(), 0, "a path that is not UTF-8 reached the upstream");
-    // Percent-encoded UTF-8 is forwarded, kept encoded (the simulator has no such path: its 404).
+    // Percent-encoded UTF-8 is forwarded, kept encoded with upper-case hex (RFC 3986 §6.2.2.1:
+    // one spelling per path; the simulator has no such path: its 404).
     send(gw.addr(), Method::GET, "/pub/caf%c3%a9", &[], "").await;
     assert_eq!(sim.hits(), 1);
-    assert_eq!(sim.requests().pop().unwrap().uri.path(), "/pub/caf%c3%a9");
+    assert_eq!(sim.requests().pop().unwrap().uri.path(), "/pub/caf%C3%A9");
 }
 
 /// A `Host` that is not `host[:port]` gets 400 (RFC 9112 §3.2) and is never copied into

@@ -46,7 +46,9 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
                 if v < 0x20 || v == 0x7f {
                     return Err(InvalidPath("control character in path"));
                 }
-                if is_unreserved(v) {
+                // Decoded (unreserved) or rewritten with upper-case hex (RFC 3986 §6.2.2.1),
+                // so that one resource has one spelling for routes, cache keys and upstreams.
+                if is_unreserved(v) || hex.iter().any(u8::is_ascii_lowercase) {
                     needs_decode = true;
                 }
                 high_escape |= v >= 0x80;
@@ -167,7 +169,10 @@ mod tests {
         assert_eq!(normalize("/").unwrap(), "/");
         assert_eq!(normalize("/a/.b/..c/...").unwrap(), "/a/.b/..c/...");
         // UTF-8 escapes stay as they are (upper-cased when something else is decoded).
-        assert!(matches!(normalize("/m/caf%c3%a9").unwrap(), Cow::Borrowed(_)));
+        assert!(matches!(normalize("/m/caf%C3%A9").unwrap(), Cow::Borrowed(_)));
+        // Lower-case hex is rewritten even when nothing is decoded: one spelling per path.
+        assert_eq!(normalize("/m/caf%c3%a9").unwrap(), "/m/caf%C3%A9");
+        assert_eq!(normalize("/m/%ef%bc%8f").unwrap(), "/m/%EF%BC%8F");
         assert_eq!(normalize("/%6d/caf%c3%a9/\u{e9}").unwrap(), "/m/caf%C3%A9/\u{e9}");
         assert_eq!(normalize("/m/%E2%82%AC").unwrap(), "/m/%E2%82%AC");
         for bad in [
@@ -236,6 +241,7 @@ mod tests {
                         decoded = true;
                         out.push(v);
                     } else {
+                        decoded |= b[i + 1..i + 3].iter().any(u8::is_ascii_lowercase);
                         out.extend([b'%', b[i + 1].to_ascii_uppercase(), b[i + 2].to_ascii_uppercase()]);
                     }
                     i += 3;

@@ -65,6 +65,29 @@ pub fn valid_host(v: &[u8]) -> bool {
     port_ok && host.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b))
 }
 
+/// A `tchar` of RFC 9110 §5.6.2 (the bytes of a token: field names, methods).
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Checks a request target's authority (HTTP/2's `:authority`, an absolute-form target): the
+/// same grammar as `Host` ([`valid_host`]; so no user information, RFC 9113 §8.3.1, RFC 9110
+/// §4.2.4), and over HTTP/2 a `Host` that names another host is refused (RFC 9113 §8.3.1: the
+/// request is malformed) rather than letting one of the two win silently. Over HTTP/1.1 the
+/// target's authority is used and `Host` ignored (RFC 9112 §3.2.2).
+pub fn check_authority(authority: &str, h: &HeaderMap, version: http::Version) -> Result<(), GatewayError> {
+    let bad = |m: &'static str| Err(GatewayError::new(ErrorKind::BadRequest, m));
+    if !valid_host(authority.as_bytes()) {
+        return bad("invalid authority in the request target");
+    }
+    if version == http::Version::HTTP_2
+        && h.get_all(header::HOST).iter().any(|v| !v.as_bytes().eq_ignore_ascii_case(authority.as_bytes()))
+    {
+        return bad("Host differs from :authority");
+    }
+    Ok(())
+}
+
 /// Refuses ambiguous framing (RFC 9112 §6.1, §6.3): both `Content-Length` and
 /// `Transfer-Encoding`, several `Content-Length` values, a non-numeric length, or a transfer
 /// coding other than `chunked`; and a malformed `Host` ([`valid_host`]). The connection is
@@ -203,6 +226,20 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("+5"));
         assert!(check_framing(&h).is_err());
+    }
+
+    #[test]
+    fn authorities() {
+        let mut h = HeaderMap::new();
+        assert!(check_authority("gw.example:8443", &h, http::Version::HTTP_2).is_ok());
+        assert!(check_authority("user@gw.example", &h, http::Version::HTTP_2).is_err());
+        assert!(check_authority("user@gw.example", &h, http::Version::HTTP_11).is_err());
+        h.insert(header::HOST, http::HeaderValue::from_static("GW.example"));
+        assert!(check_authority("gw.example", &h, http::Version::HTTP_2).is_ok());
+        h.insert(header::HOST, http::HeaderValue::from_static("other.example"));
+        assert!(check_authority("gw.example", &h, http::Version::HTTP_2).is_err());
+        // HTTP/1.1 absolute form: Host is ignored.
+        assert!(check_authority("gw.example", &h, http::Version::HTTP_11).is_ok());
     }
 
     #[test]

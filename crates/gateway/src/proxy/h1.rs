@@ -383,6 +383,8 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Gatew
     let mut lines = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut lines) {
+        // The cap holds however the head arrived (whole in one read, or in pieces).
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => return Err(bad_response("response head too large")),
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
             return Err(bad_response("response head too large"));
@@ -549,7 +551,7 @@ fn response_framing(
     headers: &[httparse::Header<'_>],
     method: &Method,
 ) -> Result<(Framing, bool, bool), GatewayError> {
-    let (mut connection, mut close, mut te, mut last_te) = (false, false, false, None);
+    let (mut connection, mut close, mut te) = (false, false, false);
     let mut length: Option<u64> = None;
     for h in headers {
         let name = h.name.as_bytes();
@@ -557,8 +559,17 @@ fn response_framing(
             connection = true;
             close |= h.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            te = true;
-            last_te = h.value.rsplit(|&b| b == b',').next().map(<[u8]>::trim_ascii);
+            // Only `chunked`, once: another coding (gzip, …) would have to be decoded or
+            // passed on as a transfer coding, and relaying its bytes as the content is wrong.
+            for coding in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|c| !c.is_empty()) {
+                if !coding.eq_ignore_ascii_case(b"chunked") {
+                    return Err(bad_response("unsupported Transfer-Encoding (only chunked is relayed)"));
+                }
+                if te {
+                    return Err(bad_response("chunked applied more than once"));
+                }
+                te = true;
+            }
         } else if name.eq_ignore_ascii_case(b"content-length") {
             for part in h.value.split(|&b| b == b',') {
                 let n = parse_decimal(part.trim_ascii()).ok_or_else(|| bad_response("invalid Content-Length"))?;
@@ -577,11 +588,7 @@ fn response_framing(
         if length.is_some() {
             return Err(bad_response("both Transfer-Encoding and Content-Length"));
         }
-        return Ok(if last_te.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")) {
-            (Framing::Chunked, keep_alive, connection)
-        } else {
-            (Framing::Close, false, connection)
-        });
+        return Ok((Framing::Chunked, keep_alive, connection));
     }
     Ok(match length {
         Some(0) => (Framing::Empty, keep_alive, connection),
@@ -641,16 +648,7 @@ pub(crate) fn decode(state: &mut Chunk, buf: &mut BytesMut, skip_data: bool) -> 
                         Ok(Step::NeedMore)
                     };
                 };
-                let line = buf[..i].strip_suffix(b"\r").unwrap_or(&buf[..i]);
-                let size = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-                if size.is_empty() || size.len() > 16 {
-                    return Err("invalid chunk size");
-                }
-                let mut n = 0u64;
-                for &c in size {
-                    let d = (c as char).to_digit(16).ok_or("invalid chunk size")?;
-                    n = n << 4 | u64::from(d);
-                }
+                let n = chunk_size(&buf[..i])?;
                 buf.advance(i + 1);
                 *state = if n == 0 { Chunk::Trailers(0) } else { Chunk::Data(n) };
             }
@@ -684,11 +682,15 @@ pub(crate) fn decode(state: &mut Chunk, buf: &mut BytesMut, skip_data: bool) -> 
                         Ok(Step::NeedMore)
                     };
                 };
-                let empty = i == 0 || (i == 1 && buf[0] == b'\r');
-                buf.advance(i + 1);
-                if empty {
+                let line = buf[..i].strip_suffix(b"\r").unwrap_or(&buf[..i]);
+                if line.is_empty() {
+                    buf.advance(i + 1);
                     return Ok(Step::End);
                 }
+                if !valid_trailer(line) {
+                    return Err("invalid trailer line");
+                }
+                buf.advance(i + 1);
                 if seen + i + 1 > MAX_TRAILERS {
                     return Err("trailers too large");
                 }
@@ -696,6 +698,36 @@ pub(crate) fn decode(state: &mut Chunk, buf: &mut BytesMut, skip_data: bool) -> 
             }
         }
     }
+}
+
+/// The size on a chunk-size line (without its LF), strictly as RFC 9112 §7.1 writes it:
+/// `1*HEXDIG [ BWS ";" chunk-ext ] CR`. No whitespace before the size or after it unless an
+/// extension follows, no bare CR or other control byte anywhere (a front proxy that reads
+/// such a line differently would disagree about where the body ends); leading zeros are fine.
+fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let (size, rest) = line.split_at(digits);
+    if size.is_empty() {
+        return Err("invalid chunk size");
+    }
+    let ext = rest.trim_ascii_start();
+    if !(rest.is_empty() || ext.first() == Some(&b';')) || ext.iter().any(|&b| b.is_ascii_control() && b != b'\t') {
+        return Err("invalid chunk size line");
+    }
+    let significant = &size[size.iter().take_while(|&&b| b == b'0').count()..];
+    if significant.len() > 16 {
+        return Err("chunk size too large");
+    }
+    Ok(significant.iter().fold(0u64, |n, &c| n << 4 | u64::from((c as char).to_digit(16).unwrap_or(0))))
+}
+
+/// A trailer field line: a token name, `:`, a value without control bytes but HTAB.
+fn valid_trailer(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else { return false };
+    colon > 0
+        && line[..colon].iter().all(|&b| crate::pipeline::validate::is_tchar(b))
+        && line[colon + 1..].iter().all(|&b| !b.is_ascii_control() || b == b'\t')
 }
 
 enum State {
@@ -920,11 +952,33 @@ mod tests {
             b"-5\r\nhello\r\n0\r\n\r\n",
             b"10000000000000000\r\n",
             b"0x5\r\nhello\r\n0\r\n\r\n",
+            // RFC 9112 §7.1: no whitespace around the size without an extension, no bare CR,
+            // no control bytes in an extension, trailer lines are fields.
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"5 \r\nhello\r\n0\r\n\r\n",
+            b"5\t\r\nhello\r\n0\r\n\r\n",
+            b"5\r\r\nhello\r\n0\r\n\r\n",
+            b"5;\x01\x7f\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nnot a header\x00\r\n\r\n",
+            b"5\r\nhello\r\n0\r\n: empty name\r\n\r\n",
         ] {
             assert!(decode_all(bad, 64).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
         let long = [b'1'; MAX_CHUNK_LINE + 2];
         assert!(decode_all(&long, 64).is_err());
+        for good in [
+            &b"00000000000000005\r\nhello\r\n0\r\n\r\n"[..],
+            b"5 ; name=\"v\"\r\nhello\r\n0\r\n\r\n",
+            b"5;a\r\nhello\r\n0\r\nx-t: v\t1\r\n\r\n",
+            b"5\nhello\n0\n\n",
+        ] {
+            assert_eq!(
+                decode_all(good, 64).map(|(d, _)| d),
+                Ok(b"hello".to_vec()),
+                "{:?}",
+                String::from_utf8_lossy(good)
+            );
+        }
     }
 
     /// The head's parts with every header in the map.
@@ -982,13 +1036,14 @@ mod tests {
             Ok((Framing::Length(5), true))
         );
         assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", get()),
+            framing_of("HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n", get()),
             Ok((Framing::Chunked, true))
         );
-        assert_eq!(
-            framing_of("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", get()),
-            Ok((Framing::Close, false))
-        );
+        // Codings other than chunked are not relayed as if they were the content.
+        for te in ["gzip, chunked", "gzip", "identity", "chunked, chunked", "chunked\r\ntransfer-encoding: chunked"] {
+            let head = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n");
+            assert!(framing_of(&head, get()).is_err(), "{te}");
+        }
         assert_eq!(framing_of("HTTP/1.1 200 OK\r\n\r\n", get()), Ok((Framing::Close, false)));
         assert_eq!(
             framing_of("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n", get()),
@@ -1025,6 +1080,9 @@ mod tests {
         assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n").unwrap().is_none());
         let huge = format!("HTTP/1.1 200 OK\r\nx: {}\r\n", "a".repeat(MAX_HEAD));
         assert_eq!(head(&huge).err().map(|e| e.kind()), Some(ErrorKind::UpstreamBadResponse));
+        // The same head complete in one read is refused too.
+        let whole = format!("{huge}\r\n");
+        assert_eq!(head(&whole).err().map(|e| e.kind()), Some(ErrorKind::UpstreamBadResponse));
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
         let many = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
         assert_eq!(head(&many).err().map(|e| e.kind()), Some(ErrorKind::UpstreamBadResponse));

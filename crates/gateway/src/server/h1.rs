@@ -690,7 +690,9 @@ async fn write_response(
                         n_ready += 1;
                     }
                 }
-                Poll::Ready(Some(Err(_))) => return Err(io::ErrorKind::BrokenPipe.into()),
+                // Nothing is written yet (e.g. a bad chunk size that came with the upstream's
+                // head): the client can still get a proper 502.
+                Poll::Ready(Some(Err(_))) => return write_bad_upstream(w, out, &mut body).await,
                 Poll::Ready(None) => {
                     ended = true;
                     break;
@@ -718,12 +720,15 @@ async fn write_response(
         }
     }
     let ready = &ready_at[..n_ready];
+    let ready_len: u64 = ready.iter().map(|d| d.len() as u64).sum();
     let length = if bodiless {
         None
     } else if ended {
-        Some(ready.iter().map(|d| d.len() as u64).sum())
+        Some(ready_len)
     } else {
-        body.size_hint().exact()
+        // The hint is what is still to come (`http_body`'s contract): the frames taken above
+        // are part of the length too.
+        body.size_hint().exact().map(|rest| rest + ready_len)
     };
     // Chunked for HTTP/1.1 even on a closing connection: the client can tell a cut body
     // from a complete one. HTTP/1.0 has no chunks: the close ends the body.
@@ -859,6 +864,33 @@ async fn write_response(
     }
     w.io.flush().await?;
     Ok(keep)
+}
+
+/// Answers 502 `bad_upstream_response` in place of a response whose body broke before any of
+/// it was written, and closes the connection (what follows on it cannot be trusted).
+async fn write_bad_upstream(w: &mut Wire, out: &mut Vec<u8>, body: &mut Observed) -> io::Result<bool> {
+    let rid = body.replaced_by(502);
+    let rid = rid.as_ref().and_then(|r| r.to_str().ok()).unwrap_or("");
+    let json = crate::error::error_json(
+        crate::error::ErrorKind::UpstreamBadResponse.code(),
+        "the upstream service sent an invalid response",
+        rid,
+    );
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\n");
+    if !rid.is_empty() {
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(rid.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"date: ");
+    date::push(out);
+    out.extend_from_slice(b"\r\ncontent-length: ");
+    crate::push_decimal(out, json.len() as u64);
+    out.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+    write_all(&mut w.io, &mut [IoSlice::new(out), IoSlice::new(&json)]).await?;
+    w.io.flush().await?;
+    Ok(false)
 }
 
 /// Copies header lines into a response head, leaving out what the writer sets itself.
