@@ -367,6 +367,11 @@ async fn serve(
     if !conn.framing_checked {
         validate::check_framing(&parts.headers)?;
     }
+    // HTTP/2 cookie crumbs go to the HTTP/1.1 upstream as one line (RFC 9113 §8.2.3), and the
+    // cache's `Vary: Cookie` sees that line. HTTP/1.1 requests skip even the lookup.
+    if parts.version == http::Version::HTTP_2 {
+        headers::join_cookie_crumbs(&mut parts.headers);
+    }
     let path = normalize::normalize(parts.uri.path()).map_err(|e| GatewayError::new(ErrorKind::BadRequest, e.0))?;
 
     // CORS preflight: answered here, for a path and method the table serves, without auth.
@@ -448,6 +453,15 @@ async fn serve(
         return websocket_proxy(shared, snapshot, conn, parts, &route, &path, ws_query, principal, request_id).await;
     }
 
+    // HTTP/2 clients send `:authority` instead of `Host`. (The client's `Host` stays in the map
+    // but is not sent: the upstream gets its own.) Taken before the cache lookup, whose key
+    // holds it: the upstream may build its response from this value.
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+
     // Response cache (GET/HEAD routes with a `cache` block).
     let cache_req =
         route.config.cache.as_ref().filter(|_| matches!(parts.method, Method::GET | Method::HEAD)).map(|cc| {
@@ -458,6 +472,7 @@ async fn serve(
                 &path,
                 parts.uri.query(),
                 principal.as_deref().map(|p| &*p.subject),
+                host.as_ref(),
                 &parts.headers,
             )
         });
@@ -507,13 +522,6 @@ async fn serve(
     let has_body = !body.is_end_stream();
     validate::check_content_type(&parts.headers, has_body, &route.config.content_types)?;
 
-    // HTTP/2 clients send `:authority` instead of `Host`. (The client's `Host` stays in the map
-    // but is not sent: the upstream gets its own.)
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     // The upstream client sends the URI's path and query (origin form); it is only rebuilt
     // when normalisation or a prefix rewrite changed the path.
     let upstream_path = route.rewrite(&path);
