@@ -184,13 +184,14 @@ fn cache(c: &mut Criterion) {
     let cfg = CacheConfig { ttl: HumanDuration::from_secs(3600), scope: CacheScope::Public, statuses: vec![200] };
     let route: Arc<str> = "t".into();
     let h = http::HeaderMap::new();
+    let host = http::HeaderValue::from_static("gw.example:8080");
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let req = request(&route, &cfg, &Method::GET, "/api/v1/market/ticker/BTC", Some("b=2&a=1"), None, &h);
+    let req = request(&route, &cfg, &Method::GET, "/api/v1/market/ticker/BTC", Some("b=2&a=1"), None, Some(&host), &h);
     rt.block_on(store.store(&req, 200, &h, &h, bytes::Bytes::from_static(b"{\"p\":1}")));
     c.bench_function("cache/key_and_hit", |b| {
         b.iter(|| {
-            let r =
-                request(&route, &cfg, &Method::GET, black_box("/api/v1/market/ticker/BTC"), Some("b=2&a=1"), None, &h);
+            let path = black_box("/api/v1/market/ticker/BTC");
+            let r = request(&route, &cfg, &Method::GET, path, Some("b=2&a=1"), None, Some(&host), &h);
             matches!(rt.block_on(store.lookup(&r, &h)), Lookup::Hit(_))
         })
     });

@@ -2,8 +2,9 @@
 //! support, single-flight on misses, in memory (quick_cache weighted by bytes) or in Redis.
 //!
 //! It can never serve one principal's data to another: a private route's key contains the
-//! principal; a public route stores nothing the upstream marked `private` or `no-store`, and
-//! nothing with `Set-Cookie`. Client `Cache-Control: no-cache` skips the lookup (BYPASS).
+//! principal, and every key the host forwarded as `X-Forwarded-Host`; a public route stores
+//! nothing the upstream marked `private` or `no-store`, and nothing with `Set-Cookie`. Client
+//! `Cache-Control: no-cache` (any case) skips the lookup (BYPASS).
 //! Redis errors make the cache a pass-through, never an error. Invalidation (admin API) by
 //! route, path prefix or all: markers checked on lookup (memory and Redis), plus key deletion
 //! in Redis (SCAN, single Redis).
@@ -32,7 +33,8 @@ pub struct Entry {
     pub stored_ms: u64,
     /// Expires at (Unix ms).
     pub expires_ms: u64,
-    /// The request headers the upstream's `Vary` names, and their values at store time.
+    /// The request headers the upstream's `Vary` names, and their values at store time (every
+    /// field line, combined: [`crate::proxy::headers::combined`]).
     pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
     route: Arc<str>,
     path: Box<str>,
@@ -43,8 +45,11 @@ impl Entry {
         (self.body.len() + self.headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum::<usize>() + 256) as u64
     }
 
+    /// Whether `req` selects this entry: each `Vary`-named field, all its lines combined,
+    /// equals the stored one (RFC 9111 §4.1). Comparing only the first line would let two
+    /// requests whose later lines differ (HTTP/2 cookie crumbs, a repeated `X-Lang`) share it.
     fn vary_matches(&self, req: &HeaderMap) -> bool {
-        self.vary.iter().all(|(n, v)| req.get(n) == v.as_ref())
+        self.vary.iter().all(|(n, v)| crate::proxy::headers::combined_eq(req, n, v.as_ref()))
     }
 }
 
@@ -131,7 +136,16 @@ pub struct ResponseCache {
     redis: Option<Arc<RedisStore>>,
 }
 
-/// Builds the lookup key: method class, canonical path, sorted query, scope identity.
+/// Builds the lookup key: method class, canonical path, sorted query, scope identity, host.
+///
+/// `host` is the value the gateway forwards as `X-Forwarded-Host` (the client's `Host` or
+/// `:authority`): an upstream may build its response from it (absolute links, redirects), so
+/// a response fetched for one host must never be served for another (RFC 9111 §4: the key is
+/// the target URI, authority included). It is lower-cased (host names are case-insensitive)
+/// and comes last: a valid host holds no `|`, so the last `|` delimits it and no query or
+/// principal can forge another request's key. The Redis invalidation patterns rely on the
+/// key starting with `GET <route> <path>`.
+#[allow(clippy::too_many_arguments)]
 pub fn request(
     route_id: &Arc<str>,
     cfg: &CacheConfig,
@@ -139,6 +153,7 @@ pub fn request(
     path: &str,
     query: Option<&str>,
     principal: Option<&str>,
+    host: Option<&HeaderValue>,
     headers: &HeaderMap,
 ) -> CacheRequest {
     let mut q: Vec<&str> = query.map(|q| q.split('&').filter(|s| !s.is_empty()).collect()).unwrap_or_default();
@@ -148,12 +163,16 @@ pub fn request(
         // A private route without a principal cannot be cached for anyone.
         CacheScope::Private => format!("p:{}", principal.unwrap_or("\u{0}anonymous")),
     };
-    let key = format!("GET {route_id} {path}?{}|{scope}", q.join("&"));
-    let cc =
-        headers.get_all(header::CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",");
-    let bypass = cc.contains("no-cache")
-        || cc.contains("no-store")
-        || headers.get(header::PRAGMA).is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"no-cache"));
+    let mut key = format!("GET {route_id} {path}?{}|{scope}|", q.join("&"));
+    match host {
+        // Byte by byte: a valid host is ASCII; any other byte still maps to a char of its own.
+        Some(h) => key.extend(h.as_bytes().iter().map(|b| char::from(b.to_ascii_lowercase()))),
+        // No host (HTTP/1.0) is not an empty one: the upstream gets no `X-Forwarded-Host`. NUL
+        // is in no header value.
+        None => key.push('\0'),
+    }
+    let bypass = has_directive(headers, &header::CACHE_CONTROL, &["no-cache", "no-store"])
+        || has_directive(headers, &header::PRAGMA, &["no-cache"]);
     CacheRequest {
         key: key.into(),
         route: route_id.clone(),
@@ -164,6 +183,19 @@ pub fn request(
         bypass: bypass || (cfg.scope == CacheScope::Private && principal.is_none()),
         head: method == http::Method::HEAD,
     }
+}
+
+/// Whether a `Cache-Control`-style field (`name`, all its lines) carries one of the directives
+/// `wanted` (lower case): directives are comma-separated, their name is what comes before `=`,
+/// and names are case-insensitive (RFC 9111 §5.2), so `No-Cache` counts and `x-no-cache-foo`
+/// does not. A comma inside a quoted argument splits it too: at worst a request is a bypass.
+fn has_directive(headers: &HeaderMap, name: &HeaderName, wanted: &[&str]) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|d| d.split(|&b| b == b'=').next().unwrap_or_default().trim_ascii())
+        .any(|d| wanted.iter().any(|w| d.eq_ignore_ascii_case(w.as_bytes())))
 }
 
 impl ResponseCache {
@@ -278,7 +310,7 @@ impl ResponseCache {
             .flat_map(|v| v.split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
             .map(|n| {
-                let v = req_headers.get(&n).map(crate::proxy::headers::detached);
+                let v = crate::proxy::headers::combined(req_headers, &n);
                 (n, v)
             })
             .collect();
@@ -418,6 +450,61 @@ mod tests {
         buf.as_ptr_range().contains(&v.as_bytes().as_ptr())
     }
 
+    fn cfg() -> CacheConfig {
+        CacheConfig { ttl: HumanDuration::from_secs(60), scope: CacheScope::Public, statuses: vec![200] }
+    }
+
+    fn map(lines: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in lines {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn the_key_holds_the_host_lower_cased() {
+        let key = |host: Option<&'static str>| {
+            let host = host.map(HeaderValue::from_static);
+            let req = request(&Arc::from("r"), &cfg(), &http::Method::GET, "/x", None, None, host.as_ref(), &map(&[]));
+            req.key
+        };
+        assert_eq!(&*key(Some("GW.Example:8080")), "GET r /x?||gw.example:8080");
+        assert_eq!(key(Some("gw.example:8080")), key(Some("GW.EXAMPLE:8080")));
+        assert_ne!(key(Some("gw.example")), key(Some("evil.example")));
+        assert_ne!(key(Some("gw.example")), key(None));
+        assert_ne!(key(Some("")), key(None));
+    }
+
+    #[test]
+    fn request_cache_control_directives_are_parsed_case_insensitively() {
+        let bypass = |lines: &[(&'static str, &'static str)]| {
+            request(&Arc::from("r"), &cfg(), &http::Method::GET, "/x", None, None, None, &map(lines)).bypass
+        };
+        for cc in ["no-cache", "No-Cache", "NO-STORE", "max-age=0, no-cache", " no-store ,x", "no-cache=\"a\""] {
+            assert!(bypass(&[("cache-control", cc)]), "{cc}");
+        }
+        assert!(bypass(&[("cache-control", "max-age=5"), ("cache-control", "No-Store")]));
+        assert!(bypass(&[("pragma", "No-Cache")]));
+        for cc in ["x-no-cache-foo", "max-age=0", "no-cachex", "foo=no-cache", ""] {
+            assert!(!bypass(&[("cache-control", cc)]), "{cc}");
+        }
+        assert!(!bypass(&[]));
+    }
+
+    #[tokio::test]
+    async fn vary_compares_every_line_of_the_named_field() {
+        let cache = ResponseCache::new(&CacheStoreConfig::default(), None);
+        let stored_for = map(&[("x-lang", "en"), ("x-lang", "fr")]);
+        let req = request(&Arc::from("r"), &cfg(), &http::Method::GET, "/x", None, None, None, &stored_for);
+        let e = cache.store(&req, 200, &map(&[("vary", "X-Lang")]), &stored_for, Bytes::new()).await;
+        assert!(e.vary_matches(&stored_for));
+        assert!(e.vary_matches(&map(&[("x-lang", "en, fr")])), "the same field on one line");
+        assert!(!e.vary_matches(&map(&[("x-lang", "en"), ("x-lang", "de")])));
+        assert!(!e.vary_matches(&map(&[("x-lang", "en")])));
+        assert!(!e.vary_matches(&map(&[])));
+    }
+
     #[tokio::test]
     async fn an_entry_does_not_keep_the_connection_buffers_its_headers_came_from() {
         // As the HTTP/1.1 legs parse them: values are slices of the connection's read buffer.
@@ -432,7 +519,7 @@ mod tests {
 
         let cache = ResponseCache::new(&CacheStoreConfig::default(), None);
         let cfg = CacheConfig { ttl: HumanDuration::from_secs(60), scope: CacheScope::Public, statuses: vec![200] };
-        let req = request(&Arc::from("r"), &cfg, &http::Method::GET, "/x", None, None, &req_headers);
+        let req = request(&Arc::from("r"), &cfg, &http::Method::GET, "/x", None, None, None, &req_headers);
         let e = cache.store(&req, 200, &headers, &req_headers, Bytes::from_static(b"{}")).await;
 
         let (_, ct) = e.headers.iter().find(|(n, _)| *n == header::CONTENT_TYPE).expect("kept");

@@ -370,6 +370,11 @@ async fn serve(
     if let Some(a) = parts.uri.authority() {
         validate::check_authority(a.as_str(), &parts.headers, parts.version)?;
     }
+    // HTTP/2 cookie crumbs go to the HTTP/1.1 upstream as one line (RFC 9113 §8.2.3), and the
+    // cache's `Vary: Cookie` sees that line. HTTP/1.1 requests skip even the lookup.
+    if parts.version == http::Version::HTTP_2 {
+        headers::join_cookie_crumbs(&mut parts.headers);
+    }
     let path = normalize::normalize(parts.uri.path()).map_err(|e| GatewayError::new(ErrorKind::BadRequest, e.0))?;
 
     // CORS preflight: answered here, for a path and method the table serves, without auth.
@@ -451,6 +456,12 @@ async fn serve(
         return websocket_proxy(shared, snapshot, conn, parts, &route, &path, ws_query, principal, request_id).await;
     }
 
+    // The target's authority when it has one (HTTP/2's `:authority`, an absolute-form target:
+    // RFC 9112 §3.2.2 and RFC 9113 §8.3.1 put it before `Host`), else `Host`. (The client's
+    // `Host` stays in the map but is not sent: the upstream gets its own.) Taken before the
+    // cache lookup, whose key holds it: the upstream may build its response from this value.
+    let host = request_authority(&parts);
+
     // Response cache (GET/HEAD routes with a `cache` block).
     let cache_req =
         route.config.cache.as_ref().filter(|_| matches!(parts.method, Method::GET | Method::HEAD)).map(|cc| {
@@ -461,6 +472,7 @@ async fn serve(
                 &path,
                 parts.uri.query(),
                 principal.as_deref().map(|p| &*p.subject),
+                host.as_ref(),
                 &parts.headers,
             )
         });
@@ -510,10 +522,6 @@ async fn serve(
     let has_body = !body.is_end_stream();
     validate::check_content_type(&parts.headers, has_body, &route.config.content_types)?;
 
-    // The target's authority when it has one (HTTP/2's `:authority`, an absolute-form target:
-    // RFC 9112 §3.2.2 and RFC 9113 §8.3.1 put it before `Host`), else `Host`. (The client's
-    // `Host` stays in the map but is not sent: the upstream gets its own.)
-    let host = request_authority(&parts);
     // The upstream client sends the URI's path and query (origin form); it is only rebuilt
     // when normalisation or a prefix rewrite changed the path.
     let upstream_path = route.rewrite(&path);

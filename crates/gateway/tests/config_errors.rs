@@ -186,3 +186,19 @@ fn absurd_worker_counts_are_refused() {
     let auto = format!("server: {{ workers: 0 }}\n{BASE_SERVICES}{}", route(""));
     assert!(parse(&auto).unwrap().server.worker_count() >= 1);
 }
+
+#[test]
+fn cache_statuses_that_are_not_complete_answers_to_a_get_are_refused() {
+    // A 206 or a 304 stored would be replayed to plain GETs (RFC 9111 §3.3, §4.3.4).
+    let yaml = format!("{BASE_SERVICES}{}", route(", cache: { ttl: 1s, statuses: [200, 206, 304, 101, 404, 700] }"));
+    let errs = errors_of(&yaml);
+    for (i, needle) in
+        [(1, "206 cannot be stored"), (2, "304 cannot be stored"), (3, "101 cannot be stored"), (5, "700")]
+    {
+        let path = format!("routes[0].cache.statuses[{i}]");
+        assert!(errs.iter().any(|(p, m)| *p == path && m.contains(needle)), "{path} {needle:?}: {errs:#?}");
+    }
+    assert_eq!(errs.len(), 4, "200 and 404 are fine: {errs:#?}");
+    let ok = format!("{BASE_SERVICES}{}", route(", cache: { ttl: 1s, statuses: [200, 203, 204, 301, 404, 500] }"));
+    parse(&ok).unwrap();
+}

@@ -122,6 +122,140 @@ async fn no_store_and_private_responses_are_not_cached_publicly() {
     }
 }
 
+/// An upstream that answers with what it received about the client: `X-Forwarded-Host` and
+/// every `X-Lang` and `Cookie` line (`|` between lines), with `Vary: X-Lang, Cookie` and a
+/// cache-friendly `Cache-Control`; counts its hits.
+async fn echo_upstream() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    let addr = upstream(move |req: http::Request<hyper::body::Incoming>| {
+        h.fetch_add(1, Ordering::SeqCst);
+        let lines =
+            |n: &str| req.headers().get_all(n).iter().map(|v| v.to_str().unwrap()).collect::<Vec<_>>().join("|");
+        let body = format!("host={} lang={} cookie={}", lines("x-forwarded-host"), lines("x-lang"), lines("cookie"));
+        async move {
+            http::Response::builder()
+                .header("cache-control", "max-age=60")
+                .header("vary", "X-Lang, Cookie")
+                .body(full_body(body))
+                .unwrap()
+        }
+    })
+    .await;
+    (addr, hits)
+}
+
+const ECHO_ROUTE: &str =
+    "  - { id: e, path: \"/e/{x}\", methods: [GET], service: up, public: true, cache: { ttl: 30s, scope: public } }\n";
+
+/// `X-Cache` and the body of a reply.
+fn outcome(r: &Reply) -> (String, String) {
+    (r.headers["x-cache"].to_str().unwrap().to_owned(), String::from_utf8_lossy(&r.body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_compares_every_line_of_a_repeated_header() {
+    let (up, hits) = echo_upstream().await;
+    let gw = TestGateway::start(&yaml(&format!("http://{up}"), "", ECHO_ROUTE), &[]).await;
+    let addr = gw.addr();
+    let lang = |langs: &'static [&'static str]| {
+        let headers: Vec<_> = langs.iter().map(|l| ("x-lang", *l)).collect();
+        async move { outcome(&send(addr, Method::GET, "/e/v", &headers, "").await) }
+    };
+    let body = |langs: &str| format!("host={addr} lang={langs} cookie=");
+    assert_eq!(lang(&["en", "fr"]).await, ("MISS".into(), body("en|fr")));
+    // Same first line, different second one: another variant (RFC 9111 §4.1).
+    assert_eq!(lang(&["en", "de"]).await, ("MISS".into(), body("en|de")), "served another request's variant");
+    assert_eq!(lang(&["en", "de"]).await, ("HIT".into(), body("en|de")));
+    // The same field on one line is the same field.
+    assert_eq!(lang(&["en, de"]).await, ("HIT".into(), body("en|de")));
+    assert_eq!(lang(&["en"]).await.0, "MISS");
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_crumbs_select_the_variant_as_one_cookie() {
+    let (up, hits) = echo_upstream().await;
+    let gw = TestGateway::start(&yaml(&format!("http://{up}"), "", ECHO_ROUTE), &[]).await;
+    let addr = gw.addr();
+    let mut tx = h2c(addr).await;
+    let mut h2 = async |crumbs: &[&str]| {
+        let mut req = http::Request::get(format!("http://{addr}/e/c"));
+        for c in crumbs {
+            req = req.header("cookie", *c);
+        }
+        let resp = tx.send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap()).await.unwrap();
+        let cache = resp.headers()["x-cache"].to_str().unwrap().to_owned();
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+        (cache, String::from_utf8_lossy(&body).into_owned())
+    };
+    let body = |cookie: &str| format!("host={addr} lang= cookie={cookie}");
+    // The upstream gets one Cookie line (RFC 9113 §8.2.3).
+    let alice = h2(&["theme=dark", "session=ALICE-SECRET"]).await;
+    assert_eq!(alice, ("MISS".into(), body("theme=dark; session=ALICE-SECRET")));
+    let bob = h2(&["theme=dark", "session=BOB"]).await;
+    assert_eq!(bob, ("MISS".into(), body("theme=dark; session=BOB")), "bob was served alice's response");
+    // Bob's crumbs, then the same cookie on one HTTP/1.1 line: his entry.
+    assert_eq!(h2(&["theme=dark", "session=BOB"]).await.0, "HIT");
+    let one_line = send(addr, Method::GET, "/e/c", &[("cookie", "theme=dark; session=BOB")], "").await;
+    assert_eq!(outcome(&one_line), ("HIT".into(), body("theme=dark; session=BOB")));
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+/// GET `path` on a fresh HTTP/1.1 connection with `host` as its `Host` (not the gateway's
+/// address, as [`send`] gives) and `headers`.
+async fn get_at(addr: std::net::SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut tx = h1(addr).await;
+    let mut req = http::Request::get(path).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = tx.send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap()).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body }
+}
+
+async fn get_for_host(addr: std::net::SocketAddr, path: &str, host: &str) -> (String, String) {
+    outcome(&get_at(addr, host, path, &[]).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_forwarded_upstream_is_part_of_the_cache_key() {
+    let (up, hits) = echo_upstream().await;
+    let gw = TestGateway::start(&yaml(&format!("http://{up}"), "", ECHO_ROUTE), &[]).await;
+    let addr = gw.addr();
+    let body = |host: &str| format!("host={host} lang= cookie=");
+    // An attacker's Host reaches the upstream as X-Forwarded-Host ...
+    assert_eq!(get_for_host(addr, "/e/h", "evil.example").await, ("MISS".into(), body("evil.example")));
+    // ... and its response is never served for another host.
+    assert_eq!(get_for_host(addr, "/e/h", "gw.example").await, ("MISS".into(), body("gw.example")), "poisoned");
+    // Host names are case-insensitive: one entry per host.
+    assert_eq!(get_for_host(addr, "/e/h", "GW.Example").await, ("HIT".into(), body("gw.example")));
+    assert_eq!(get_for_host(addr, "/e/h", "evil.example").await, ("HIT".into(), body("evil.example")));
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_cache_control_directives_bypass_in_any_case() {
+    let (up, hits) = echo_upstream().await;
+    let gw = TestGateway::start(&yaml(&format!("http://{up}"), "", ECHO_ROUTE), &[]).await;
+    let addr = gw.addr();
+    let with = |name: &'static str, value: &'static str| async move {
+        send(addr, Method::GET, "/e/cc", &[(name, value)], "").await.headers["x-cache"].to_str().unwrap().to_owned()
+    };
+    assert_eq!(get(addr, "/e/cc").await.headers["x-cache"], "MISS");
+    for cc in ["No-Cache", "NO-STORE", "max-age=0, No-Cache", "no-cache"] {
+        assert_eq!(with("cache-control", cc).await, "BYPASS", "{cc}");
+    }
+    assert_eq!(with("pragma", "No-Cache").await, "BYPASS");
+    // A directive is matched by name, not as a substring.
+    for cc in ["x-no-cache-foo", "max-age=0", "foo=no-cache"] {
+        assert_eq!(with("cache-control", cc).await, "HIT", "{cc}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 6);
+}
+
 const ORDERS: &str = "  - { id: create, path: \"/api/v1/orders\", methods: [POST], service: up, roles: [operator], json: true, idempotency: { required: true, ttl: 1h }, halt: block }\n  - { id: cancel, path: \"/api/v1/orders/{id}\", methods: [DELETE], service: up, roles: [operator], halt: allow }\n  - { id: get, path: \"/api/v1/orders/{id}\", methods: [GET], service: up, roles: [viewer] }\n  - { id: stop, path: \"/api/v1/risk/emergency-stop\", methods: [POST], service: up, roles: [operator], engage_halt: true }\n";
 
 fn order(id: &str) -> String {
@@ -244,9 +378,13 @@ async fn two_instances_share_cache_and_idempotency_through_redis() {
     let a = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
     let b = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
     let v = who("viewer-1");
-    let ra = send(a.addr(), Method::GET, "/api/v1/orders/active", &[("authorization", &v)], "").await;
+    // Behind one load balancer both instances see the same Host (part of the key).
+    let active = async |gw: &TestGateway| {
+        get_at(gw.addr(), "api.b25.example", "/api/v1/orders/active", &[("authorization", &v)]).await
+    };
+    let ra = active(&a).await;
     assert_eq!(ra.headers["x-cache"], "MISS");
-    let rb = send(b.addr(), Method::GET, "/api/v1/orders/active", &[("authorization", &v)], "").await;
+    let rb = active(&b).await;
     assert_eq!(rb.headers["x-cache"], "HIT", "instance b did not see a's cache entry");
     assert_eq!(rb.body, ra.body);
     let op = who("trader-1");

@@ -23,21 +23,6 @@ fn one_route(url: String, extra: &str) -> String {
     )
 }
 
-/// An HTTP/2 client connection (prior knowledge, clear text) to the gateway.
-async fn h2c<B>(addr: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
-where
-    B: http_body::Body + Unpin + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (tx, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    tx
-}
-
 /// A route to the simulated market-data ticker.
 fn sim_route(url: String) -> String {
     config_yaml(
@@ -433,6 +418,25 @@ async fn the_targets_authority_is_the_forwarded_host() {
         .unwrap();
     let n = s.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 400"), "{}", String::from_utf8_lossy(&buf[..n]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_crumbs_reach_the_upstream_as_one_cookie_line() {
+    // RFC 9113 §8.2.3: several `cookie` fields are joined with "; " before an HTTP/1.1 hop.
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let gw = TestGateway::start(&sim_route(sim.url()), &[]).await;
+    let mut tx = h2c(gw.addr()).await;
+    let req = Request::get(format!("http://{}/api/v1/market/ticker/7", gw.addr()))
+        .header("cookie", "a=1")
+        .header("x-other", "x")
+        .header("cookie", "session=S; b=2")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let rec = sim.requests().pop().unwrap();
+    let cookies: Vec<_> = rec.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; session=S; b=2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

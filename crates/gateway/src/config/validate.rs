@@ -31,6 +31,18 @@ pub(super) struct Broken {
     pub route_index: Vec<usize>,
 }
 
+/// Why a status may not be in `cache.statuses`: an entry is replayed to plain GETs, so it must
+/// be a complete response to one (RFC 9111 §3.3, §3.4, §4.3.4).
+fn unstorable_status(status: u16) -> Option<&'static str> {
+    match status {
+        100..=199 => Some("a 1xx is an interim response, not the answer"),
+        206 => Some("a partial response (206) only answers a Range request"),
+        304 => Some("a 304 is not a complete response; it only answers a conditional request"),
+        200..=599 => None,
+        _ => Some("not an HTTP status (100-599)"),
+    }
+}
+
 pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError>) {
     // A value that already failed to parse or expand is not reported again by the checks here.
     let seen: std::collections::HashSet<String> = errors.iter().map(|e| e.path.clone()).collect();
@@ -323,6 +335,11 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
         }
         if r.cache.is_some() && methods.iter().any(|m| m != Method::GET && m != Method::HEAD) {
             err(format!("{p}.cache"), "only GET and HEAD routes can be cached".into());
+        }
+        for (j, st) in r.cache.iter().flat_map(|c| c.statuses.iter().enumerate()) {
+            if let Some(why) = unstorable_status(*st) {
+                err(format!("{p}.cache.statuses[{j}]"), format!("{st} cannot be stored: {why}"));
+            }
         }
         if r.websocket && methods.iter().any(|m| m != Method::GET) {
             err(format!("{p}.methods"), "a websocket route accepts only GET".into());

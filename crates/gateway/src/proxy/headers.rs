@@ -171,9 +171,107 @@ pub fn detached(v: &HeaderValue) -> HeaderValue {
     d
 }
 
+/// The separator that combines the field lines of `name` into one value: `"; "` for `Cookie`
+/// (RFC 9113 §8.2.3, RFC 6265 §5.4), `", "` for every other field (RFC 9110 §5.3).
+pub fn field_separator(name: &HeaderName) -> &'static [u8] {
+    if name == header::COOKIE { b"; " } else { b", " }
+}
+
+/// The field lines of `name` combined into one value, in order, with [`field_separator`]; none
+/// when there are none. A value of its own (never a slice of a connection buffer), so it may
+/// be kept ([`detached`]).
+pub fn combined(h: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
+    let mut lines = h.get_all(name).iter();
+    let first = lines.next()?;
+    let Some(second) = lines.next() else { return Some(detached(first)) };
+    let sep = field_separator(name);
+    let mut buf = first.as_bytes().to_vec();
+    for v in std::iter::once(second).chain(lines) {
+        buf.extend_from_slice(sep);
+        buf.extend_from_slice(v.as_bytes());
+    }
+    // Valid values joined by a visible separator are valid.
+    HeaderValue::from_bytes(&buf).ok()
+}
+
+/// Whether the field lines of `name` in `h`, combined as [`combined`] does, equal `want`
+/// (`None`: no such field), without building the combined value: a cache lookup compares a
+/// `Vary`-named field this way on every hit.
+pub fn combined_eq(h: &HeaderMap, name: &HeaderName, want: Option<&HeaderValue>) -> bool {
+    let mut lines = h.get_all(name).iter();
+    let Some(want) = want else { return lines.next().is_none() };
+    let sep = field_separator(name);
+    // No line at all is a missing field, which `want` is not.
+    let Some(first) = lines.next() else { return false };
+    let Some(mut rest) = want.as_bytes().strip_prefix(first.as_bytes()) else { return false };
+    for v in lines {
+        match rest.strip_prefix(sep).and_then(|r| r.strip_prefix(v.as_bytes())) {
+            Some(r) => rest = r,
+            None => return false,
+        }
+    }
+    rest.is_empty()
+}
+
+/// HTTP/2 cookie crumbs (several `cookie` fields) joined into one `Cookie` line with `"; "`:
+/// RFC 9113 §8.2.3 requires it before the request goes on in HTTP/1.1, and many upstream
+/// frameworks read only the first line. Call it for HTTP/2 requests only; one lookup when
+/// there is at most one `cookie` field.
+pub fn join_cookie_crumbs(h: &mut HeaderMap) {
+    if h.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    if let Some(v) = combined(h, &header::COOKIE) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn map(lines: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in lines {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn field_lines_combine_in_order_with_the_fields_separator() {
+        let h = map(&[("x-lang", "en"), ("cookie", "a=1"), ("x-lang", "fr"), ("cookie", "b=2"), ("accept", "*/*")]);
+        let name = |s: &str| HeaderName::from_bytes(s.as_bytes()).unwrap();
+        assert_eq!(combined(&h, &name("x-lang")).unwrap(), "en, fr");
+        assert_eq!(combined(&h, &header::COOKIE).unwrap(), "a=1; b=2");
+        assert_eq!(combined(&h, &header::ACCEPT).unwrap(), "*/*");
+        assert_eq!(combined(&h, &header::HOST), None);
+        for (n, v) in [("x-lang", "en, fr"), ("cookie", "a=1; b=2"), ("accept", "*/*")] {
+            assert!(combined_eq(&h, &name(n), Some(&HeaderValue::from_static(v))), "{n}");
+        }
+        for (n, v) in [("x-lang", "en"), ("x-lang", "en, fr, de"), ("x-lang", "en,fr"), ("cookie", "a=1, b=2")] {
+            assert!(!combined_eq(&h, &name(n), Some(&HeaderValue::from_static(v))), "{n}: {v}");
+        }
+        assert!(combined_eq(&h, &header::HOST, None));
+        assert!(!combined_eq(&h, &header::ACCEPT, None));
+        assert!(!combined_eq(&h, &header::HOST, Some(&HeaderValue::from_static(""))));
+        // One line holding the combined value is the same field (RFC 9110 §5.3).
+        assert!(combined_eq(&map(&[("x-lang", "en, fr")]), &name("x-lang"), Some(&HeaderValue::from_static("en, fr"))));
+    }
+
+    #[test]
+    fn cookie_crumbs_become_one_line_and_a_single_cookie_is_left_alone() {
+        let mut h = map(&[("cookie", "a=1"), ("accept", "*/*"), ("cookie", "b=2"), ("cookie", "c=3")]);
+        join_cookie_crumbs(&mut h);
+        let lines: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(lines, ["a=1; b=2; c=3"]);
+        let mut one = map(&[("cookie", "a=1; b=2")]);
+        join_cookie_crumbs(&mut one);
+        assert_eq!(one.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+        let mut none = map(&[("accept", "*/*")]);
+        join_cookie_crumbs(&mut none);
+        assert!(!none.contains_key(header::COOKIE));
+    }
 
     #[test]
     fn a_detached_value_is_a_copy_with_the_same_bytes_and_sensitivity() {

@@ -193,6 +193,21 @@ where
     tx
 }
 
+/// A fresh HTTP/2 client connection (prior knowledge, clear text) to `addr`.
+pub async fn h2c<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
 /// Sends one request on a fresh HTTP/1.1 connection and reads the whole response.
 pub async fn send(
     addr: SocketAddr,
