@@ -106,10 +106,6 @@ impl Observed {
     pub fn new(inner: GatewayBody, record: crate::observe::RequestRecord) -> Self {
         Self { inner, record: Some(record) }
     }
-    /// A body with no request record (a connection-level refusal, before any request).
-    pub fn unrecorded(inner: GatewayBody) -> Self {
-        Self { inner, record: None }
-    }
 
     /// Takes the upstream's header lines when they were not put into the response's map: the
     /// writer copies them into the head after the map's.

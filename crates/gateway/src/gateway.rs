@@ -274,31 +274,47 @@ impl Drop for Pending {
     }
 }
 
+/// The answer to a request refused before it could be handed to [`handle`] (the native
+/// HTTP/1.1 engine, while parsing the head: a malformed request line, a missing Host, too many
+/// headers…): the error's JSON with `X-Request-ID`, counted in the metrics and written to the
+/// access log like any other request (route `unmatched`; method `-` when unknown).
+pub fn refused(shared: &Shared, conn: &ConnInfo, method: Option<Method>, e: GatewayError) -> Response<Observed> {
+    let request_id = request_id::generate();
+    let snapshot = shared.snapshot.load();
+    let access_log = snapshot.config.logging.access_log;
+    tracing::debug!(request_id = request_id.to_str().unwrap_or(""), error = %e, "request refused");
+    let mut resp = e.into_response(&request_id);
+    resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id.clone());
+    RequestRecord::started(&shared.metrics);
+    let method = method.unwrap_or_else(|| Method::from_bytes(b"-").expect("a token"));
+    let mut rec = RequestRecord::new(
+        &shared.metrics,
+        request_id,
+        method,
+        shared.unmatched.clone(),
+        None,
+        conn.peer.ip(),
+        access_log,
+    );
+    rec.status = resp.status().as_u16();
+    resp.map(|b| Observed::new(b, rec))
+}
+
 /// Serves one request. Never fails: every error becomes a JSON response.
 pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody>) -> Response<Observed> {
     let snapshot = shared.snapshot.load_full();
     let request_id = request_id::from_headers(req.headers(), conn.seen);
     let access_log = snapshot.config.logging.access_log;
     RequestRecord::started(&shared.metrics);
-    let mut pending = Pending(Some(RequestRecord {
-        start: Instant::now(),
-        request_id: request_id.clone(),
-        method: req.method().clone(),
-        route: shared.unmatched.clone(),
-        path: access_log.then(|| req.uri().path().into()),
-        status: 0,
-        upstream_us: None,
-        client_ip: conn.peer.ip(),
-        body: None,
-        bytes_out: 0,
-        aborted: false,
-        metrics: shared.metrics.clone(),
+    let mut pending = Pending(Some(RequestRecord::new(
+        &shared.metrics,
+        request_id.clone(),
+        req.method().clone(),
+        shared.unmatched.clone(),
+        access_log.then(|| req.uri().path().into()),
+        conn.peer.ip(),
         access_log,
-        trace_id: None,
-        headers_us: None,
-        route_metrics: None,
-        own_headers: None,
-    }));
+    )));
     let rec = pending.0.as_mut().expect("set above");
     let origin = snapshot.cors.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let own_headers = conn.writes_own_headers;
@@ -361,11 +377,16 @@ async fn serve(
         return resp;
     }
     if conn.framing_conflict.load(Ordering::Acquire) {
-        return Err(GatewayError::new(ErrorKind::BadRequest, "both Content-Length and Transfer-Encoding").closing());
+        return Err(GatewayError::new(
+            ErrorKind::BadRequest,
+            "ambiguous framing: Content-Length with Transfer-Encoding, or several Content-Length headers",
+        )
+        .closing());
     }
     validate::check_limits(&parts, &snapshot.limits, conn.seen)?;
     if !conn.framing_checked {
         validate::check_framing(&parts.headers)?;
+        validate::check_host_count(&parts)?;
     }
     if let Some(a) = parts.uri.authority() {
         validate::check_authority(a.as_str(), &parts.headers, parts.version)?;

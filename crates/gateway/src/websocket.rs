@@ -166,21 +166,26 @@ pub fn take_token(cfg: &WebSocketConfig, headers: &mut HeaderMap, query: Option<
         }
     }
     if let Some(prefix) = &cfg.token_subprotocol_prefix
-        && let Some(protos) =
-            headers.get(header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok()).map(str::to_string)
+        && headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL)
     {
+        // Every line is read (a token may be on any of them). A line that is not text cannot be
+        // split into subprotocols (which are tokens, RFC 6455 §4.1): it is dropped whole rather
+        // than forwarded, since it may hold the token.
         let mut kept = Vec::new();
-        for p in protos.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match p.strip_prefix(prefix.as_str()) {
-                Some(t) => {
-                    token.get_or_insert_with(|| t.to_string());
+        for line in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()) {
+            for p in line.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                match p.strip_prefix(prefix.as_str()) {
+                    Some(t) => {
+                        token.get_or_insert_with(|| t.to_string());
+                    }
+                    None => kept.push(p.to_string()),
                 }
-                None => kept.push(p),
             }
         }
-        if kept.is_empty() {
-            headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
-        } else if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+        headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+        if !kept.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&kept.join(", "))
+        {
             headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
         }
     }
@@ -279,6 +284,45 @@ fn close(code: CloseCode, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: reason.into() }))
 }
 
+/// How a relayed WebSocket connection ended.
+enum End {
+    /// The client sent a Close, relayed to the upstream.
+    ClientClosed,
+    /// The upstream sent a Close, relayed to the client.
+    UpstreamClosed,
+    /// The gateway ends it (a limit, the token, shutdown, the upstream gone): this Close goes to
+    /// the client.
+    Gateway(Message, &'static str),
+    /// A side broke off without a Close.
+    Gone,
+}
+
+/// How long the side a Close was relayed to has to answer it with its own.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// Completes the closing handshake after `initiator`'s Close was relayed to `peer`: `peer`'s
+/// reply Close is awaited (bounded; data frames after a Close are dropped), then `initiator` gets
+/// its reply (tungstenite queued it when the Close was read; flushing sends it) and both
+/// connections end. Without this the initiator saw the TCP connection drop with no Close back,
+/// an unclean close (1006) to browsers.
+async fn finish_close<A, B>(initiator: &mut WebSocketStream<A>, peer: &mut WebSocketStream<B>)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
+        while let Some(Ok(m)) = peer.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = initiator.flush().await;
+    let _ = initiator.close(None).await;
+    let _ = peer.close(None).await;
+}
+
 impl Relay {
     /// Runs until either side closes or a limit ends the connection.
     pub async fn run(self) {
@@ -313,41 +357,68 @@ impl Relay {
                 m = c.next() => match m {
                     Some(Ok(msg)) => {
                         idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
+                        if msg.is_pong() {
+                            // Each leg's pings are answered on that leg (tungstenite replies
+                            // by itself); relaying the far side's pong too would answer twice.
+                            continue;
+                        }
                         let closing = msg.is_close();
                         to_up += msg.len() as u64;
-                        if u.send(msg).await.is_err() || closing {
-                            break None;
+                        match u.send(msg).await {
+                            Ok(()) if closing => break End::ClientClosed,
+                            Ok(()) => {}
+                            Err(_) => break End::Gone,
                         }
                     }
-                    _ => break None,
+                    _ => break End::Gone,
                 },
                 m = u.next() => match m {
                     Some(Ok(msg)) => {
                         idle.as_mut().reset(tokio::time::Instant::now() + idle_for);
+                        if msg.is_pong() {
+                            // Each leg's pings are answered on that leg (tungstenite replies
+                            // by itself); relaying the far side's pong too would answer twice.
+                            continue;
+                        }
                         let closing = msg.is_close();
                         to_client += msg.len() as u64;
-                        if c.send(msg).await.is_err() || closing {
-                            break None;
+                        match c.send(msg).await {
+                            Ok(()) if closing => break End::UpstreamClosed,
+                            Ok(()) => {}
+                            Err(_) => break End::Gone,
                         }
                     }
-                    _ => break Some((close(CloseCode::Error, "upstream gone"), "upstream_gone")),
+                    _ => break End::Gateway(close(CloseCode::Error, "upstream gone"), "upstream_gone"),
                 },
-                _ = &mut expiry => break Some((close(CloseCode::Policy, "token expired"), "token_expired")),
-                _ = &mut lifetime => break Some((close(CloseCode::Normal, "maximum lifetime reached"), "max_lifetime")),
-                _ = &mut idle => break Some((close(CloseCode::Normal, "idle timeout"), "idle")),
-                _ = &mut shutdown => break Some((close(CloseCode::Away, "gateway shutting down"), "shutdown")),
+                _ = &mut expiry => break End::Gateway(close(CloseCode::Policy, "token expired"), "token_expired"),
+                _ = &mut lifetime => break End::Gateway(close(CloseCode::Normal, "maximum lifetime reached"), "max_lifetime"),
+                _ = &mut idle => break End::Gateway(close(CloseCode::Normal, "idle timeout"), "idle"),
+                _ = &mut shutdown => break End::Gateway(close(CloseCode::Away, "gateway shutting down"), "shutdown"),
             }
         };
-        if let Some((frame, why)) = ending {
-            let _ = c.send(frame).await;
-            let _ = c.close(None).await;
-            let _ = u.send(close(CloseCode::Away, "client connection closed by the gateway")).await;
-            let _ = u.close(None).await;
-            self.metrics.websocket(&self.route, why);
-        } else {
-            let _ = c.close(None).await;
-            let _ = u.close(None).await;
-            self.metrics.websocket(&self.route, "closed");
+        match ending {
+            End::Gateway(frame, why) => {
+                let _ = c.send(frame).await;
+                let _ = c.close(None).await;
+                let _ = u.send(close(CloseCode::Away, "client connection closed by the gateway")).await;
+                let _ = u.close(None).await;
+                self.metrics.websocket(&self.route, why);
+            }
+            // A Close from one side was relayed to the other: the closing handshake is
+            // completed on both legs (RFC 6455 §5.5.1), then the connections end.
+            End::ClientClosed => {
+                finish_close(&mut c, &mut u).await;
+                self.metrics.websocket(&self.route, "closed");
+            }
+            End::UpstreamClosed => {
+                finish_close(&mut u, &mut c).await;
+                self.metrics.websocket(&self.route, "closed");
+            }
+            End::Gone => {
+                let _ = c.close(None).await;
+                let _ = u.close(None).await;
+                self.metrics.websocket(&self.route, "closed");
+            }
         }
         self.metrics.websocket_bytes(&self.route, to_up, to_client);
         self.metrics.websocket_active(&self.route, -1);
@@ -357,7 +428,32 @@ impl Relay {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_key;
+    use super::{take_token, valid_key};
+    use http::{HeaderMap, HeaderValue, header};
+
+    #[test]
+    fn a_subprotocol_token_never_stays_in_what_is_forwarded() {
+        let cfg = crate::config::WebSocketConfig::default();
+        let protos = |lines: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_bytes(l).unwrap());
+            }
+            take_token(&cfg, &mut h, None);
+            let left: Vec<_> = h.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().cloned().collect();
+            (left, h.get(header::AUTHORIZATION).cloned())
+        };
+        let (left, auth) = protos(&[b"b25.v1, bearer.tok"]);
+        assert_eq!(left, ["b25.v1"]);
+        assert_eq!(auth.unwrap(), "Bearer tok");
+        // On a second line.
+        let (left, auth) = protos(&[b"b25.v1", b"bearer.tok2"]);
+        assert_eq!(left, ["b25.v1"]);
+        assert_eq!(auth.unwrap(), "Bearer tok2");
+        // A line that is not text is dropped whole, token and all.
+        let (left, _) = protos(&[b"b25.v1, bearer.tok3, caf\xe9"]);
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     #[test]
     fn websocket_keys() {

@@ -307,6 +307,12 @@ async fn broken_and_stalled_heads_get_a_json_error_and_a_close() {
         assert!(text.starts_with("HTTP/1.1 400"), "{text}");
         assert!(text.contains("\"code\":\"bad_request\"") && text.contains("\"request_id\""), "{text}");
         assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+        // Its request id is in the head too, as for every other answer.
+        let id = text
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-request-id: ").map(str::to_string))
+            .unwrap_or_else(|| panic!("no X-Request-ID: {text}"));
+        assert!(text.contains(&format!("\"request_id\":\"{id}\"")), "{text}");
     }
     // Part of a head, then nothing: 408 after header_timeout.
     let text = exchange(gw.addr(), b"GET /r/1 HTTP/1.1\r\nHost: gw\r\n").await;
@@ -322,4 +328,34 @@ async fn broken_and_stalled_heads_get_a_json_error_and_a_close() {
     });
     assert!(text.starts_with("HTTP/1.1 431"), "{text}");
     assert_eq!(hits.load(Ordering::SeqCst), 0);
+    // Each refusal is counted like any other request (route `unmatched`).
+    let m = String::from_utf8_lossy(&get(gw.handle.admin_addr().unwrap(), "/metrics").await.body).to_string();
+    let count = |status: u16| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with("b25_gateway_http_requests_total{") && l.contains("route=\"unmatched\""))
+            .filter(|l| l.contains(&format!("status=\"{status}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!((count(400), count(408), count(431)), (5.0, 1.0, 1.0), "{m}");
+}
+
+/// RFC 9112 §3.2 and §6.3 on every engine: an HTTP/1.1 request without Host, with two Hosts, or
+/// with two Content-Length lines (equal ones included, which hyper folds into one) is a 400 and
+/// never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_length_rules_hold_on_every_engine() {
+    for engine in ENGINES {
+        let (up, hits) = echo().await;
+        let gw = gateway(engine, up).await;
+        for raw in [
+            &b"GET /r/1 HTTP/1.1\r\n\r\n"[..],
+            b"GET /r/1 HTTP/1.1\r\nHost: gw\r\nHost: evil\r\n\r\n",
+            b"POST /r/1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+        ] {
+            let text = exchange(gw.addr(), raw).await;
+            assert!(text.starts_with("HTTP/1.1 400"), "{engine}: {}\n{text}", String::from_utf8_lossy(raw));
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "{engine}: a malformed request reached the upstream");
+    }
 }

@@ -65,6 +65,17 @@ fn duplicate_route_id() {
 }
 
 #[test]
+fn a_value_refused_by_the_expansion_is_reported_once() {
+    let yaml = "logging: { format: \"${1BAD}\" }\nservices:\n  orders: { instances: [\"http://127.0.0.1:1\"] }\n"
+        .to_string()
+        + &route("");
+    let errs = errors_of(&yaml);
+    let at: Vec<_> = errs.iter().filter(|(p, _)| p == "logging.format").collect();
+    assert_eq!(at.len(), 1, "{errs:#?}");
+    assert!(at[0].1.contains("1BAD"), "{errs:#?}");
+}
+
+#[test]
 fn unset_env_var() {
     let yaml = "services:\n  orders: { instances: [\"${UNSET_VAR_FOR_TEST}\"] }\n".to_string() + &route("");
     assert_error(&yaml, "services.orders.instances[0]", "UNSET_VAR_FOR_TEST");

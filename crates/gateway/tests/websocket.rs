@@ -170,6 +170,101 @@ fn one_ws_route(url: &str) -> String {
     )
 }
 
+/// A WebSocket upstream on 127.0.0.1:0 that echoes text and binary messages, starts the
+/// closing handshake itself on the text `close please`, and reports on the channel what it
+/// read: `close <code>` for each Close, `end` when the connection ended cleanly after that,
+/// `error …` otherwise.
+async fn ws_upstream() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) if t.as_str() == "close please" => {
+                            let f = CloseFrame { code: CloseCode::Normal, reason: "done".into() };
+                            let _ = ws.send(Message::Close(Some(f))).await;
+                        }
+                        Some(Ok(Message::Close(f))) => {
+                            let _ = tx.send(format!("close {:?}", f.map(|f| u16::from(f.code))));
+                        }
+                        Some(Ok(m)) if m.is_text() || m.is_binary() => {
+                            let _ = ws.send(m).await;
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            let _ = tx.send(format!("error {e}"));
+                            return;
+                        }
+                        None => {
+                            let _ = tx.send("end".into());
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The closing handshake is completed on both legs whichever side starts it (RFC 6455 §5.5.1):
+/// the side that sent a Close gets one back, not a dropped connection; and a ping is answered
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_from_either_side_is_answered_and_a_ping_once() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    async fn next(ws: &mut Ws) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+        tokio::time::timeout(WAIT, ws.next()).await.expect("in time")
+    }
+    let (addr, mut saw) = ws_upstream().await;
+    let gw = TestGateway::start(&one_ws_route(&format!("http://{addr}")), &[]).await;
+    let auth = bearer(&token(&["viewer"]));
+
+    // A ping: one pong, then the echo.
+    let mut ws = connect(gw.addr(), "/ws", &[("authorization", &auth)]).await.expect("upgrade");
+    ws.send(Message::Ping(vec![7u8].into())).await.unwrap();
+    ws.send(Message::text("after the ping")).await.unwrap();
+    let mut pongs = 0;
+    loop {
+        match next(&mut ws).await.unwrap().unwrap() {
+            Message::Pong(_) => pongs += 1,
+            Message::Text(t) => {
+                assert_eq!(t.as_str(), "after the ping");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(pongs, 1, "a ping answered {pongs} times");
+
+    // The client closes: it gets a Close back, and the upstream saw the client's Close.
+    ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() }))).await.unwrap();
+    match next(&mut ws).await {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Normal),
+        other => panic!("the client's Close was not answered: {other:?}"),
+    }
+    assert_eq!(saw.recv().await.unwrap(), "close Some(1000)");
+    assert_eq!(saw.recv().await.unwrap(), "end");
+
+    // The upstream closes: the client gets its Close, and the upstream gets the client's reply.
+    let mut ws = connect(gw.addr(), "/ws", &[("authorization", &auth)]).await.expect("upgrade");
+    ws.send(Message::text("close please")).await.unwrap();
+    match next(&mut ws).await {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.reason.as_str(), "done"),
+        other => panic!("the upstream's Close was not relayed: {other:?}"),
+    }
+    // Reading on sends the client's reply (tungstenite queued it) and sees the end.
+    while let Some(Ok(_)) = next(&mut ws).await {}
+    assert_eq!(saw.recv().await.unwrap(), "close Some(1000)", "the upstream's Close got no reply");
+    assert_eq!(saw.recv().await.unwrap(), "end");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_that_does_not_switch_or_answers_badly_is_502() {
     let auth = bearer(&token(&["viewer"]));

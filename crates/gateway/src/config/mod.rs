@@ -751,7 +751,10 @@ fn section<T: serde::de::DeserializeOwned>(mut value: Value, prefix: &str, error
                 let cascade = reported.iter().any(|r| {
                     r.len() > path.len() && r.starts_with(&path) && matches!(r.as_bytes()[path.len()], b'.' | b'[')
                 });
-                if !cascade {
+                // A value the `${…}` expansion already refused is not reported again as a bad
+                // value (its text is the unexpanded placeholder).
+                let expanded_badly = errors.iter().any(|r| r.path == path);
+                if !cascade && !expanded_badly {
                     errors.push(ConfigError::new(path.clone(), clean_message(&e.inner().to_string())));
                 }
                 if cascade || !remove_at(&mut value, &segments) {

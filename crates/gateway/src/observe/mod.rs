@@ -832,6 +832,37 @@ impl RequestRecord {
         }
     }
 
+    /// The record of a request arriving now, before anything about it is measured.
+    pub fn new(
+        metrics: &Arc<Metrics>,
+        request_id: HeaderValue,
+        method: Method,
+        route: Arc<str>,
+        path: Option<Box<str>>,
+        client_ip: IpAddr,
+        access_log: bool,
+    ) -> Self {
+        Self {
+            start: Instant::now(),
+            request_id,
+            method,
+            route,
+            path,
+            status: 0,
+            upstream_us: None,
+            client_ip,
+            body: None,
+            bytes_out: 0,
+            aborted: false,
+            metrics: metrics.clone(),
+            access_log,
+            trace_id: None,
+            headers_us: None,
+            route_metrics: None,
+            own_headers: None,
+        }
+    }
+
     /// Marks the request as in flight (paired with the decrement in [`finish`](Self::finish)).
     pub fn started(metrics: &Metrics) {
         metrics.in_flight.inc();

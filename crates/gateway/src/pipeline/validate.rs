@@ -65,6 +65,19 @@ pub fn valid_host(v: &[u8]) -> bool {
     port_ok && host.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b))
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host` (an absolute-form target does not
+/// excuse its absence), and no request has several. (The native HTTP/1.1 engine checks this
+/// while parsing; this is for hyper's engines. HTTP/2 requests carry `:authority` instead.)
+pub fn check_host_count(parts: &http::request::Parts) -> Result<(), GatewayError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let bad = |m: &'static str| Err(GatewayError::new(ErrorKind::BadRequest, m).closing());
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => bad("several Host headers"),
+        (None, None) if parts.version == http::Version::HTTP_11 => bad("missing Host header"),
+        _ => Ok(()),
+    }
+}
+
 /// A `tchar` of RFC 9110 §5.6.2 (the bytes of a token: field names, methods).
 pub fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -226,6 +239,23 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("+5"));
         assert!(check_framing(&h).is_err());
+    }
+
+    #[test]
+    fn host_counts() {
+        let parts = |version, hosts: &[&'static str]| {
+            let mut b = http::Request::builder().version(version).uri("/x");
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        assert!(check_host_count(&parts(http::Version::HTTP_11, &["gw"])).is_ok());
+        assert!(check_host_count(&parts(http::Version::HTTP_11, &[])).is_err());
+        assert!(check_host_count(&parts(http::Version::HTTP_11, &["gw", "gw"])).is_err());
+        assert!(check_host_count(&parts(http::Version::HTTP_10, &[])).is_ok());
+        assert!(check_host_count(&parts(http::Version::HTTP_2, &[])).is_ok());
+        assert!(check_host_count(&parts(http::Version::HTTP_2, &["a", "b"])).is_err());
     }
 
     #[test]

@@ -349,8 +349,7 @@ pub async fn serve(
             Ok(Some(h)) => h,
             Ok(None) | Err(HeadError::Close) => return,
             Err(HeadError::Refuse(e)) => {
-                let id = crate::pipeline::request_id::generate();
-                let resp = e.into_response(&id).map(Observed::unrecorded);
+                let resp = crate::gateway::refused(&shared, &conn, None, e);
                 let _ = write_response(w, &mut out, resp, Version::HTTP_11, false, false).await;
                 linger(w).await;
                 return;

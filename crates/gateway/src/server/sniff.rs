@@ -1,4 +1,6 @@
-//! A read-side watcher for HTTP/1 framing conflicts hyper hides.
+//! A read-side watcher for HTTP/1 framing conflicts hyper hides (`Content-Length` with
+//! `Transfer-Encoding`, and several `Content-Length` lines, which hyper folds into one when they
+//! are equal).
 //!
 //! When a request carries both `Content-Length` and `Transfer-Encoding`, hyper follows RFC 9112
 //! (chunked wins), drops `Content-Length` from the parsed headers and turns keep-alive off. That
@@ -36,6 +38,8 @@ pin_project_lite::pin_project! {
         at_line_start: bool,
         blank_line: bool,
         saw_cl: bool,
+        // A second `Content-Length` line in the same block (hyper folds equal ones into one).
+        two_cl: bool,
         saw_te: bool,
         first: bool,
         off: bool,
@@ -43,7 +47,8 @@ pin_project_lite::pin_project! {
 }
 
 impl<T> Sniff<T> {
-    /// Wraps `inner`; `flag` is set when a header block has both framing headers.
+    /// Wraps `inner`; `flag` is set when a header block has both framing headers, or two
+    /// `Content-Length` lines.
     pub fn new(inner: T, flag: Arc<AtomicBool>) -> Self {
         Self {
             inner,
@@ -53,6 +58,7 @@ impl<T> Sniff<T> {
             at_line_start: true,
             blank_line: false,
             saw_cl: false,
+            two_cl: false,
             saw_te: false,
             first: true,
             off: false,
@@ -93,10 +99,11 @@ impl<T: AsyncRead> AsyncRead for Sniff<T> {
                 b'\n' => {
                     if *this.blank_line {
                         // End of a header block (or a blank line in a body: harmless).
-                        if *this.saw_cl && *this.saw_te {
+                        if (*this.saw_cl && *this.saw_te) || *this.two_cl {
                             this.flag.store(true, Ordering::Release);
                         }
                         *this.saw_cl = false;
+                        *this.two_cl = false;
                         *this.saw_te = false;
                     }
                     *this.blank_line = true;
@@ -114,6 +121,7 @@ impl<T: AsyncRead> AsyncRead for Sniff<T> {
                     let l = &this.line[..*this.line_len];
                     if b == b':' {
                         if l == CL {
+                            *this.two_cl |= *this.saw_cl;
                             *this.saw_cl = true;
                         } else if l == TE {
                             *this.saw_te = true;
@@ -215,5 +223,11 @@ mod tests {
         );
         assert!(!scan(&[b"GET / HTTP/1.1\r\nX-Content-Length: 1\r\nX-Transfer-Encoding: x\r\n\r\n"]).await);
         assert!(!scan(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\ncontent-length:\ntransfer-encoding:\n\n"]).await);
+        // Two Content-Length lines, equal or not (hyper folds equal ones into one).
+        assert!(scan(&[b"POST / HTTP/1.1\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\n{}"]).await);
+        assert!(
+            !scan(&[b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"])
+                .await
+        );
     }
 }
