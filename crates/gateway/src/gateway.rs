@@ -576,6 +576,7 @@ async fn serve(
     let buffer =
         (route.config.json || idem_key.is_some()) && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
     let mut idem: Option<(String, [u8; 32])> = None;
+    let mut taken: Option<TakenKey> = None;
     let (body, replay) = if buffer {
         let guarded = RequestBody::new(body, rec.body_stats(), route.max_body, snapshot.body_idle);
         let bytes = guarded.read_all().await.map_err(body_error)?;
@@ -590,6 +591,14 @@ async fn serve(
             match shared.idempotency.begin(&scope, hash, inflight_ms).await {
                 Begin::First => {
                     shared.metrics.idempotency(&route.id, "first");
+                    taken = idem_cfg.map(|cfg| TakenKey {
+                        store: shared.idempotency.clone(),
+                        scope: scope.clone(),
+                        hash,
+                        ttl_ms: cfg.ttl.get().as_millis() as u64,
+                        request_id: request_id.clone(),
+                        settled: false,
+                    });
                     idem = Some((scope, hash));
                 }
                 Begin::InFlight => {
@@ -664,6 +673,7 @@ async fn serve(
                 if e.kind().request_not_sent() {
                     // Nothing reached the upstream: the client may try again with the key.
                     shared.idempotency.release(scope).await;
+                    settled(&mut taken);
                 } else {
                     // The outcome is unknown: a retry with this key replays this error
                     // instead of risking a second order.
@@ -675,6 +685,7 @@ async fn serve(
                         body,
                     };
                     shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
+                    settled(&mut taken);
                 }
             }
             return Err(e);
@@ -697,6 +708,7 @@ async fn serve(
     if let (Some((scope, hash)), Some(cfg)) = (&idem, idem_cfg) {
         if status.is_server_error() && cfg.release_on_5xx {
             shared.idempotency.release(scope).await;
+            settled(&mut taken);
             return Ok(Response::from_parts(parts, GatewayBody::Upstream(body)));
         }
         let bytes = match crate::body::read_bounded(body, cfg.max_response_size.bytes() as usize).await {
@@ -713,12 +725,14 @@ async fn serve(
                     body: crate::error::error_json(e.kind().code(), e.message(), request_id.to_str().unwrap_or("")),
                 };
                 shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
+                settled(&mut taken);
                 return Err(e);
             }
         };
         let stored =
             Stored { status: status.as_u16(), headers: headers::kept_for_replay(&parts.headers), body: bytes.clone() };
         shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
+        settled(&mut taken);
         return Ok(Response::from_parts(parts, GatewayBody::full(bytes)));
     }
 
@@ -759,6 +773,48 @@ fn request_authority(parts: &http::request::Parts) -> Option<HeaderValue> {
     match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
         None => parts.headers.get(header::HOST).cloned(),
+    }
+}
+
+/// The idempotency record a request took (`Begin::First`), until it is completed or released.
+/// Dropped before that — the client went away while the order was in flight (its request's
+/// future is dropped at an await), or an error returned early — the order's outcome is unknown:
+/// the record is completed in the background with a 502 that a retry with the key replays,
+/// instead of staying in flight until it expires and the key is free for a second order.
+struct TakenKey {
+    store: Arc<IdempotencyStore>,
+    scope: String,
+    hash: [u8; 32],
+    ttl_ms: u64,
+    request_id: HeaderValue,
+    settled: bool,
+}
+
+/// The record was completed or released: nothing left to do on drop.
+fn settled(taken: &mut Option<TakenKey>) {
+    if let Some(t) = taken {
+        t.settled = true;
+    }
+}
+
+impl Drop for TakenKey {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let e = ErrorKind::UpstreamReset;
+        let stored = Stored {
+            status: e.status().as_u16(),
+            headers: vec![(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body: crate::error::error_json(
+                e.code(),
+                "the request ended before its outcome was known; the order may have been placed: look it up",
+                self.request_id.to_str().unwrap_or(""),
+            ),
+        };
+        let (store, scope, hash, ttl) = (self.store.clone(), std::mem::take(&mut self.scope), self.hash, self.ttl_ms);
+        rt.spawn(async move { store.complete(&scope, hash, stored, ttl).await });
     }
 }
 

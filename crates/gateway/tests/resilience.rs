@@ -336,6 +336,89 @@ async fn a_keyed_order_in_doubt_keeps_its_key_whatever_the_retry_gets() {
     assert_eq!(up.seen.lock().unwrap()["c"], 2, "the first try and the gateway's retry, nothing more");
 }
 
+/// A try abandoned because its client went away gives back what it held: the instance's
+/// in-flight count (else `least_request` shuns the instance for good) and, when it was the
+/// half-open breaker's probe, the probe slot (else every later request gets 503 `circuit_open`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_abandoned_by_its_client_gives_back_its_probe_and_in_flight_count() {
+    let up = fault_upstream().await;
+    let extra = "    health_check: { enabled: false }\n    outlier_detection: { enabled: false }\n    circuit_breaker: { consecutive_failures: 1, open_interval: 1ms, half_open_probes: 1 }\n    retry: { attempts: 1 }\n";
+    let routes = "  - { id: t, path: \"/t\", methods: [GET], service: up, public: true, timeout: 30s }\n";
+    let gw = TestGateway::start(&service_yaml(&[format!("http://{}", up.addr)], extra, routes), &[]).await;
+    let admin = gw.handle.admin_addr().unwrap();
+    let services = || async move {
+        let v = get(admin, "/admin/services").await.json();
+        let up = v["services"]["up"].clone();
+        (up["instances"][0]["in_flight"].as_u64().unwrap(), up["circuit_breaker"].as_str().unwrap().to_string())
+    };
+    // A reset opens the breaker (one failure is enough here).
+    send(gw.addr(), Method::GET, "/t", &[("x-fault", "reset")], "").await.assert_error(502, "upstream_reset");
+    assert_eq!(services().await.1, "open");
+    // The next request is the half-open probe; the upstream holds it, and its client leaves.
+    let mut c = TcpStream::connect(gw.addr()).await.unwrap();
+    c.write_all(b"GET /t HTTP/1.1\r\nHost: gw\r\nX-Fault: hang\r\n\r\n").await.unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while services().await != (1, "half_open".to_string()) {
+        assert!(Instant::now() < until, "the probe never reached the upstream: {:?}", services().await);
+        tokio::task::yield_now().await;
+    }
+    drop(c);
+    // The gateway notices the client is gone and drops the try.
+    while services().await.0 != 0 {
+        assert!(Instant::now() < until, "the abandoned try is still counted in flight: {:?}", services().await);
+        tokio::task::yield_now().await;
+    }
+    // The probe slot is free: the next request is let through and closes the breaker.
+    let r = send(gw.addr(), Method::GET, "/t", &[], "").await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(services().await, (0, "closed".to_string()));
+}
+
+/// A keyed order whose client goes away while the upstream holds it, on a connection whose
+/// requests are cancelled when their client leaves (HTTP/2: the stream is reset; the native
+/// HTTP/1.1 engine instead finishes a request that has a body): its outcome is unknown, so its
+/// record is completed as in doubt (502) instead of staying in flight until it expires and the
+/// key is free for a second order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_order_whose_client_leaves_mid_flight_keeps_its_key() {
+    let up = fault_upstream().await;
+    let extra = "    health_check: { enabled: false }\n    outlier_detection: { enabled: false }\n    circuit_breaker: { enabled: false }\n    retry: { attempts: 1 }\n";
+    let routes = "  - { id: orders, path: \"/api/v1/orders\", methods: [POST], service: up, public: true, json: true, timeout: 30s, idempotency: { required: true, ttl: 1h } }\n";
+    let gw = TestGateway::start(&service_yaml(&[format!("http://{}", up.addr)], extra, routes), &[]).await;
+    let order = r#"{"symbol":"BTCUSDT","side":"buy","quantity":1,"price":1,"client_order_id":"gone"}"#;
+    let mut tx = h2c::<http_body_util::Full<bytes::Bytes>>(gw.addr()).await;
+    let req = http::Request::post(format!("http://{}/api/v1/orders", gw.addr()))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k-gone")
+        .header("x-fault", "hang")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(order.as_bytes())))
+        .unwrap();
+    let pending = tokio::spawn(tx.send_request(req));
+    let until = Instant::now() + Duration::from_secs(10);
+    while up.seen.lock().unwrap().get("gone").copied() != Some(1) {
+        assert!(Instant::now() < until, "the order never reached the upstream");
+        tokio::task::yield_now().await;
+    }
+    // The client gives up: its stream is reset.
+    pending.abort();
+    drop(tx);
+    // The retry with the key: 409 while the first is still in flight, then the in-doubt answer.
+    let r = loop {
+        let h = [("content-type", "application/json"), ("idempotency-key", "k-gone")];
+        let r = send(gw.addr(), Method::POST, "/api/v1/orders", &h, order).await;
+        if r.status != 409 {
+            break r;
+        }
+        assert!(Instant::now() < until, "the record stayed in flight after its client left");
+        tokio::task::yield_now().await;
+    };
+    // (The replay carries the first request's id in its body.)
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["error"]["code"], "upstream_reset");
+    assert_eq!(r.headers["idempotent-replayed"], "true");
+    assert_eq!(up.seen.lock().unwrap()["gone"], 1, "the order was placed twice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_keeps_an_account_on_one_instance_and_moves_only_its_share() {
     let s = sims(3).await;

@@ -154,6 +154,15 @@ impl Breaker {
         (ok, fail)
     }
 
+    /// Gives back a permit whose try ended without an outcome (cancelled, or nothing to send it
+    /// to): a half-open probe slot is freed for the next caller. (Saturating: the breaker may
+    /// have moved on and reset its slots meanwhile.)
+    pub fn abandon(&self, permit: Permit) {
+        if permit.probe && self.cfg.enabled && self.state() == State::HalfOpen {
+            let _ = self.probes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+    }
+
     /// Records the outcome of a request that held `permit`.
     pub fn record(&self, permit: Permit, success: bool, now_ms: u64) -> Transition {
         if !self.cfg.enabled {
@@ -244,6 +253,25 @@ mod tests {
         let p = b.acquire(420).0.unwrap();
         assert_eq!(b.record(p, true, 420), Some((State::HalfOpen, State::Closed)));
         assert!(b.acquire(421).0.is_ok());
+    }
+
+    #[test]
+    fn an_abandoned_probe_frees_its_slot_once() {
+        let b = Breaker::new(&cfg());
+        for t in 0..3 {
+            b.record(b.acquire(t).0.unwrap(), false, t);
+        }
+        let p1 = b.acquire(200).0.unwrap();
+        let p2 = b.acquire(200).0.unwrap();
+        assert!(b.acquire(200).0.is_err());
+        b.abandon(p1);
+        let p3 = b.acquire(200).0.expect("the abandoned probe's slot is free again");
+        assert!(b.acquire(200).0.is_err(), "only that one");
+        // Abandoned after the breaker moved on (closed by p2): nothing to give back, no underflow.
+        assert_eq!(b.record(p2, true, 210), Some((State::HalfOpen, State::Closed)));
+        b.abandon(p3);
+        assert_eq!(b.state(), State::Closed);
+        assert!(b.acquire(220).0.is_ok());
     }
 
     #[test]

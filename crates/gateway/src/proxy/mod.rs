@@ -266,6 +266,48 @@ fn idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
+/// A breaker permit held by a try. A try that ends without an outcome — its future dropped
+/// because the client went away, or no instance to send it to — gives a half-open probe slot
+/// back on drop: otherwise the breaker stayed half-open with every slot taken, refusing the
+/// service for good.
+struct Held<'a> {
+    breaker: &'a Breaker,
+    permit: Option<breaker::Permit>,
+}
+
+impl Held<'_> {
+    /// The permit, to record the try's outcome with.
+    fn take(&mut self) -> breaker::Permit {
+        self.permit.take().expect("a try's outcome is recorded once")
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.permit.take() {
+            self.breaker.abandon(p);
+        }
+    }
+}
+
+/// An instance's in-flight count for one try, given back on drop: a try cancelled by the
+/// client's going away (its future dropped mid-await) must not leave the instance looking busy
+/// to `least_request` and `/admin/services` for ever.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 enum Failure {
     /// An upstream answer with a retryable status.
     Status(Box<Response<h1::ResponseBody>>),
@@ -455,8 +497,8 @@ impl Upstream {
             let now_ms = self.ms_at(sent);
             let (permit, t) = self.breaker.acquire(now_ms);
             self.transition(t, metrics);
-            let permit = match permit {
-                Ok(p) => p,
+            let mut permit = match permit {
+                Ok(p) => Held { breaker: &self.breaker, permit: Some(p) },
                 Err(wait_ms) => {
                     let e = GatewayError::new(ErrorKind::CircuitOpen, "the service is failing; try again shortly")
                         .with_header(header::RETRY_AFTER, http::HeaderValue::from(wait_ms.div_ceil(1000).max(1)))
@@ -477,11 +519,11 @@ impl Upstream {
 
             let remaining = if attempt == 0 { timeout } else { deadline.saturating_duration_since(sent) };
             let per_try = self.retry.per_try_timeout.map_or(remaining, |p| p.get().min(remaining));
-            inst.inflight.fetch_add(1, Ordering::Relaxed);
+            let inflight = InFlight::enter(&inst.inflight);
             // Deadline from the clock reading of the try's start (no second reading).
             let send = std::pin::pin!(self.pool(idx).send(&parts, call.hop, body, sent, || series.opened()));
             let result = crate::deadline::timeout_at(sent + per_try, send).await;
-            inst.inflight.fetch_sub(1, Ordering::Relaxed);
+            drop(inflight);
             let ended = Instant::now();
             let this_try = ended.saturating_duration_since(sent);
             *took = if attempt == 0 { this_try } else { ended.saturating_duration_since(started) };
@@ -493,7 +535,7 @@ impl Upstream {
                     let server_error = resp.status().is_server_error();
                     series.request(metrics, idx, resp.status().as_u16());
                     // 5xx other than the retryable ones still count against the breaker.
-                    let t = self.breaker.record(permit, !server_error, now_ms);
+                    let t = self.breaker.record(permit.take(), !server_error, now_ms);
                     self.transition(t, metrics);
                     self.passive(idx, true, now_ms, metrics);
                     return settle(Ok(resp), in_doubt);
@@ -515,7 +557,7 @@ impl Upstream {
                     Failure::Error(ge, false)
                 }
             };
-            let t = self.breaker.record(permit, false, now_ms);
+            let t = self.breaker.record(permit.take(), false, now_ms);
             self.transition(t, metrics);
             self.passive(idx, false, now_ms, metrics);
 
