@@ -156,6 +156,24 @@ impl Shared {
             return Err(fail(runtime));
         }
         let old = self.snapshot.load_full();
+        // Where shared state lives (the Redis connection, the halt's sync task) is set up at
+        // start: a reload that changes it is refused rather than reported as applied.
+        let mut at_start = Vec::new();
+        if config.state != old.config.state {
+            at_start.push(crate::config::ConfigError::new(
+                "state",
+                "changed: the shared-state settings are read at start; restart the gateway to apply them",
+            ));
+        }
+        if config.trading.halt_sync_interval != old.config.trading.halt_sync_interval {
+            at_start.push(crate::config::ConfigError::new(
+                "trading.halt_sync_interval",
+                "changed: read at start; restart the gateway to apply it",
+            ));
+        }
+        if !at_start.is_empty() {
+            return Err(fail(at_start));
+        }
         // Moved listeners are bound before anything changes, so a bad address fails the reload.
         let new_main = if config.server.listen != old.config.server.listen {
             Some(bind_for("server.listen", &config.server.listen).await.map_err(|e| fail(vec![e]))?)
@@ -174,8 +192,13 @@ impl Shared {
         if let (Some(t), Some(r)) = (&tls, self.certs.lock().expect("not poisoned").clone()) {
             r.reload(t).map_err(|e| fail(vec![crate::config::ConfigError::new("server.tls", e.to_string())]))?;
         }
-        // Off the hot path: the new upstreams' first health round and JWKS fetch.
+        // Off the hot path: the new upstreams' first health round and JWKS fetch. The keys of a
+        // JWKS URL the running config already fetched are carried over first, so a reload while
+        // that URL is down keeps the last good keys instead of refusing every token.
         if let Some(j) = &next.auth.jwt {
+            if let Some(prev) = &old.auth.jwt {
+                j.inherit_jwks_keys(prev);
+            }
             j.start_background().await;
         }
         futures_util::future::join_all(next.upstreams.values().map(|u| u.check_all())).await;

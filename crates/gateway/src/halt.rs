@@ -32,6 +32,12 @@ pub struct HaltInfo {
 pub struct Halt {
     halted: AtomicBool,
     info: ArcSwap<HaltInfo>,
+    /// With Redis: the shared state has been read (or set) once. Until then the switch is
+    /// engaged (fail closed): a new instance must not take orders during a halt another
+    /// instance engaged just because its first read of Redis failed or came late.
+    synced: AtomicBool,
+    /// `trading.halted` from the config, applied at the first sync when Redis holds no state.
+    initial: bool,
     redis: Option<Arc<RedisStore>>,
     metrics: Arc<Metrics>,
 }
@@ -39,18 +45,26 @@ pub struct Halt {
 impl Halt {
     /// A switch starting in `initial`; with Redis, a task keeps it in sync.
     pub fn new(initial: bool, redis: Option<Arc<RedisStore>>, metrics: Arc<Metrics>, sync: Duration) -> Arc<Self> {
-        let h = Arc::new(Self {
-            halted: AtomicBool::new(initial),
-            info: ArcSwap::from_pointee(HaltInfo {
-                halted: initial,
-                by: "config".into(),
-                reason: if initial { "trading.halted in the config".into() } else { String::new() },
+        let pending = redis.is_some();
+        let info = if pending {
+            HaltInfo {
+                halted: true,
+                by: "startup".into(),
+                reason: "the shared trading halt has not been read from Redis yet".into(),
                 at_ms: 0,
-            }),
+            }
+        } else {
+            config_info(initial)
+        };
+        let h = Arc::new(Self {
+            halted: AtomicBool::new(info.halted),
+            synced: AtomicBool::new(!pending),
+            initial,
+            info: ArcSwap::from_pointee(info),
             redis,
             metrics,
         });
-        h.metrics.halted.set(i64::from(initial));
+        h.metrics.halted.set(i64::from(h.is_halted()));
         if h.redis.is_some() {
             let weak = Arc::downgrade(&h);
             tokio::spawn(async move {
@@ -101,7 +115,14 @@ impl Halt {
             }
         }
         self.apply(info);
+        self.synced.store(true, Ordering::Release);
         shared
+    }
+
+    /// Reads the shared state now (what the sync task does every interval): once before the
+    /// gateway reports ready, so a fresh instance does not refuse orders for an interval.
+    pub async fn sync(&self) {
+        self.pull().await;
     }
 
     async fn pull(&self) {
@@ -109,11 +130,29 @@ impl Halt {
         let k = redis.key("halt", "state");
         let v: Option<Option<String>> =
             redis.run(|mut c| async move { redis::cmd("GET").arg(k).query_async(&mut c).await }).await;
-        if let Some(Some(s)) = v
-            && let Ok(info) = serde_json::from_str::<HaltInfo>(&s)
-            && info != **self.info.load()
-        {
+        let info = match v {
+            Some(Some(s)) => match serde_json::from_str::<HaltInfo>(&s) {
+                Ok(info) => info,
+                Err(_) => return,
+            },
+            // Redis holds no state yet: the config's, once.
+            Some(None) if !self.synced.load(Ordering::Acquire) => config_info(self.initial),
+            // Nothing new, or Redis failed (the last state read stays).
+            _ => return,
+        };
+        self.synced.store(true, Ordering::Release);
+        if info != **self.info.load() {
             self.apply(info);
         }
+    }
+}
+
+/// The state `trading.halted` gives.
+fn config_info(halted: bool) -> HaltInfo {
+    HaltInfo {
+        halted,
+        by: "config".into(),
+        reason: if halted { "trading.halted in the config".into() } else { String::new() },
+        at_ms: 0,
     }
 }

@@ -126,6 +126,30 @@ async fn an_invalid_reload_keeps_the_old_config_and_says_so() {
     assert!(get(admin, "/admin/services").await.json()["services"]["md"]["circuit_breaker"].is_string());
 }
 
+/// Where shared state lives is set up at start: a reload that changes `state` is refused (and
+/// says to restart) instead of being reported as applied while nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_moves_shared_state_is_refused_and_says_to_restart() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = temp_dir("statereload");
+    let file = dir.join("gw.yaml");
+    let text = cfg_text(&sim.url(), &sim.url(), false, "");
+    std::fs::write(&file, &text).unwrap();
+    let gw = start_from_file(&file).await;
+    let moved = text.replacen(
+        "services:",
+        &format!("state: {{ backend: redis, redis: {{ url: \"redis://127.0.0.1:{}\" }} }}\nservices:", dead_port()),
+        1,
+    );
+    std::fs::write(&file, moved).unwrap();
+    let admin = gw.admin_addr().unwrap();
+    let r = send(admin, Method::POST, "/admin/reload", &[], "").await;
+    assert_eq!(r.status, 422);
+    assert!(r.json()["errors"].to_string().contains("restart"), "{}", r.json());
+    assert_eq!(get(admin, "/admin/config").await.json()["state"]["backend"], "memory", "the running config stays");
+    assert_eq!(get(gw.addr(), "/api/v1/market/ticker/X").await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_hides_the_redis_password_and_says_which_methods_it_answers() {
     let redis = RedisServer::start_with(dead_port(), &["--requirepass", "R3dis-Pa55word"]);

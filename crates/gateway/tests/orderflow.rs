@@ -323,6 +323,44 @@ async fn idempotency_replays_conflicts_and_mismatches() {
     assert_eq!(stats["idempotency_records"], 4, "{stats}");
 }
 
+/// With Redis, an instance that has not read the shared halt yet (Redis down at its start, or
+/// still connecting) refuses orders rather than take them during a halt another instance
+/// engaged; once it has read Redis, the stored state (or the config's, when none) applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_blocks_orders_until_it_has_read_the_shared_halt() {
+    let port = dead_port();
+    let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let state = format!(
+        "state: {{ backend: redis, redis: {{ url: \"redis://127.0.0.1:{port}\", timeout: 50ms, retry_interval: 50ms }} }}\n"
+    );
+    let routes = "  - { id: create, path: \"/api/v1/orders\", methods: [POST], service: up, roles: [operator], json: true, halt: block }\n  - { id: get, path: \"/api/v1/orders/{id}\", methods: [GET], service: up, roles: [viewer] }\n";
+    let gw = TestGateway::start(&yaml(&sim.url(), &state, routes), &[]).await;
+    let op = who("trader-1");
+    let post = |id: &'static str| {
+        let (addr, op) = (gw.addr(), op.clone());
+        async move {
+            let h = [("authorization", op.as_str()), ("content-type", "application/json")];
+            send(addr, Method::POST, "/api/v1/orders", &h, order(id)).await
+        }
+    };
+    post("early").await.assert_error(503, "trading_halted");
+    assert_eq!(sim.hits(), 0, "an order went out before the shared halt was known");
+    let read = send(gw.addr(), Method::GET, "/api/v1/orders/1", &[("authorization", op.as_str())], "").await;
+    assert_ne!(read.status, 503, "reads are not held back");
+    // Redis comes up holding no halt: the config's state (not halted) applies at the first read.
+    let _redis = RedisServer::start_with(port, &[]);
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = post("later").await;
+        if r.status == 201 {
+            break;
+        }
+        r.assert_error(503, "trading_halted");
+        assert!(std::time::Instant::now() < until, "orders still refused after Redis came up");
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Subjects and keys may contain `:`: one principal's key must never name another's record,
 /// in memory or in Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,7 +396,8 @@ async fn idempotency_fails_closed_when_redis_is_down() {
     let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let state =
         format!("state: {{ backend: redis, redis: {{ url: \"redis://127.0.0.1:{}\", timeout: 50ms }} }}", dead_port());
-    let gw = TestGateway::start(&yaml(&sim.url(), &state, ORDERS), &[]).await;
+    // (No `halt: block` here: with Redis down the unread shared halt would refuse the order first.)
+    let gw = TestGateway::start(&yaml(&sim.url(), &state, &ORDERS.replace(", halt: block", "")), &[]).await;
     let op = who("trader-1");
     let refs = [("authorization", op.as_str()), ("content-type", "application/json"), ("idempotency-key", "k")];
     send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("c"))

@@ -342,6 +342,36 @@ async fn jwks_rotation_without_restart_and_last_good_keys_when_down() {
     assert_eq!(call(k2.sign("e", Some("k2"))).await, 200);
 }
 
+/// "A failed fetch keeps the last good keys" holds across a reload too: the new snapshot starts
+/// from the running one's keys for the same URL instead of none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_while_the_jwks_url_is_down_keeps_the_last_good_keys() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let rsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let dir = temp_dir("jwks-reload");
+    let pub_pem = dir.join("pub.pem");
+    std::fs::write(&pub_pem, rsa.public_key_pem()).unwrap();
+    let k1 = EcKey::new("k1");
+    let jwks = jwks_server(jwks_doc(&[&k1])).await;
+    let file = dir.join("gw.yaml");
+    let yaml = two_issuer_yaml(&sim.url(), &pub_pem, jwks.addr);
+    std::fs::write(&file, &yaml).unwrap();
+    let h = b25_gateway::server::start(config::load(&file).unwrap(), &file.display().to_string()).await.unwrap();
+    h.ready().await;
+    let path = "/api/v1/market/ticker/X";
+    let call = |t: String| {
+        let addr = h.addr();
+        async move { send(addr, Method::GET, path, &[("authorization", &bearer(&t))], "").await.status }
+    };
+    assert_eq!(call(k1.sign("a", Some("k1"))).await, 200);
+    // The JWKS URL goes down; an unrelated change is reloaded meanwhile.
+    *jwks.doc.lock().unwrap() = None;
+    std::fs::write(&file, yaml.replace("logging: { level: warn }", "logging: { level: error }")).unwrap();
+    h.reload().await.expect("the reload itself is fine");
+    assert_eq!(call(k1.sign("b", Some("k1"))).await, 200, "the reload dropped the last good keys");
+    assert_eq!(call(k3_unknown()).await, 401);
+}
+
 fn k3_unknown() -> String {
     EcKey::new("k3").sign("z", Some("k3"))
 }

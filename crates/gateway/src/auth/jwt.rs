@@ -23,7 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{JwkSet, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 use std::str::FromStr;
@@ -123,6 +123,20 @@ impl JwtVerifier {
             roles,
             forward_token: cfg.forward_token,
             rate_claim,
+        }
+    }
+
+    /// Takes the keys `prev` (the running snapshot's verifier) holds for each JWKS URL that this
+    /// one fetches too (same issuer, same URL): the last good keys survive a reload during an
+    /// outage of the URL ("a failed fetch keeps the last good keys").
+    pub fn inherit_jwks_keys(&self, prev: &JwtVerifier) {
+        for iss in &self.issuers {
+            let Some(src) = &iss.jwks else { continue };
+            let same =
+                prev.issuers.iter().find(|p| p.iss == iss.iss && p.jwks.as_ref().is_some_and(|ps| ps.url == src.url));
+            if let Some(p) = same {
+                iss.keys.store(p.keys.load_full());
+            }
         }
     }
 
@@ -387,12 +401,53 @@ fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
     let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("invalid JWKS: {e}"))?;
     let mut keys = Vec::new();
     for jwk in &set.keys {
+        // Only keys meant for verifying signatures (RFC 7517 §4.2–4.4): `use` other than `sig`,
+        // `key_ops` without `verify`, or an `alg` that is not a signature algorithm (e.g.
+        // `RSA-OAEP-256`) make an encryption key, which must never verify a token.
+        let common = &jwk.common;
+        if common.public_key_use.as_ref().is_some_and(|u| *u != PublicKeyUse::Signature)
+            || common.key_operations.as_ref().is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
+        {
+            continue;
+        }
+        let alg = match common.key_algorithm {
+            Some(a) => match Algorithm::try_from(a) {
+                Ok(alg) => Some(alg),
+                Err(_) => continue,
+            },
+            None => None,
+        };
         let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
-        let alg = jwk.common.key_algorithm.and_then(|a| Algorithm::try_from(a).ok());
-        keys.push(Key { kid: jwk.common.key_id.clone(), alg, key });
+        keys.push(Key { kid: common.key_id.clone(), alg, key });
     }
     if keys.is_empty() {
         return Err("the JWKS holds no usable key".into());
     }
     Ok(KeySet { keys })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_jwks;
+
+    const N: &str = "2PZjANYDXh4HcnHKMrOQlP5TMJWOyS6yQWUxAP8fzmdIOxemsEzcsgP3Liu2mRquk7Pk0A6jT_5Prc47-pY_3Dm_VgCXdGsc_B0tj-vKPV-HxXyyBAvMKabx4Oyu0hsqDAisuZsz4X_eFYzTAWmWXzwacQ24ucT5dLlqquvYGBzPkh5bv0TUZJCurGZqnliER_7HPHUJ23uXYXNCHwFg-JkyO-8J8TY3Co9w96wySCN3RK_eOagqo-QXH8r1aw2lsJypSl8nxtsgK8mGCn9oNl4RxU-4tjxBExgi6epUY_YuffphnhhpW0RevtMCMGVaMwo0YSW2jIBFjyYOX0eqnw";
+
+    #[test]
+    fn only_signature_keys_are_taken_from_a_jwks() {
+        let key = |kid: &str, extra: &str| format!(r#"{{"kty":"RSA","kid":"{kid}","n":"{N}","e":"AQAB"{extra}}}"#);
+        let set = format!(
+            r#"{{"keys":[{},{},{},{},{},{}]}}"#,
+            key("sig", r#","use":"sig","alg":"RS256""#),
+            key("plain", ""),
+            key("enc-use", r#","use":"enc""#),
+            key("enc-alg", r#","alg":"RSA-OAEP-256""#),
+            key("enc-ops", r#","key_ops":["encrypt"]"#),
+            key("verify-ops", r#","key_ops":["verify"]"#),
+        );
+        let keys = parse_jwks(set.as_bytes()).unwrap();
+        let kids: Vec<_> = keys.keys.iter().filter_map(|k| k.kid.as_deref()).collect();
+        assert_eq!(kids, ["sig", "plain", "verify-ops"]);
+        let only_enc = format!(r#"{{"keys":[{}]}}"#, key("enc", r#","use":"enc""#));
+        assert!(parse_jwks(only_enc.as_bytes()).is_err(), "a JWKS of encryption keys holds no usable key");
+    }
 }

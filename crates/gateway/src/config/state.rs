@@ -16,7 +16,7 @@ pub const DEFAULT_REDIS_RETRY_INTERVAL: HumanDuration = HumanDuration::from_secs
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
 /// `state:` section.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     /// `memory` (default, one instance) or `redis` (shared by instances).
@@ -38,7 +38,7 @@ pub enum Backend {
 
 /// `state.redis:`. The URLs may carry a password (`redis://user:password@host`): it is
 /// shown as `<redacted>` by `Debug` and by the admin API (`Serialize`).
-#[derive(Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port/db` of a single Redis.

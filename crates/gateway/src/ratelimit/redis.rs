@@ -174,7 +174,10 @@ impl RedisStore {
             return None;
         }
         let Some(conn) = self.conn.load_full() else {
-            self.failed("not connected");
+            // A cluster still connecting in the background: no outage to wait out (the next
+            // call may find the connection), so no `retry_interval` pause; the caller's
+            // fallback applies to this call.
+            self.metrics.redis_error("error");
             return None;
         };
         let started = Instant::now();

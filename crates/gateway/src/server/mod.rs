@@ -197,7 +197,9 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
                 }
             };
             let health = futures_util::future::join_all(snap.upstreams.values().map(|u| u.check_all()));
-            futures_util::future::join(jwks, health).await;
+            // With Redis, the shared trading halt is read once before ready (order routes are
+            // refused until it has been read; see `Halt`).
+            futures_util::future::join3(jwks, health, shared.halt.sync()).await;
             for u in snap.upstreams.values() {
                 u.spawn_health_checks();
             }
