@@ -69,11 +69,65 @@ struct Invalidations {
     prefixes: Vec<(String, u64)>,
 }
 
+/// A prefix marker is kept this long (every lookup scans the prefix markers).
+const PREFIX_MARKER_MS: u64 = 86_400_000;
+
 impl Invalidations {
     fn valid(&self, e: &Entry) -> bool {
         e.stored_ms > self.all_before
             && self.routes.get(&e.route).is_none_or(|t| e.stored_ms > *t)
             && self.prefixes.iter().all(|(p, t)| e.stored_ms > *t || !e.path.starts_with(p.as_str()))
+    }
+
+    /// These markers with prefix markers older than [`PREFIX_MARKER_MS`] dropped.
+    fn pruned(&self, now: u64) -> Self {
+        Self {
+            all_before: self.all_before,
+            routes: self.routes.clone(),
+            prefixes: self
+                .prefixes
+                .iter()
+                .filter(|(_, t)| now.saturating_sub(*t) < PREFIX_MARKER_MS)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Records the marker `field` ([`marker_field`]) set at `t`, keeping the later of two
+    /// times; whether anything changed.
+    fn add(&mut self, field: &str, t: u64, now: u64) -> bool {
+        let later = |old: &mut u64| {
+            let changed = t > *old;
+            *old = (*old).max(t);
+            changed
+        };
+        if field == "all" {
+            later(&mut self.all_before)
+        } else if let Some(r) = field.strip_prefix("r:") {
+            later(self.routes.entry(r.into()).or_default())
+        } else if let Some(p) = field.strip_prefix("p:")
+            && now.saturating_sub(t) < PREFIX_MARKER_MS
+        {
+            match self.prefixes.iter_mut().find(|(q, _)| q == p) {
+                Some((_, old)) => later(old),
+                None => {
+                    self.prefixes.push((p.to_string(), t));
+                    true
+                }
+            }
+        } else {
+            false
+        }
+    }
+}
+
+/// The name of an invalidation marker, here and in the shared Redis hash: `r:<route id>`,
+/// `p:<path prefix>` or `all`.
+fn marker_field(route: Option<&str>, prefix: Option<&str>) -> String {
+    match (route, prefix) {
+        (Some(r), _) => format!("r:{r}"),
+        (None, Some(p)) => format!("p:{p}"),
+        (None, None) => "all".into(),
     }
 }
 
@@ -335,30 +389,24 @@ impl ResponseCache {
         e
     }
 
-    /// Invalidates by route id, path prefix, or everything; returns the Redis keys deleted.
-    pub async fn invalidate(&self, route: Option<&str>, prefix: Option<&str>) -> usize {
+    /// Invalidates by route id, path prefix, or everything: hides every matching entry stored
+    /// before now. With Redis the marker is shared (every instance reads the markers every
+    /// sync interval, [`ResponseCache::sync_every`]) and the matching keys are deleted.
+    pub async fn invalidate(&self, route: Option<&str>, prefix: Option<&str>) -> Invalidated {
         let now = crate::unix_ms();
-        let cur = self.invalid.load();
-        let mut next = Invalidations {
-            all_before: cur.all_before,
-            routes: cur.routes.clone(),
-            prefixes: cur.prefixes.iter().filter(|(_, t)| now.saturating_sub(*t) < 86_400_000).cloned().collect(),
-        };
-        match (route, prefix) {
-            (Some(r), _) => {
-                next.routes.insert(r.into(), now);
-            }
-            (None, Some(p)) => next.prefixes.push((p.to_string(), now)),
-            (None, None) => next.all_before = now,
-        }
+        let field = marker_field(route, prefix);
+        let mut next = self.invalid.load().pruned(now);
+        next.add(&field, now, now);
         self.invalid.store(Arc::new(next));
-        let Some(redis) = &self.redis else { return 0 };
+        let Some(redis) = &self.redis else { return Invalidated { shared: false, redis_keys_deleted: 0 } };
+        let markers = redis.key("cinv", "markers");
+        let shared = redis.run(|mut c| async move { c.hset::<_, _, _, ()>(markers, field, now).await }).await.is_some();
         let pattern = match (route, prefix) {
             (Some(r), _) => redis.key("c", &format!("GET {} *", glob_escape(r))),
             (None, Some(p)) => redis.key("c", &format!("GET * {}*", glob_escape(p))),
             (None, None) => redis.key("c", "*"),
         };
-        redis
+        let deleted = redis
             .run(|mut c| async move {
                 let mut deleted = 0usize;
                 let mut cursor: u64 = 0;
@@ -382,8 +430,58 @@ impl ResponseCache {
                 }
             })
             .await
-            .unwrap_or(0)
+            .unwrap_or(0);
+        Invalidated { shared, redis_keys_deleted: deleted }
     }
+
+    /// Reads the invalidation markers other instances shared through Redis and applies the
+    /// newer ones here. Once before the gateway reports ready, then every `every`.
+    pub async fn sync(&self) {
+        let Some(redis) = &self.redis else { return };
+        let markers = redis.key("cinv", "markers");
+        // Values as text: a field that is not a time is skipped, not a Redis failure.
+        let Some(remote) = redis.run(|mut c| async move { c.hgetall::<_, Vec<(String, String)>>(markers).await }).await
+        else {
+            return;
+        };
+        let now = crate::unix_ms();
+        let mut next = self.invalid.load().pruned(now);
+        let mut changed = false;
+        for (field, t) in &remote {
+            if let Ok(t) = t.parse::<u64>() {
+                changed |= next.add(field, t, now);
+            }
+        }
+        if changed {
+            self.invalid.store(Arc::new(next));
+        }
+    }
+
+    /// With Redis, a task that runs [`ResponseCache::sync`] every `every` while the cache lives.
+    pub fn sync_every(self: &Arc<Self>, every: std::time::Duration) {
+        if self.redis.is_none() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(cache) = weak.upgrade() else { return };
+                cache.sync().await;
+            }
+        });
+    }
+}
+
+/// What an invalidation did beyond this instance.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Invalidated {
+    /// The marker was written to Redis, so every instance applies it within its sync interval.
+    pub shared: bool,
+    /// Keys deleted from Redis.
+    pub redis_keys_deleted: usize,
 }
 
 fn redis_key(redis: &RedisStore, key: &str) -> String {
@@ -452,6 +550,41 @@ mod tests {
 
     fn cfg() -> CacheConfig {
         CacheConfig { ttl: HumanDuration::from_secs(60), scope: CacheScope::Public, statuses: vec![200] }
+    }
+
+    fn stored(route: &str, path: &str, at: u64) -> Entry {
+        Entry {
+            status: 200,
+            headers: Vec::new(),
+            body: Bytes::new(),
+            stored_ms: at,
+            expires_ms: u64::MAX,
+            vary: Vec::new(),
+            route: route.into(),
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn shared_markers_keep_the_later_time_and_hide_only_what_they_name() {
+        let now = 10 * PREFIX_MARKER_MS;
+        let mut inv = Invalidations::default();
+        assert!(inv.add("r:sym", now - 100, now));
+        assert!(!inv.add("r:sym", now - 200, now), "an older time is not news");
+        assert!(inv.add("p:/api/v1/market/", now - 50, now));
+        assert!(inv.add("p:/api/v1/market/", now - 40, now));
+        assert_eq!(inv.prefixes.len(), 1, "one marker per prefix");
+        assert!(!inv.add("p:/old/", now - PREFIX_MARKER_MS, now), "expired prefix marker");
+        assert!(!inv.add("bogus", now, now));
+        assert!(!inv.valid(&stored("sym", "/x", now - 100)));
+        assert!(inv.valid(&stored("sym", "/x", now - 99)));
+        assert!(inv.valid(&stored("other", "/x", now - 500)));
+        assert!(!inv.valid(&stored("other", "/api/v1/market/t", now - 40)));
+        assert!(inv.valid(&stored("other", "/api/v1/marketX", now - 500)));
+        assert!(inv.add("all", now - 10, now));
+        assert!(!inv.valid(&stored("other", "/x", now - 10)));
+        assert!(inv.valid(&stored("other", "/x", now - 9)));
+        assert_eq!(inv.pruned(now + PREFIX_MARKER_MS).prefixes.len(), 0);
     }
 
     fn map(lines: &[(&'static str, &'static str)]) -> HeaderMap {

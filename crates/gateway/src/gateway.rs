@@ -91,8 +91,10 @@ impl Shared {
     pub fn new(snapshot: Snapshot, metrics: Arc<Metrics>, redis: Option<Arc<RedisStore>>) -> Self {
         let cfg = &snapshot.config;
         let sync = cfg.trading.halt_sync_interval.map_or(crate::halt::DEFAULT_SYNC_INTERVAL, |d| d.get());
+        let cache = ResponseCache::new(&cfg.cache, redis.clone());
+        cache.sync_every(sync);
         Self {
-            cache: ResponseCache::new(&cfg.cache, redis.clone()),
+            cache,
             idempotency: IdempotencyStore::new(redis.clone()),
             halt: Halt::new(cfg.trading.halted, redis.clone(), metrics.clone(), sync),
             ws: Arc::default(),

@@ -108,10 +108,11 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> Result<Response<Gatew
                     "body must be {\"route\": id} or {\"prefix\": \"/path\"} or {\"all\": true}",
                 ));
             }
-            let deleted = shared.cache.invalidate(route, prefix).await;
+            let done = shared.cache.invalidate(route, prefix).await;
             Ok(json(
                 StatusCode::OK,
-                serde_json::json!({"invalidated": true, "route": route, "prefix": prefix, "redis_keys_deleted": deleted}),
+                serde_json::json!({"invalidated": true, "route": route, "prefix": prefix,
+                    "shared": done.shared, "redis_keys_deleted": done.redis_keys_deleted}),
             ))
         }
         (Method::POST, "/admin/reload") => {

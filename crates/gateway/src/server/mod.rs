@@ -198,8 +198,9 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
             };
             let health = futures_util::future::join_all(snap.upstreams.values().map(|u| u.check_all()));
             // With Redis, the shared trading halt is read once before ready (order routes are
-            // refused until it has been read; see `Halt`).
-            futures_util::future::join3(jwks, health, shared.halt.sync()).await;
+            // refused until it has been read; see `Halt`), and the cache's shared invalidation
+            // markers (entries another instance invalidated are not served).
+            futures_util::future::join4(jwks, health, shared.halt.sync(), shared.cache.sync()).await;
             for u in snap.upstreams.values() {
                 u.spawn_health_checks();
             }
