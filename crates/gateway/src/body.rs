@@ -233,13 +233,116 @@ impl std::fmt::Display for BodyError {
 
 impl std::error::Error for BodyError {}
 
+/// A request body read by hyper, whose last byte is handed on only once the stream has ended
+/// cleanly.
+///
+/// HTTP/2 checks a `content-length` against the DATA frames only as they arrive (RFC 9113
+/// §8.1.1): a stream that declares 5 bytes and sends 6 is reset when the sixth arrives, after
+/// the first five were read. Forwarded at once, those five would complete a
+/// Content-Length-framed request upstream: an order executed for a client that was told its
+/// stream failed. So the last byte of a data frame is held back until the next frame shows the
+/// end (nothing is held when the frame itself ends the stream, the usual case), and a declared
+/// length of 0 on a stream still open is not passed on as a length at all (the body goes
+/// upstream chunked, ended only when the client's stream ends cleanly). A malformed stream thus
+/// reaches the upstream only as an incomplete request, which it does not act on.
+#[derive(Debug)]
+pub struct HeldBody {
+    inner: Incoming,
+    /// The last byte of the data so far, until the stream is seen to end.
+    held: Option<Bytes>,
+    /// A frame that came while `held` had to go first.
+    next: Option<Frame<Bytes>>,
+}
+
+impl HeldBody {
+    /// Wraps hyper's body.
+    pub fn new(inner: Incoming) -> Self {
+        Self { inner, held: None, next: None }
+    }
+
+    /// `held` (if any) goes out now and `then` after it.
+    fn release_then(&mut self, then: Frame<Bytes>) -> Frame<Bytes> {
+        match self.held.take() {
+            Some(h) => {
+                self.next = Some(then);
+                Frame::data(h)
+            }
+            None => then,
+        }
+    }
+}
+
+impl Body for HeldBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(f) = this.next.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        loop {
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                // Ended cleanly: what was held goes now.
+                Poll::Ready(None) => return Poll::Ready(this.held.take().map(|h| Ok(Frame::data(h)))),
+                Poll::Ready(Some(Err(e))) => {
+                    this.held = None;
+                    return Poll::Ready(Some(Err(BoxError::from(e))));
+                }
+                Poll::Ready(Some(Ok(f))) => f,
+            };
+            let mut data = match frame.into_data() {
+                Ok(d) if d.is_empty() => continue,
+                Ok(d) => d,
+                // Trailers come last.
+                Err(trailers) => return Poll::Ready(Some(Ok(this.release_then(trailers)))),
+            };
+            if this.inner.is_end_stream() {
+                return Poll::Ready(Some(Ok(this.release_then(Frame::data(data)))));
+            }
+            let last = data.split_off(data.len() - 1);
+            let before = this.held.replace(last);
+            match (before, data.is_empty()) {
+                (Some(b), true) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+                (Some(b), false) => {
+                    this.next = Some(Frame::data(data));
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                (None, true) => continue,
+                (None, false) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.next.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let inner = self.inner.size_hint();
+        // A length of 0 on a stream still open: not a length the upstream may rely on.
+        if inner.exact() == Some(0) && !self.inner.is_end_stream() {
+            return SizeHint::default();
+        }
+        let extra = self.held.as_ref().map_or(0, |h| h.len() as u64)
+            + self.next.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len() as u64);
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + extra);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + extra);
+        }
+        hint
+    }
+}
+
 /// A client's request body as the connection delivered it.
 #[derive(Debug)]
 pub enum ClientBody {
     /// No body (no length, or a zero length).
     Empty,
-    /// Read by hyper (HTTP/2).
-    Hyper(Incoming),
+    /// Read by hyper (HTTP/2, and HTTP/1.1 with `server.http1: hyper`).
+    Hyper(HeldBody),
     /// Read by the gateway's own HTTP/1.1 connection.
     Native(crate::server::h1::NativeBody),
 }

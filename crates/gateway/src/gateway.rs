@@ -167,11 +167,29 @@ impl Shared {
                 "changed: the shared-state settings are read at start; restart the gateway to apply them",
             ));
         }
-        if config.trading.halt_sync_interval != old.config.trading.halt_sync_interval {
-            at_start.push(crate::config::ConfigError::new(
-                "trading.halt_sync_interval",
-                "changed: read at start; restart the gateway to apply it",
-            ));
+        // The listener's protocols and timers, the log subscriber, the file watcher and the
+        // shutdown timings are set up once at start too.
+        let (new, was) = (&config.server, &old.config.server);
+        let start_only = [
+            ("trading.halt_sync_interval", config.trading.halt_sync_interval != old.config.trading.halt_sync_interval),
+            ("server.tls", new.tls.is_some() != was.tls.is_some()),
+            ("server.http2", new.http2 != was.http2),
+            ("server.http1", new.http1 != was.http1),
+            ("server.workers", new.workers != was.workers),
+            ("server.watch_config", new.watch_config != was.watch_config),
+            ("server.shutdown_grace", new.shutdown_grace != was.shutdown_grace),
+            ("server.shutdown_delay", new.shutdown_delay != was.shutdown_delay),
+            ("server.limits.header_timeout", new.limits.header_timeout != was.limits.header_timeout),
+            ("logging.level", config.logging.level != old.config.logging.level),
+            ("logging.format", config.logging.format != old.config.logging.format),
+        ];
+        for (path, changed) in start_only {
+            if changed {
+                at_start.push(crate::config::ConfigError::new(
+                    path,
+                    "changed: read at start; restart the gateway to apply it",
+                ));
+            }
         }
         if !at_start.is_empty() {
             return Err(fail(at_start));
@@ -420,8 +438,23 @@ async fn serve(
     // cache's `Vary: Cookie` sees that line. HTTP/1.1 requests skip even the lookup.
     if parts.version == http::Version::HTTP_2 {
         headers::join_cookie_crumbs(&mut parts.headers);
+        // RFC 9113 §8.2.1: a field value that starts or ends with whitespace makes the request
+        // malformed (HTTP/1.1 parsing trims it; HTTP/2 carries values as they were sent).
+        if parts.headers.values().any(|v| {
+            matches!(v.as_bytes().first(), Some(b' ' | b'\t')) || matches!(v.as_bytes().last(), Some(b' ' | b'\t'))
+        }) {
+            return Err(GatewayError::new(
+                ErrorKind::BadRequest,
+                "a header value starts or ends with whitespace (malformed HTTP/2 request)",
+            ));
+        }
     }
     let path = normalize::normalize(parts.uri.path()).map_err(|e| GatewayError::new(ErrorKind::BadRequest, e.0))?;
+    // A request target is ASCII (RFC 3986 §2, RFC 9112 §3.2): a raw UTF-8 byte must be sent
+    // percent-encoded, so that one resource has one spelling for routes, caches and upstreams.
+    if parts.uri.query().is_some_and(|q| !q.is_ascii()) {
+        return Err(GatewayError::new(ErrorKind::BadRequest, "non-ASCII byte in the query: percent-encode it"));
+    }
 
     // CORS preflight: answered here, for a path and method the table serves, without auth.
     if let Some(cors) = &snapshot.cors
@@ -1015,15 +1048,27 @@ async fn authorize(
     }
 }
 
-/// Removes client-sent principal headers and credentials the upstream must not see.
+/// Removes client-sent principal headers and credentials the upstream must not see, and every
+/// header whose name holds an underscore (as nginx does by default, `underscores_in_headers
+/// off`): CGI, WSGI, Rack and PHP map `_` and `-` to the same variable, so `X_Auth_Subject` or
+/// `Content_Length` would reach such an upstream as the header the gateway strips or sets.
 fn strip_identity(snapshot: &Snapshot, h: &mut http::HeaderMap) {
     let a = &snapshot.auth;
-    // One pass over the (few) names decides whether a client sent any identity header; the
-    // hashed removals only run when one did.
+    // One pass over the (few) names decides whether a client sent any identity or underscore
+    // header; the hashed removals only run when one did.
     let key = a.api_key_header();
-    let spoofed = h.keys().any(|n| {
-        *n == a.subject_header || *n == a.roles_header || *n == a.method_header || key.is_some_and(|k| n == k)
-    });
+    let (mut spoofed, mut underscore) = (false, false);
+    for n in h.keys() {
+        spoofed |=
+            *n == a.subject_header || *n == a.roles_header || *n == a.method_header || key.is_some_and(|k| n == k);
+        underscore |= n.as_str().as_bytes().contains(&b'_');
+    }
+    if underscore {
+        let names: Vec<http::HeaderName> = h.keys().filter(|n| n.as_str().contains('_')).cloned().collect();
+        for n in names {
+            h.remove(n);
+        }
+    }
     if spoofed {
         h.remove(&a.subject_header);
         h.remove(&a.roles_header);

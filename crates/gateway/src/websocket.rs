@@ -280,6 +280,12 @@ pub fn switching(client_key: &HeaderValue, protocol: Option<&HeaderValue>) -> Re
     r
 }
 
+/// The Close tungstenite hands on in place of a peer's invalid one (a code no endpoint may
+/// send, such as 0, 1005, 1006 or 5000), after answering that peer with 1002 itself.
+fn is_violation(msg: &Message) -> bool {
+    matches!(msg, Message::Close(Some(f)) if f.code == CloseCode::Protocol && f.reason == "Protocol violation")
+}
+
 fn close(code: CloseCode, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: reason.into() }))
 }
@@ -363,6 +369,9 @@ impl Relay {
                             continue;
                         }
                         let closing = msg.is_close();
+                        // The client's own violation (e.g. a Close with a code no endpoint may
+                        // send) is not the upstream's: it gets a Close without a code.
+                        let msg = if is_violation(&msg) { Message::Close(None) } else { msg };
                         to_up += msg.len() as u64;
                         match u.send(msg).await {
                             Ok(()) if closing => break End::ClientClosed,
@@ -381,6 +390,8 @@ impl Relay {
                             continue;
                         }
                         let closing = msg.is_close();
+                        // The upstream's violation is not the client's: 1011, as for any other.
+                        let msg = if is_violation(&msg) { close(CloseCode::Error, "upstream gone") } else { msg };
                         to_client += msg.len() as u64;
                         match c.send(msg).await {
                             Ok(()) if closing => break End::UpstreamClosed,

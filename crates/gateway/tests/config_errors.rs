@@ -213,3 +213,113 @@ fn cache_statuses_that_are_not_complete_answers_to_a_get_are_refused() {
     let ok = format!("{BASE_SERVICES}{}", route(", cache: { ttl: 1s, statuses: [200, 203, 204, 301, 404, 500] }"));
     parse(&ok).unwrap();
 }
+
+/// No message quotes a secret: not the `${…}` expansion's (an unterminated `${` in a secret),
+/// not a type error on a secret, not an upstream URL's password from the environment.
+#[test]
+fn secrets_are_never_quoted_in_errors() {
+    let all = |yaml: &str| format!("{:#?}", errors_of(yaml));
+    let jwt = |secret: &str| {
+        format!(
+            "auth: {{ jwt: {{ issuers: [{{ issuer: i, audiences: [a], algorithms: [HS256], secret: {secret} }}] }} }}\n{BASE_SERVICES}{}",
+            route("")
+        )
+    };
+    for yaml in [
+        jwt("\"TOPSECRET-jwt-0123456789abcdef0123${x\""),
+        jwt("123456789012345678901234567890123"),
+        format!("server: {{ admin_token: \"TOPSECRET-admin-token${{\" }}\n{BASE_SERVICES}{}", route("")),
+        format!("server: {{ admin_token: 98765432109876543210 }}\n{BASE_SERVICES}{}", route("")),
+        format!(
+            "state: {{ backend: redis, redis: {{ url: \"redis://:TOPSECRET-redis@127.0.0.1:6379/0${{\" }} }}\n{BASE_SERVICES}{}",
+            route("")
+        ),
+        format!("services:\n  orders: {{ instances: [\"http://svc:TOPSECRET-pw@127.0.0.1:9\"] }}\n{}", route("")),
+    ] {
+        let shown = all(&yaml);
+        assert!(!shown.contains("TOPSECRET"), "{shown}");
+        assert!(!shown.contains("1234567890123") && !shown.contains("9876543210"), "{shown}");
+    }
+    assert_error(&jwt("\"abc${x\""), "auth.jwt.issuers[0].secret", "unterminated");
+    assert_error(
+        &format!("services:\n  orders: {{ instances: [\"http://svc:TOPSECRET-pw@127.0.0.1:9\"] }}\n{}", route("")),
+        "services.orders.instances[0]",
+        "credentials",
+    );
+}
+
+/// Values that would make every request on a route fail are refused at `check`, not found by
+/// clients: an instance without a host, a path prefix that is no path, a header list entry
+/// that is no header name, a directory as the TLS certificate; the admin token's length is
+/// counted in characters; a typo in an instance mapping is named.
+#[test]
+fn values_that_cannot_work_are_refused_by_name() {
+    assert_error(
+        &format!("services:\n  orders: {{ instances: [\"http://:9\"] }}\n{}", route("")),
+        "services.orders.instances[0]",
+        "a host is required",
+    );
+    for prefix in ["\"/a\\r\\nX-Injected: yes\"", "\"/a b\"", "\"/a\\\"\""] {
+        assert_error(
+            &format!("{BASE_SERVICES}{}", route(&format!(", add_prefix: {prefix}"))),
+            "routes[0].add_prefix",
+            "plain path",
+        );
+    }
+    let ok = parse(&format!("{BASE_SERVICES}{}", route(", add_prefix: \"/v1/x~y_z.%20(1)\""))).map(|_| ());
+    assert!(ok.is_ok(), "{ok:?}");
+    for field in ["allowed_headers", "exposed_headers"] {
+        assert_error(
+            &format!(
+                "cors: {{ allowed_origins: [\"https://a.example\"], {field}: [\"x-ok\", \"x-bad\\r\\nx: y\"] }}\n{BASE_SERVICES}{}",
+                route("")
+            ),
+            &format!("cors.{field}[1]"),
+            "not a header name",
+        );
+    }
+    let dir = std::env::temp_dir();
+    assert_error(
+        &format!("server: {{ tls: {{ cert: {dir:?}, key: {dir:?} }} }}\n{BASE_SERVICES}{}", route("")),
+        "server.tls.cert",
+        "is not a file",
+    );
+    assert_error(
+        &format!("server: {{ admin_token: \"ééééééééé\" }}\n{BASE_SERVICES}{}", route("")),
+        "server.admin_token",
+        "16 characters",
+    );
+    let errs = errors_of(&format!(
+        "services:\n  orders: {{ instances: [{{ url: \"http://127.0.0.1:9\", weigth: 2 }}, 5, {{ url: \"http://127.0.0.1:8\", weight: 0 }}] }}\n{}",
+        route("")
+    ));
+    assert!(
+        errs.iter().any(|(p, m)| p.starts_with("services.orders.instances[0]")
+            && m.contains("weigth")
+            && m.contains("weight")),
+        "{errs:#?}"
+    );
+}
+
+/// A config path that is not a regular file, or a huge one, is refused without reading it whole.
+#[test]
+fn the_config_file_must_be_a_regular_file_of_bounded_size() {
+    let e = config::load(std::path::Path::new("/dev/zero")).expect_err("a device");
+    assert!(e.errors[0].message.contains("not a regular file"), "{e:?}");
+    let big = std::env::temp_dir().join(format!("b25-big-{}.yaml", std::process::id()));
+    std::fs::write(&big, vec![b'#'; 5 * 1024 * 1024]).unwrap();
+    let e = config::load(&big).expect_err("too large");
+    std::fs::remove_file(&big).unwrap();
+    assert!(e.errors[0].message.contains("too large"), "{e:?}");
+}
+
+/// The YAML library's hints to programmers are not shown to operators.
+#[test]
+fn yaml_errors_speak_to_operators() {
+    let dup = format!("{BASE_SERVICES}{}", route(", public: true"));
+    let multi = format!("{BASE_SERVICES}{}---\nservices: {{}}\n", route(""));
+    for yaml in [dup, multi] {
+        let shown = format!("{:?}", errors_of(&yaml));
+        assert!(!shown.contains("Options") && !shown.contains("from_str_multiple"), "{shown}");
+    }
+}

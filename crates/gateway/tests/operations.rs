@@ -150,6 +150,52 @@ async fn a_reload_that_moves_shared_state_is_refused_and_says_to_restart() {
     assert_eq!(get(gw.addr(), "/api/v1/market/ticker/X").await.status, 200);
 }
 
+/// The other settings read once at start (TLS on or off, the protocols, timers, the log
+/// subscriber, the watcher): a reload that changes one is refused, names it and says to
+/// restart; the running config and listener stay as they were (plain HTTP stays plain HTTP,
+/// and `/admin/config` does not claim TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_a_setting_read_at_start_is_refused_by_name() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = temp_dir("startonly");
+    let file = dir.join("gw.yaml");
+    let text = cfg_text(&sim.url(), &sim.url(), false, "");
+    std::fs::write(&file, &text).unwrap();
+    let gw = start_from_file(&file).await;
+    let admin = gw.admin_addr().unwrap();
+    cert(&dir, "a");
+    let tls = format!(", tls: {{ cert: {:?}, key: {:?} }}", dir.join("cert.pem"), dir.join("key.pem"));
+    let server = "server: { listen: \"127.0.0.1:0\", admin_listen: \"127.0.0.1:0\"";
+    for (changed, path) in [
+        (text.replacen(server, &format!("{server}{tls}"), 1), "server.tls"),
+        (text.replacen(server, &format!("{server}, http2: false"), 1), "server.http2"),
+        (text.replacen(server, &format!("{server}, watch_config: true"), 1), "server.watch_config"),
+        (text.replacen(server, &format!("{server}, shutdown_grace: 1s"), 1), "server.shutdown_grace"),
+        (
+            text.replacen(server, &format!("{server}, limits: {{ header_timeout: 1s }}"), 1),
+            "server.limits.header_timeout",
+        ),
+        (text.replacen("logging: { level: warn }", "logging: { level: error }", 1), "logging.level"),
+        (text.replacen("logging: { level: warn }", "logging: { level: warn, format: text }", 1), "logging.format"),
+    ] {
+        assert_ne!(changed, text, "{path}: the test did not change the file");
+        std::fs::write(&file, &changed).unwrap();
+        let r = send(admin, Method::POST, "/admin/reload", &[], "").await;
+        assert_eq!(r.status, 422, "{path}: {}", r.json());
+        let errors = r.json()["errors"].to_string();
+        assert!(errors.contains(path) && errors.contains("restart"), "{path}: {errors}");
+        let running = get(admin, "/admin/config").await.json();
+        assert!(running["server"]["tls"].is_null(), "{path}: {running}");
+        assert_eq!(running["logging"]["level"], "warn");
+        // Still plain HTTP on the same listener.
+        assert_eq!(get(gw.addr(), "/api/v1/market/ticker/X").await.status, 200, "{path}");
+    }
+    // A change that a reload does apply still goes through.
+    std::fs::write(&file, text.replacen("logging: { level: warn }", "logging: { level: warn, access_log: false }", 1))
+        .unwrap();
+    assert_eq!(send(admin, Method::POST, "/admin/reload", &[], "").await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_hides_the_redis_password_and_says_which_methods_it_answers() {
     let redis = RedisServer::start_with(dead_port(), &["--requirepass", "R3dis-Pa55word"]);

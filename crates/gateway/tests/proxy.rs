@@ -555,3 +555,160 @@ async fn idle_upstream_connections_are_closed_after_the_pool_idle_timeout() {
     assert_eq!(get(gw.addr(), "/r/1").await.status, 200);
     assert_eq!(up.accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+/// Raw HTTP/2 frames, for requests no well-behaved client library will send.
+mod raw_h2 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub const DATA: u8 = 0;
+    pub const HEADERS: u8 = 1;
+    pub const RST_STREAM: u8 = 3;
+    pub const SETTINGS: u8 = 4;
+    pub const GOAWAY: u8 = 7;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+
+    /// HPACK literals without indexing, new names, no Huffman (every string < 127 bytes).
+    pub fn headers(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (n, v) in fields {
+            out.push(0);
+            out.push(n.len() as u8);
+            out.extend(n.as_bytes());
+            out.push(v.len() as u8);
+            out.extend(v.as_bytes());
+        }
+        out
+    }
+
+    /// A connection past the preface and the settings exchange.
+    pub async fn connect(addr: std::net::SocketAddr) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        s.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        s
+    }
+
+    /// The next frame that concerns `stream` (or the connection's end: GOAWAY), answering
+    /// the server's SETTINGS on the way.
+    pub async fn next_for(s: &mut TcpStream, stream: u32) -> u8 {
+        loop {
+            let mut head = [0u8; 9];
+            if s.read_exact(&mut head).await.is_err() {
+                return GOAWAY;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; len];
+            s.read_exact(&mut payload).await.unwrap();
+            let (kind, flags) = (head[3], head[4]);
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if kind == SETTINGS && flags & 1 == 0 {
+                s.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap();
+            } else if kind == GOAWAY || (id == stream && matches!(kind, HEADERS | RST_STREAM)) {
+                return kind;
+            }
+        }
+    }
+}
+
+/// RFC 9113 §8.1.1: a request whose `content-length` differs from its DATA is malformed and
+/// must not be forwarded. h2 finds the difference only when the extra byte comes (or the
+/// stream ends early), after the declared bytes were read: the upstream must not have
+/// received a complete request by then (it would act on it, an order placed for a client that
+/// was told its stream failed). Well-formed streams that end late still go through whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_content_length_mismatch_never_reaches_the_upstream_as_a_complete_request() {
+    use raw_h2::*;
+    // Each request at the upstream, by path: its head seen, then its body read whole (Ok) or
+    // cut (Err).
+    let (head_tx, mut head_rx) = mpsc::unbounded_channel::<String>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, Result<Bytes, ()>)>();
+    let up = upstream(move |req: Request<hyper::body::Incoming>| {
+        let (tx, head_tx) = (tx.clone(), head_tx.clone());
+        async move {
+            let path = req.uri().path().to_string();
+            let _ = head_tx.send(path.clone());
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).map_err(|_| ());
+            let _ = tx.send((path, body));
+            Response::new(full_body("ok"))
+        }
+    })
+    .await;
+    let routes = "  - { id: r, path: \"/r/{x}\", methods: [POST, DELETE], service: up, public: true }\n";
+    let gw = TestGateway::start(&config_yaml(&[("up", format!("http://{up}"))], routes), &[]).await;
+    let data = |frames: &[(&[u8], bool)]| {
+        frames.iter().flat_map(|(b, end)| frame(DATA, if *end { END_STREAM } else { 0 }, 1, b)).collect::<Vec<u8>>()
+    };
+    // (method, declared length, DATA sent first, DATA sent once the upstream has the head)
+    type Frames<'a> = &'a [(&'a [u8], bool)];
+    let cases: [(&str, &str, Frames, Frames, bool); 5] = [
+        ("POST", "5", &[(b"hello", false)], &[(b"X", true)], true),
+        ("DELETE", "0", &[], &[(b"abc", true)], true),
+        ("POST", "5", &[(b"hel", false)], &[(b"", true)], true),
+        ("POST", "5", &[(b"hel", false)], &[(b"lo", false), (b"", true)], false),
+        ("DELETE", "0", &[], &[(b"", true)], false),
+    ];
+    for (i, (method, cl, first, rest, malformed)) in cases.into_iter().enumerate() {
+        let path = format!("/r/case{i}");
+        let case = format!("{method} content-length {cl}, DATA {first:?} then {rest:?}");
+        let mut s = connect(gw.addr()).await;
+        let fields =
+            [(":method", method), (":scheme", "http"), (":path", &path), (":authority", "gw"), ("content-length", cl)];
+        let mut out = frame(HEADERS, END_HEADERS, 1, &headers(&fields));
+        out.extend(data(first));
+        s.write_all(&out).await.unwrap();
+        // The gateway streams: the upstream has the head (and what it may have of the body)
+        // before the client's stream is over.
+        let at_upstream = tokio::time::timeout(WAIT, head_rx.recv()).await.expect("head forwarded").unwrap();
+        assert_eq!(at_upstream, path);
+        s.write_all(&data(rest)).await.unwrap();
+        let answer = tokio::time::timeout(WAIT, next_for(&mut s, 1)).await.expect("an answer");
+        let (p, outcome) = tokio::time::timeout(WAIT, rx.recv()).await.expect("the upstream's outcome").unwrap();
+        assert_eq!(p, path);
+        if malformed {
+            assert!(matches!(answer, RST_STREAM | GOAWAY), "{case}: answered {answer}");
+            assert!(outcome.is_err(), "{case}: the upstream got a complete request: {outcome:?}");
+        } else {
+            assert_eq!(answer, HEADERS, "{case}");
+            let want: &[u8] = if cl == "5" { b"hello" } else { b"" };
+            assert_eq!(outcome.as_deref(), Ok(want), "{case}");
+        }
+    }
+}
+
+/// RFC 9113 §8.2.1: a field value with leading or trailing whitespace makes an HTTP/2 request
+/// malformed: 400, nothing forwarded. (HTTP/1.1 parsing trims it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_values_with_surrounding_whitespace_are_refused() {
+    use raw_h2::*;
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let up = upstream(move |req: Request<hyper::body::Incoming>| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(req.uri().path().to_string());
+            Response::new(full_body("ok"))
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&one_route(format!("http://{up}"), ""), &[]).await;
+    for (i, value) in [" leading", "trailing ", "\tleading-tab", "fine"].into_iter().enumerate() {
+        let path = format!("/r/v{i}");
+        let mut s = connect(gw.addr()).await;
+        let fields = [(":method", "GET"), (":scheme", "http"), (":path", &path), (":authority", "gw"), ("x-a", value)];
+        s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &headers(&fields))).await.unwrap();
+        let answer = tokio::time::timeout(WAIT, next_for(&mut s, 1)).await.expect("an answer");
+        assert!(matches!(answer, HEADERS | RST_STREAM), "{value:?}: {answer}");
+    }
+    // Only the well-formed one reached the upstream (and it is the last one sent).
+    assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap(), "/r/v3");
+    assert!(rx.try_recv().is_err());
+}

@@ -190,6 +190,11 @@ async fn ws_upstream() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedRec
                             let f = CloseFrame { code: CloseCode::Normal, reason: "done".into() };
                             let _ = ws.send(Message::Close(Some(f))).await;
                         }
+                        // A Close with a code no endpoint may send (RFC 6455 §7.4).
+                        Some(Ok(Message::Text(t))) if t.as_str() == "bad close please" => {
+                            let f = CloseFrame { code: CloseCode::from(5000), reason: "".into() };
+                            let _ = ws.send(Message::Close(Some(f))).await;
+                        }
                         Some(Ok(Message::Close(f))) => {
                             let _ = tx.send(format!("close {:?}", f.map(|f| u16::from(f.code))));
                         }
@@ -263,6 +268,37 @@ async fn a_close_from_either_side_is_answered_and_a_ping_once() {
     while let Some(Ok(_)) = next(&mut ws).await {}
     assert_eq!(saw.recv().await.unwrap(), "close Some(1000)", "the upstream's Close got no reply");
     assert_eq!(saw.recv().await.unwrap(), "end");
+}
+
+/// A Close with an invalid code is the sender's protocol violation: the sender gets 1002 (from
+/// its own leg), and the other side is not told it violated anything: the upstream gets a
+/// Close without a code, the client 1011 `upstream gone` (as for every upstream violation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_close_code_is_not_blamed_on_the_other_side() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let (addr, mut saw) = ws_upstream().await;
+    let gw = TestGateway::start(&one_ws_route(&format!("http://{addr}")), &[]).await;
+    let auth = bearer(&token(&["viewer"]));
+    for code in [0u16, 1005, 1006, 5000] {
+        let mut ws = connect(gw.addr(), "/ws", &[("authorization", &auth)]).await.expect("upgrade");
+        ws.send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: "".into() }))).await.unwrap();
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("in time") {
+            Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Protocol, "{code}"),
+            other => panic!("{code}: {other:?}"),
+        }
+        assert_eq!(saw.recv().await.unwrap(), "close None", "{code}: the upstream was blamed");
+        while let Some(m) = saw.recv().await {
+            if m == "end" || m.starts_with("error") {
+                break;
+            }
+        }
+    }
+    let mut ws = connect(gw.addr(), "/ws", &[("authorization", &auth)]).await.expect("upgrade");
+    ws.send(Message::text("bad close please")).await.unwrap();
+    match tokio::time::timeout(WAIT, ws.next()).await.expect("in time") {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::Error, "the client was blamed"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

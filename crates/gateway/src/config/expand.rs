@@ -75,7 +75,8 @@ pub fn expand_str(input: &str, env: &dyn Env) -> Result<String, Vec<String>> {
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
             let Some(end) = body.find('}') else {
-                errors.push(format!("unterminated \"${{\" in {input:?}"));
+                // The value is not quoted: it may be a secret (or hold one from the environment).
+                errors.push("unterminated \"${\": no closing \"}\"".to_string());
                 return Err(errors);
             };
             let expr = &body[..end];

@@ -594,6 +594,9 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// The largest config file read (the shipped one is ≈ 20 KiB).
+const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Reads, expands, parses and validates a config file from the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     load_with(path, &expand::ProcessEnv)
@@ -602,18 +605,37 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// [`load`] with another source of `${VAR}` values (the demo supplies its own secrets).
 pub fn load_with(path: &Path, env: &dyn expand::Env) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-        file: file.clone(),
-        errors: vec![ConfigError::new("", format!("cannot read file: {e}"))],
-    })?;
+    let fail = |message: String| ConfigErrors { file: file.clone(), errors: vec![ConfigError::new("", message)] };
+    // A regular file of bounded size: a device, a FIFO or a huge file given by mistake must not
+    // block or exhaust memory before the YAML parser's own budget applies.
+    match std::fs::metadata(path) {
+        Err(e) => return Err(fail(format!("cannot read file: {e}"))),
+        Ok(m) if !m.is_file() => return Err(fail("cannot read file: not a regular file".into())),
+        Ok(m) if m.len() > MAX_CONFIG_BYTES => {
+            return Err(fail(format!("file too large: {} bytes (at most {MAX_CONFIG_BYTES})", m.len())));
+        }
+        Ok(_) => {}
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(|e| fail(format!("cannot read file: {e}")))?,
+            MAX_CONFIG_BYTES + 1,
+        ),
+        &mut text,
+    )
+    .map_err(|e| fail(format!("cannot read file: {e}")))?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(fail(format!("file too large (at most {MAX_CONFIG_BYTES} bytes)")));
+    }
     parse(&text, &file, env)
 }
 
 /// Parses and validates config text; `file` is only used in messages.
 pub fn parse(text: &str, file: &str, env: &dyn expand::Env) -> Result<Config, ConfigErrors> {
     let fail = |errors| ConfigErrors { file: file.to_string(), errors };
-    let mut tree: Value =
-        serde_saphyr::from_str(text).map_err(|e| fail(vec![ConfigError::new("", format!("invalid YAML: {e}"))]))?;
+    let mut tree: Value = serde_saphyr::from_str(text)
+        .map_err(|e| fail(vec![ConfigError::new("", format!("invalid YAML: {}", without_hints(&e.to_string())))]))?;
     let mut errors = Vec::new();
     expand::expand_tree(&mut tree, &mut String::new(), env, &mut errors);
     let config = deserialize_config(tree, &mut errors);
@@ -755,7 +777,11 @@ fn section<T: serde::de::DeserializeOwned>(mut value: Value, prefix: &str, error
                 // value (its text is the unexpanded placeholder).
                 let expanded_badly = errors.iter().any(|r| r.path == path);
                 if !cascade && !expanded_badly {
-                    errors.push(ConfigError::new(path.clone(), clean_message(&e.inner().to_string())));
+                    let mut message = clean_message(&e.inner().to_string());
+                    if is_secret_path(&path) {
+                        message = unquoted(&message);
+                    }
+                    errors.push(ConfigError::new(path.clone(), message));
                 }
                 if cascade || !remove_at(&mut value, &segments) {
                     return None;
@@ -812,8 +838,50 @@ fn remove_at(value: &mut Value, segments: &[serde_path_to_error::Segment]) -> bo
 }
 
 /// serde_json's messages end with " at line 0 column 0" when deserializing from a tree.
+/// The parser's message in an operator's words: without its position (the path is given) and
+/// without the hints it addresses to the programmer using it.
 fn clean_message(msg: &str) -> String {
-    msg.split(" at line ").next().unwrap_or(msg).to_string()
+    without_hints(msg.split(" at line ").next().unwrap_or(msg))
+}
+
+/// The YAML library's message without the hints it addresses to the programmer using it.
+fn without_hints(msg: &str) -> String {
+    let msg = msg.split(", set DuplicateKeyPolicy").next().unwrap_or(msg);
+    let msg = msg.split("; use from_str_multiple").next().unwrap_or(msg);
+    let msg = msg.split("; use Option<").next().unwrap_or(msg);
+    let msg = msg.split(" set ignore_binary_tag_for_string").next().unwrap_or(msg);
+    msg.trim_end_matches([',', ';', ' '])
+        .replace("multiple YAML documents detected", "the file must hold one YAML document")
+}
+
+/// Whether the value at `path` is a secret (or may hold one), so that no message quotes it:
+/// JWT secrets, the admin token, API-key hashes, Redis URLs (their password).
+fn is_secret_path(path: &str) -> bool {
+    let last = path.rsplit(['.', '[']).next().unwrap_or(path);
+    matches!(last, "secret" | "admin_token" | "sha256") || path.starts_with("state.redis")
+}
+
+/// `msg` with what it quotes (between backticks or double quotes) left out.
+fn unquoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut quote = None;
+    for c in msg.chars() {
+        match quote {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                quote = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '`' || c == '"' {
+                    quote = Some(c);
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Config {

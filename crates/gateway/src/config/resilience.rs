@@ -5,7 +5,7 @@ use super::HumanDuration;
 use serde::{Deserialize, Serialize};
 
 /// An instance: a URL, or `{ url, weight }`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum InstanceConfig {
     /// `"http://host:port"` with weight 1.
@@ -27,6 +27,30 @@ pub struct WeightedInstance {
 
 fn one() -> u32 {
     1
+}
+
+/// By hand rather than `#[serde(untagged)]`: an untagged enum reports any mistake in the
+/// mapping form as "data did not match any variant", naming neither the key nor the expected
+/// ones; here the mapping is read as [`WeightedInstance`], whose errors do (`unknown field
+/// `weigth`, expected `url` or `weight``), with their path.
+impl<'de> Deserialize<'de> for InstanceConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = InstanceConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a URL or a mapping { url, weight }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<InstanceConfig, E> {
+                Ok(InstanceConfig::Url(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<InstanceConfig, A::Error> {
+                WeightedInstance::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(InstanceConfig::Weighted)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl InstanceConfig {

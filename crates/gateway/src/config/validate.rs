@@ -74,8 +74,12 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
     }
     if let Some(tls) = &s.tls {
         for (field, p) in [("cert", &tls.cert), ("key", &tls.key)] {
-            if let Err(e) = std::fs::metadata(p) {
-                err(format!("server.tls.{field}"), format!("cannot read {}: {e}", p.display()));
+            match std::fs::metadata(p) {
+                Err(e) => err(format!("server.tls.{field}"), format!("cannot read {}: {e}", p.display())),
+                Ok(m) if !m.is_file() => {
+                    err(format!("server.tls.{field}"), format!("{} is not a file", p.display()));
+                }
+                Ok(_) => {}
             }
         }
     }
@@ -263,8 +267,11 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
                 format!("{prefix:?} must start with '/' and be a prefix of the path {:?}", r.path),
             );
         }
+        // Only characters a path may hold (RFC 3986 pchar and '/', '%' for escapes): anything
+        // else (space, CR/LF, quotes) would make every request target on the route invalid.
         if let Some(prefix) = &r.add_prefix
-            && (!prefix.starts_with('/') || prefix.contains(['?', '#', '{']))
+            && (!prefix.starts_with('/')
+                || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&b)))
         {
             err(format!("{p}.add_prefix"), format!("{prefix:?} must be a plain path starting with '/'"));
         }
@@ -515,8 +522,19 @@ fn validate_state(c: &Config, err: &mut impl FnMut(String, String)) {
             err(format!("server.required_services[{i}]"), format!("unknown service {s:?}"));
         }
     }
+    // CORS header lists hold header names only (RFC 9110 §5.1 tokens): a CR/LF or a space would
+    // make the joined list an invalid header value, and the whole list would be dropped.
+    if let Some(cors) = &c.cors {
+        for (field, list) in [("allowed_headers", &cors.allowed_headers), ("exposed_headers", &cors.exposed_headers)] {
+            for (i, h) in list.iter().enumerate() {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    err(format!("cors.{field}[{i}]"), format!("{h:?} is not a header name"));
+                }
+            }
+        }
+    }
     if let Some(t) = &s_admin_token(c)
-        && t.len() < 16
+        && t.chars().count() < 16
     {
         err("server.admin_token".into(), "must be at least 16 characters".into());
     }

@@ -4,7 +4,8 @@
 //! (percent-encoded unreserved characters such as `%72` are decoded) or refused with 400. It is
 //! never matched one way and forwarded another, which is how path-confusion bypasses work.
 //! Refused: `.`/`..` segments (also as `%2e`), empty segments (`//`), encoded `/` or `\`
-//! (`%2f`, `%5c`), raw backslashes, `;` path parameters, NUL and control bytes, bad `%` escapes.
+//! (`%2f`, `%5c`), raw backslashes, `;` path parameters, NUL and control bytes, raw non-ASCII
+//! bytes (UTF-8 must be percent-encoded), bad `%` escapes.
 //!
 //! The common case (nothing to decode) returns the input borrowed: no allocation.
 
@@ -56,6 +57,9 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
             }
             b'\\' => return Err(InvalidPath("backslash in path")),
             b';' => return Err(InvalidPath("';' path parameters are not accepted")),
+            // A request target is ASCII (RFC 3986 §2): raw UTF-8 must come percent-encoded,
+            // so that a path has one spelling (`caf%C3%A9`, never `café` too).
+            0x80.. => return Err(InvalidPath("non-ASCII byte in path: percent-encode it")),
             _ => return Err(InvalidPath("control character in path")),
         }
     }
@@ -116,7 +120,7 @@ static STOP: [bool; 256] = {
     let mut b = 0;
     while b < 256 {
         t[b] = b < 0x20
-            || b == 0x7f
+            || b >= 0x7f
             || b == b'/' as usize
             || b == b'%' as usize
             || b == b'\\' as usize
@@ -173,7 +177,11 @@ mod tests {
         // Lower-case hex is rewritten even when nothing is decoded: one spelling per path.
         assert_eq!(normalize("/m/caf%c3%a9").unwrap(), "/m/caf%C3%A9");
         assert_eq!(normalize("/m/%ef%bc%8f").unwrap(), "/m/%EF%BC%8F");
-        assert_eq!(normalize("/%6d/caf%c3%a9/\u{e9}").unwrap(), "/m/caf%C3%A9/\u{e9}");
+        assert_eq!(normalize("/%6d/caf%c3%a9/x").unwrap(), "/m/caf%C3%A9/x");
+        // Raw non-ASCII is refused wherever it is: it must come percent-encoded.
+        for raw in ["/m/caf\u{e9}", "/%6d/caf%c3%a9/\u{e9}", "/pub/\u{202e}", "/\u{7f}"] {
+            assert!(normalize(raw).is_err(), "{raw:?}");
+        }
         assert_eq!(normalize("/m/%E2%82%AC").unwrap(), "/m/%E2%82%AC");
         for bad in [
             "",

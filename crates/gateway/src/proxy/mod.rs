@@ -87,20 +87,25 @@ pub struct ParsedInstance {
 impl Instance {
     /// Checks an instance URL: `http://host:port`, no path, query or credentials.
     pub fn parse(url: &str) -> Result<ParsedInstance, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-        let scheme = uri.scheme().cloned().ok_or_else(|| format!("{url:?}: a scheme is required (http://)"))?;
+        // Messages quote the URL with any password it carries (from `${…}`) redacted.
+        let shown = crate::config::state::redact_url(url);
+        let uri: Uri = url.parse().map_err(|e| format!("{shown:?} is not a URL: {e}"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| format!("{shown:?}: a scheme is required (http://)"))?;
         if scheme != Scheme::HTTP {
-            return Err(format!("{url:?}: only http:// upstreams are supported"));
+            return Err(format!("{shown:?}: only http:// upstreams are supported"));
         }
-        let authority = uri.authority().cloned().ok_or_else(|| format!("{url:?}: a host is required"))?;
+        let authority = uri.authority().cloned().ok_or_else(|| format!("{shown:?}: a host is required"))?;
         if authority.as_str().contains('@') {
-            return Err(format!("{url:?}: credentials in upstream URLs are not allowed"));
+            return Err(format!("{shown:?}: credentials in upstream URLs are not allowed"));
+        }
+        if authority.host().is_empty() {
+            return Err(format!("{shown:?}: a host is required"));
         }
         if authority.port_u16().is_none() {
-            return Err(format!("{url:?}: a port is required"));
+            return Err(format!("{shown:?}: a port is required"));
         }
         if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/" && !pq.as_str().is_empty()) {
-            return Err(format!("{url:?}: an instance URL has no path or query (use routes[].add_prefix)"));
+            return Err(format!("{shown:?}: an instance URL has no path or query (use routes[].add_prefix)"));
         }
         Ok(ParsedInstance { authority })
     }

@@ -47,12 +47,12 @@ pub enum StartError {
     #[error("{0}")]
     Config(crate::config::ConfigErrors),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         /// The address.
         addr: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a `source`: printing the chain would say it twice).
+        error: std::io::Error,
     },
     /// TLS material could not be loaded.
     #[error("TLS: {0}")]
@@ -136,10 +136,10 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
 
     let bind = |addr: &str| {
         let addr = addr.to_string();
-        async move { TcpListener::bind(&addr).await.map_err(|source| StartError::Bind { addr, source }) }
+        async move { TcpListener::bind(&addr).await.map_err(|error| StartError::Bind { addr, error }) }
     };
     let listener = bind(&server_cfg.listen).await?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: server_cfg.listen.clone(), source })?;
+    let addr = listener.local_addr().map_err(|error| StartError::Bind { addr: server_cfg.listen.clone(), error })?;
     let (tls, certs) = match &server_cfg.tls {
         Some(t) => {
             let (a, r) = tls::acceptor(t, server_cfg.http2)?;
@@ -328,7 +328,7 @@ async fn run(
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let shared = shared.clone();
                         let conn = conn.clone();
-                        async move { Ok::<_, Infallible>(gateway::handle(shared, conn, req.map(ClientBody::Hyper)).await) }
+                        async move { Ok::<_, Infallible>(gateway::handle(shared, conn, req.map(|b| ClientBody::Hyper(crate::body::HeldBody::new(b)))).await) }
                     });
                     let watcher = graceful.watcher();
                     let drain = drain_rx.clone();
