@@ -398,7 +398,9 @@ impl ResponseCache {
         let mut next = self.invalid.load().pruned(now);
         next.add(&field, now, now);
         self.invalid.store(Arc::new(next));
-        let Some(redis) = &self.redis else { return Invalidated { shared: false, redis_keys_deleted: 0 } };
+        // Nothing to share with the memory backend: "shared" as for the halt (false only when
+        // Redis is configured and could not be written).
+        let Some(redis) = &self.redis else { return Invalidated { shared: true, redis_keys_deleted: 0 } };
         let markers = redis.key("cinv", "markers");
         let shared = redis.run(|mut c| async move { c.hset::<_, _, _, ()>(markers, field, now).await }).await.is_some();
         let pattern = match (route, prefix) {
@@ -478,7 +480,8 @@ impl ResponseCache {
 /// What an invalidation did beyond this instance.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Invalidated {
-    /// The marker was written to Redis, so every instance applies it within its sync interval.
+    /// The marker was written to Redis, so every instance applies it within its sync interval
+    /// (always true with the memory backend, which has no other instance to tell).
     pub shared: bool,
     /// Keys deleted from Redis.
     pub redis_keys_deleted: usize,

@@ -359,6 +359,10 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody
         access_log,
     )));
     let rec = pending.0.as_mut().expect("set above");
+    if access_log {
+        // The client's trace id for the access line, also when no upstream is asked.
+        rec.trace_id = crate::pipeline::trace::incoming(req.headers(), conn.seen);
+    }
     let origin = snapshot.cors.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let own_headers = conn.writes_own_headers;
     let mut ex = Exchange::default();

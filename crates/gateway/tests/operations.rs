@@ -379,3 +379,37 @@ async fn a_reload_moves_the_listeners() {
     assert!(gw.reload().await.is_err());
     assert_eq!(get(gw.addr(), "/api/v1/market/ticker/X").await.status, 200);
 }
+
+/// The admin token guards `/admin/*`: missing or wrong → 401 with a challenge, never the
+/// endpoint; every admin call is counted by outcome (a guessed token shows), and a scrape
+/// endpoint answers only GET and HEAD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_refusals_are_counted_and_scrape_endpoints_only_read() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let yaml =
+        config_yaml(&[("md", sim.url())], "  - { id: t, path: \"/t\", methods: [GET], service: md, public: true }\n")
+            .replace("  shutdown_grace: 5s\n", "  shutdown_grace: 5s\n  admin_token: \"0123456789abcdef-admin\"\n");
+    let gw = TestGateway::start(&yaml, &[]).await;
+    let admin = gw.handle.admin_addr().unwrap();
+    let count = |text: &str, outcome: &str| -> f64 {
+        let prefix = format!("b25_gateway_admin_requests_total{{outcome=\"{outcome}\"}}");
+        text.lines().find(|l| l.starts_with(&prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(-1.0)
+    };
+    let body = r#"{"halted":true,"by":"t","reason":"t"}"#;
+    for auth in [None, Some("Bearer wrong-token-0123456789"), Some("bearer 0123456789abcdef-admin")] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let r = send(admin, Method::POST, "/admin/halt", &headers, body).await;
+        r.assert_error(401, "unauthenticated");
+        assert!(r.headers.contains_key("www-authenticate"));
+    }
+    let r = send(admin, Method::GET, "/admin/halt", &[("authorization", "Bearer 0123456789abcdef-admin")], "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["halted"], false, "a refused call changed the halt");
+    let m = String::from_utf8_lossy(&get(admin, "/metrics").await.body).to_string();
+    assert_eq!(count(&m, "unauthorized"), 3.0, "{m}");
+    assert_eq!(count(&m, "ok"), 1.0);
+    for path in ["/metrics", "/health/readiness", "/health/liveness"] {
+        let r = send(admin, Method::POST, path, &[], "").await;
+        assert_eq!(r.status, 405, "{path}");
+    }
+}

@@ -490,3 +490,23 @@ async fn retry_budget_caps_attempts_under_total_failure() {
     assert!(metric_value(&m, "b25_gateway_retry_budget_exhausted_total") > 0.0);
     assert!(metric_value(&m, "b25_gateway_upstream_retries_total") > 0.0);
 }
+
+/// A retry the circuit breaker refuses is not sent and not counted as sent, and the client gets
+/// the upstream's own answer (its 503), not the gateway's reason for not asking again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_refused_by_the_breaker_is_not_counted_and_the_upstreams_answer_stands() {
+    let s = sims(1).await;
+    s[0].knobs().set_error_status(Some(503));
+    let extra = "    health_check: { enabled: false }\n    outlier_detection: { enabled: false }\n    circuit_breaker: { consecutive_failures: 1, open_interval: 30s }\n    retry: { attempts: 2, backoff_base: 1ms, backoff_max: 1ms, budget_ratio: 1.0, min_retries_per_second: 100 }\n";
+    let gw = TestGateway::start(&service_yaml(&[s[0].url()], extra, TICKER), &[]).await;
+    let r = get(gw.addr(), "/api/v1/market/ticker/X").await;
+    assert_eq!(r.status, 503);
+    assert!(!String::from_utf8_lossy(&r.body).contains("circuit_open"), "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(s[0].hits(), 1, "one try: the breaker opened on it");
+    let m = metrics(&gw).await;
+    assert_eq!(metric_value(&m, "b25_gateway_upstream_retries_total"), 0.0, "a retry never sent was counted");
+    // The next request meets the open breaker: the gateway's own 503.
+    let r = get(gw.addr(), "/api/v1/market/ticker/X").await;
+    r.assert_error(503, "circuit_open");
+    assert_eq!(s[0].hits(), 1);
+}

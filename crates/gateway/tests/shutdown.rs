@@ -348,3 +348,38 @@ async fn a_stalled_stdout_drops_access_lines_and_never_holds_requests() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A request the gateway answers itself (a 404, a 401) still records the client's trace id in
+/// its access line, and an admin API call is logged (target `admin`, no token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_carry_the_clients_trace_id_and_admin_calls_are_logged() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let mut gw = tokio::task::block_in_place(|| Gw::spawn(&sim.url(), "5s", "0s"));
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let tp = format!("00-{trace}-00f067aa0ba902b7-01");
+    let r = send(gw.addr, Method::GET, "/nope", &[("traceparent", &tp)], "").await;
+    assert_eq!(r.status, 404);
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_string();
+    let line = tokio::task::block_in_place(|| gw.wait_for(&format!("\"request_id\":\"{rid}\"")));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((v["status"].as_u64(), v["trace_id"].as_str()), (Some(404), Some(trace)), "{line}");
+    // An invalid traceparent records none (no trace was started for a refusal).
+    let r = send(
+        gw.addr,
+        Method::GET,
+        "/nope",
+        &[("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01")],
+        "",
+    )
+    .await;
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_string();
+    let line = tokio::task::block_in_place(|| gw.wait_for(&format!("\"request_id\":\"{rid}\"")));
+    assert!(serde_json::from_str::<serde_json::Value>(&line).unwrap().get("trace_id").is_none(), "{line}");
+    let r = send(gw.admin, Method::POST, "/admin/cache/invalidate", &[], r#"{"all":true}"#).await;
+    assert_eq!(r.status, 200);
+    let rid = r.headers["x-request-id"].to_str().unwrap().to_string();
+    let line = tokio::task::block_in_place(|| gw.wait_for(&format!("\"request_id\":\"{rid}\"")));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["target"], "admin", "{line}");
+    assert_eq!(v["fields"]["path"].as_str().or(v["path"].as_str()), Some("/admin/cache/invalidate"), "{line}");
+}

@@ -210,6 +210,7 @@ pub struct Metrics {
     ws_bytes: Family<WsBytesLabels, Counter>,
     ws_active: Family<RouteLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
+    admin_requests: Family<ReloadLabels, Counter>,
     request_size: Family<RouteLabels, Histogram, fn() -> Histogram>,
     response_size: Family<RouteLabels, Histogram, fn() -> Histogram>,
     overhead: Family<RouteLabels, Histogram, fn() -> Histogram>,
@@ -220,10 +221,10 @@ fn size_histogram() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(64.0, 4.0, 10))
 }
 
-/// Labels of the reload series.
+/// Labels of the reload and admin-request series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
-    /// `success` or `failure`.
+    /// `success` or `failure` (reloads); `ok`, `unauthorized`, `refused`, `error` (admin).
     pub outcome: &'static str,
 }
 
@@ -318,6 +319,15 @@ impl Metrics {
         for outcome in ["success", "failure"] {
             let _ = reloads.get_or_create(&ReloadLabels { outcome });
         }
+        let admin_requests = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "admin_requests",
+            "Admin API (/admin/*) requests by outcome: ok, unauthorized (admin token missing or wrong), refused (another 4xx), error",
+            admin_requests.clone(),
+        );
+        for outcome in ["ok", "unauthorized", "refused", "error"] {
+            let _ = admin_requests.get_or_create(&ReloadLabels { outcome });
+        }
         registry.register("auth_attempts", "Authentication attempts by method", auth_attempts.clone());
         registry.register(
             "auth_failures",
@@ -378,6 +388,7 @@ impl Metrics {
             ws_bytes,
             ws_active,
             reloads,
+            admin_requests,
             request_size,
             response_size,
             overhead,
@@ -498,6 +509,11 @@ impl Metrics {
     /// Counts a reload.
     pub fn reload(&self, outcome: &'static str) {
         self.reloads.get_or_create(&ReloadLabels { outcome }).inc();
+    }
+
+    /// Counts an admin API request by outcome.
+    pub fn admin_request(&self, outcome: &'static str) {
+        self.admin_requests.get_or_create(&ReloadLabels { outcome }).inc();
     }
 
     /// Creates the series a snapshot will use, at zero, so dashboards and alerts see every

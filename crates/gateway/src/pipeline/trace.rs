@@ -41,6 +41,26 @@ fn span_id() -> u64 {
     }
 }
 
+/// The client's trace, when it sent exactly one valid `traceparent` (none or several start a
+/// new trace): the trace id the access line records, also for a request the gateway answers
+/// itself (a refusal, a cache hit), which starts no trace of its own.
+pub fn incoming(h: &HeaderMap, seen: Seen) -> Option<TraceId> {
+    incoming_with_flags(h, seen).map(|(t, _)| t)
+}
+
+fn incoming_with_flags(h: &HeaderMap, seen: Seen) -> Option<(TraceId, [u8; 2])> {
+    let mut all = seen.may_have(Seen::TRACEPARENT).then(|| h.get_all(&TRACEPARENT).iter()).into_iter().flatten();
+    let parent = match (all.next(), all.next()) {
+        (Some(v), None) => v,
+        _ => return None,
+    };
+    parent.to_str().ok().and_then(parse).map(|(t, f)| {
+        let mut trace = [0u8; 32];
+        trace.copy_from_slice(t.as_bytes());
+        (TraceId(trace), [f.as_bytes()[0], f.as_bytes()[1]])
+    })
+}
+
 /// A W3C trace id: 32 lowercase hex digits (kept on the stack: no allocation per request).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TraceId([u8; 32]);
@@ -110,18 +130,7 @@ pub struct Hop {
 /// The trace context to send upstream: the client's trace continued with a new span id, or
 /// a new trace when it sent no valid `traceparent` (its `tracestate` is then dropped).
 pub fn next_hop(h: &HeaderMap, seen: Seen) -> Hop {
-    // Exactly one `traceparent` is continued; none or several start a new trace.
-    let mut all = seen.may_have(Seen::TRACEPARENT).then(|| h.get_all(&TRACEPARENT).iter()).into_iter().flatten();
-    let parent = match (all.next(), all.next()) {
-        (Some(v), None) => Some(v),
-        _ => None,
-    };
-    let incoming = parent.and_then(|v| v.to_str().ok()).and_then(parse).map(|(t, f)| {
-        let mut trace = [0u8; 32];
-        trace.copy_from_slice(t.as_bytes());
-        let flags = [f.as_bytes()[0], f.as_bytes()[1]];
-        (TraceId(trace), flags)
-    });
+    let incoming = incoming_with_flags(h, seen);
     let keep_state = incoming.is_some();
     let (trace, flags) = incoming.unwrap_or_else(|| {
         let mut trace = [0u8; 32];

@@ -496,6 +496,10 @@ impl Upstream {
             }
         };
 
+        // The previous try's failure, while a retry is prepared: if the retry cannot be sent
+        // (the breaker opened, no instance left), the client gets what the upstream said (its
+        // 503, the reset), not the gateway's reason for not asking again.
+        let mut last: Option<Failure> = None;
         for attempt in 0..call.attempts.max(1) {
             // Clock readings are reused: one when the try starts, one when it ends.
             let sent = if attempt == 0 { started } else { Instant::now() };
@@ -508,14 +512,19 @@ impl Upstream {
                     let e = GatewayError::new(ErrorKind::CircuitOpen, "the service is failing; try again shortly")
                         .with_header(header::RETRY_AFTER, http::HeaderValue::from(wait_ms.div_ceil(1000).max(1)))
                         .with_detail(&self.name);
-                    return settle(Err(e), in_doubt);
+                    return settle(last.map_or(Err(e), Failure::into_result), in_doubt);
                 }
             };
             let Some(idx) = self.balancer.pick(&self.instances, call.hash_key, now_ms, exclude) else {
                 let e = GatewayError::new(ErrorKind::NoHealthyUpstream, "no healthy instance of the service")
                     .with_detail(&self.name);
-                return settle(Err(e), in_doubt);
+                return settle(last.map_or(Err(e), Failure::into_result), in_doubt);
             };
+            if attempt > 0 {
+                // Counted when it is sent (`upstream_retries_total`: retries sent).
+                last = None;
+                metrics.retry(&self.name);
+            }
             let inst = &self.instances[idx];
             // This try's body: the original the first time, the kept bytes after.
             let body = body.take().unwrap_or_else(|| Body::Full(call.replay.clone().unwrap_or_default()));
@@ -604,9 +613,8 @@ impl Upstream {
             }
             match failure {
                 Failure::Error(e, false) if in_doubt.is_none() && !idempotent(&parts.method) => in_doubt = Some(e),
-                f => drop(f),
+                f => last = Some(f),
             }
-            metrics.retry(&self.name);
             tokio::time::sleep(wait.min(left)).await;
             exclude = Some(idx);
         }

@@ -27,32 +27,57 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, peer)) = listener.accept().await else { continue };
         let shared = shared.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+                async move { Ok::<_, Infallible>(route(&shared, req, peer).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-async fn route(shared: &Shared, req: Request<Incoming>) -> Response<GatewayBody> {
+async fn route(shared: &Shared, req: Request<Incoming>, peer: std::net::SocketAddr) -> Response<GatewayBody> {
     let rid = crate::pipeline::request_id::from_headers(req.headers(), crate::proxy::headers::Seen::UNKNOWN);
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let mut resp = match admin(shared, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(&rid),
     };
+    // The admin API can halt trading and dump the config: every call to it is logged (never
+    // the token) and counted, a refused token at `warn`, so guessing it shows. Scrapes and
+    // probes (`/metrics`, `/health/*`) are not: they come every few seconds.
+    if path.starts_with("/admin/") {
+        let status = resp.status();
+        let outcome = match status.as_u16() {
+            401 => "unauthorized",
+            s if s < 400 => "ok",
+            s if s < 500 => "refused",
+            _ => "error",
+        };
+        shared.metrics.admin_request(outcome);
+        let request_id = rid.to_str().unwrap_or("");
+        let client = peer.ip();
+        if status == StatusCode::UNAUTHORIZED {
+            tracing::warn!(target: "admin", %method, %path, status = status.as_u16(), request_id, %client, "admin request refused: admin token missing or wrong");
+        } else {
+            tracing::info!(target: "admin", %method, %path, status = status.as_u16(), request_id, %client, "admin request");
+        }
+    }
     resp.headers_mut().insert(&crate::pipeline::request_id::X_REQUEST_ID, rid);
     resp
 }
 
 async fn admin(shared: &Shared, req: Request<Incoming>) -> Result<Response<GatewayBody>, GatewayError> {
     let path = req.uri().path().to_string();
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
     match path.as_str() {
+        "/metrics" | "/health/readiness" | "/ready" | "/health/liveness" if !read => {
+            return Err(GatewayError::method_not_allowed(HeaderValue::from_static("GET, HEAD")));
+        }
         "/metrics" => {
             // Content negotiation: OpenMetrics when asked for (Prometheus does), else the
             // Prometheus text format.
