@@ -240,14 +240,21 @@ impl std::error::Error for BodyError {}
 /// §8.1.1): a stream that declares 5 bytes and sends 6 is reset when the sixth arrives, after
 /// the first five were read. Forwarded at once, those five would complete a
 /// Content-Length-framed request upstream: an order executed for a client that was told its
-/// stream failed. So the last byte of a data frame is held back until the next frame shows the
-/// end (nothing is held when the frame itself ends the stream, the usual case), and a declared
+/// stream failed. So the last byte of a data frame of a body with a declared length is held
+/// back until the next frame shows the end (nothing is held when the frame itself ends the
+/// stream, the usual case, nor for a body of unknown length, which goes upstream chunked and
+/// whose cut an upstream sees as incomplete anyway), and a declared
 /// length of 0 on a stream still open is not passed on as a length at all (the body goes
 /// upstream chunked, ended only when the client's stream ends cleanly). A malformed stream thus
 /// reaches the upstream only as an incomplete request, which it does not act on.
 #[derive(Debug)]
 pub struct HeldBody {
     inner: Incoming,
+    /// The body has a declared length (so it goes upstream Content-Length-framed). A body of
+    /// unknown length goes chunked, and an upstream sees a cut stream as incomplete anyway:
+    /// nothing is held (a streaming client waiting for an answer to what it sent is not kept
+    /// waiting for a byte).
+    hold: bool,
     /// The last byte of the data so far, until the stream is seen to end.
     held: Option<Bytes>,
     /// A frame that came while `held` had to go first.
@@ -257,7 +264,8 @@ pub struct HeldBody {
 impl HeldBody {
     /// Wraps hyper's body.
     pub fn new(inner: Incoming) -> Self {
-        Self { inner, held: None, next: None }
+        let hold = inner.size_hint().exact().is_some_and(|n| n > 0);
+        Self { inner, hold, held: None, next: None }
     }
 
     /// `held` (if any) goes out now and `then` after it.
@@ -298,7 +306,7 @@ impl Body for HeldBody {
                 // Trailers come last.
                 Err(trailers) => return Poll::Ready(Some(Ok(this.release_then(trailers)))),
             };
-            if this.inner.is_end_stream() {
+            if !this.hold || this.inner.is_end_stream() {
                 return Poll::Ready(Some(Ok(this.release_then(Frame::data(data)))));
             }
             let last = data.split_off(data.len() - 1);

@@ -326,6 +326,9 @@ pub fn refused(shared: &Shared, conn: &ConnInfo, method: Option<Method>, e: Gate
     let snapshot = shared.snapshot.load();
     let access_log = snapshot.config.logging.access_log;
     tracing::debug!(request_id = request_id.to_str().unwrap_or(""), error = %e, "request refused");
+    // A head that did not arrive in time held its client for `header_timeout`: that is the
+    // request's duration in the access line and the histogram, not the moment of the refusal.
+    let waited = (e.kind() == ErrorKind::RequestTimeout).then(|| snapshot.config.server.limits.header_timeout.get());
     let mut resp = e.into_response(&request_id);
     resp.headers_mut().insert(&request_id::X_REQUEST_ID, request_id.clone());
     RequestRecord::started(&shared.metrics);
@@ -339,6 +342,9 @@ pub fn refused(shared: &Shared, conn: &ConnInfo, method: Option<Method>, e: Gate
         conn.peer.ip(),
         access_log,
     );
+    if let Some(start) = waited.and_then(|w| rec.start.checked_sub(w)) {
+        rec.start = start;
+    }
     rec.status = resp.status().as_u16();
     resp.map(|b| Observed::new(b, rec))
 }

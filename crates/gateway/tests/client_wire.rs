@@ -338,6 +338,16 @@ async fn broken_and_stalled_heads_get_a_json_error_and_a_close() {
             .sum()
     };
     assert_eq!((count(400), count(408), count(431)), (5.0, 1.0, 1.0), "{m}");
+    // The 408's duration is the time its client was held (header_timeout, 500 ms), not the
+    // moment of the refusal: the refusals' durations add up to at least that.
+    let held: f64 = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("b25_gateway_http_request_duration_seconds_sum{") && l.contains("route=\"unmatched\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(held >= 0.45, "the refusals took {held} s in all: {m}");
 }
 
 /// RFC 9112 §3.2 and §6.3 on every engine: an HTTP/1.1 request without Host, with two Hosts, or

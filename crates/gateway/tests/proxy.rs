@@ -712,3 +712,39 @@ async fn http2_values_with_surrounding_whitespace_are_refused() {
     assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap(), "/r/v3");
     assert!(rx.try_recv().is_err());
 }
+
+/// An HTTP/2 upload of unknown length streams through whole: what the client sent reaches the
+/// upstream before the client ends its stream (nothing held back waiting for the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_upload_of_unknown_length_is_not_held_back() {
+    use raw_h2::*;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let up = upstream(move |req: Request<hyper::body::Incoming>| {
+        let tx = tx.clone();
+        async move {
+            let mut body = req.into_body();
+            while let Some(Ok(f)) = body.frame().await {
+                if let Ok(d) = f.into_data() {
+                    let _ = tx.send(d);
+                }
+            }
+            Response::new(full_body("ok"))
+        }
+    })
+    .await;
+    let gw = TestGateway::start(&one_route(format!("http://{up}"), ""), &[]).await;
+    let mut s = connect(gw.addr()).await;
+    let fields = [(":method", "POST"), (":scheme", "http"), (":path", "/r/stream"), (":authority", "gw")];
+    let mut out = frame(HEADERS, END_HEADERS, 1, &headers(&fields));
+    out.extend(frame(DATA, 0, 1, b"abc"));
+    s.write_all(&out).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let d =
+            tokio::time::timeout(WAIT, rx.recv()).await.expect("the bytes sent so far reached the upstream").unwrap();
+        got.extend_from_slice(&d);
+    }
+    assert_eq!(got, b"abc");
+    s.write_all(&frame(DATA, END_STREAM, 1, b"")).await.unwrap();
+    assert_eq!(tokio::time::timeout(WAIT, next_for(&mut s, 1)).await.unwrap(), HEADERS);
+}
