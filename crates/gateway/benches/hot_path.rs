@@ -97,6 +97,7 @@ fn auth(c: &mut Criterion) {
             public_key_file: None,
             jwks_file: None,
             jwks_url: None,
+            jwks_ca_file: None,
             jwks_refresh: HumanDuration::from_secs(300),
             jwks_min_refresh: HumanDuration::from_secs(10),
             jwks_timeout: HumanDuration::from_secs(2),

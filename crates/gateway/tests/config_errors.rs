@@ -323,3 +323,42 @@ fn yaml_errors_speak_to_operators() {
         assert!(!shown.contains("Options") && !shown.contains("from_str_multiple"), "{shown}");
     }
 }
+
+#[test]
+fn zero_rate_limits_on_a_route_are_refused() {
+    // A zero would otherwise count as 1 (rate, burst) or remove the limit (per).
+    for (limit, field) in [
+        (", rate_limit: { rate: 0 }", "rate_limit"),
+        (", rate_limit: { rate: 5, burst: 0 }", "rate_limit"),
+        (", principal_rate_limit: { rate: 5, per: 0s }", "principal_rate_limit"),
+    ] {
+        assert_error(
+            &format!("{BASE_SERVICES}{}", route(limit)),
+            &format!("routes[0].{field}"),
+            "rate, per and burst must be greater than 0",
+        );
+    }
+    parse(&format!("{BASE_SERVICES}{}", route(", rate_limit: { rate: 5, per: 1s, burst: 1 }")))
+        .expect("a positive limit is accepted");
+}
+
+#[test]
+fn jwks_urls_are_http_or_https_and_a_ca_file_goes_with_https() {
+    let yaml = |url: &str, extra: &str| {
+        format!(
+            "auth:\n  jwt:\n    issuers:\n      - {{ issuer: i, audiences: [a], algorithms: [ES256], jwks_url: \"{url}\"{extra} }}\n{BASE_SERVICES}routes:\n  - {{ id: r1, path: /a, methods: [GET], service: orders, roles: [viewer] }}\n"
+        )
+    };
+    assert_error(&yaml("ftp://idp.example/jwks", ""), "auth.jwt.issuers[0].jwks_url", "http:// or https://");
+    assert_error(
+        &yaml("http://idp.example/jwks", ", jwks_ca_file: /etc/hostname"),
+        "auth.jwt.issuers[0].jwks_ca_file",
+        "only used with an https:// jwks_url",
+    );
+    assert_error(
+        &yaml("https://idp.example/jwks", ", jwks_ca_file: /nonexistent/ca.pem"),
+        "auth.jwt.issuers[0].jwks_ca_file",
+        "cannot read",
+    );
+    parse(&yaml("https://idp.example/jwks", "")).expect("an https JWKS URL is accepted");
+}

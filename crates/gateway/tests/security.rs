@@ -373,6 +373,88 @@ async fn a_reload_while_the_jwks_url_is_down_keeps_the_last_good_keys() {
     assert_eq!(call(k3_unknown()).await, 401);
 }
 
+/// A JWKS document served over HTTPS with a self-signed certificate for `localhost`: the
+/// address, the certificate (PEM) and the number of requests served (after a good handshake).
+async fn https_jwks_server(doc: String) -> (std::net::SocketAddr, String, Arc<std::sync::atomic::AtomicU64>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, doc, h) = (acceptor.clone(), doc.clone(), h.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |_req| {
+                    h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = full_body(doc.clone());
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
+                });
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            });
+        }
+    });
+    (addr, ck.cert.pem(), hits)
+}
+
+/// An `https://` JWKS URL is fetched with the certificate verified against `jwks_ca_file`
+/// (chain and name): keys come only over a connection to the right, trusted server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_over_https_is_verified_against_the_configured_ca() {
+    let sim = b25_sim::start(b25_sim::Service::MarketData, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let k1 = EcKey::new("k1");
+    let (addr, cert_pem, hits) = https_jwks_server(jwks_doc(&[&k1])).await;
+    let dir = temp_dir("jwks-https");
+    std::fs::write(dir.join("ca.pem"), cert_pem).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("other.pem"), other.cert.pem()).unwrap();
+    let yaml = |host: &str, ca: &str| {
+        format!(
+            r#"server: {{ listen: "127.0.0.1:0", admin_listen: "127.0.0.1:0" }}
+logging: {{ level: warn }}
+auth:
+  jwt:
+    issuers:
+      - {{ issuer: jwks-issuer, audiences: [b25-gateway], algorithms: [ES256], jwks_url: "https://{host}:{port}/jwks.json", jwks_ca_file: "{ca}", jwks_min_refresh: 0s }}
+services:
+  up: {{ instances: ["{sim}"], health_check: {{ enabled: false }} }}
+routes:
+  - {{ id: t, path: "/api/v1/market/ticker/{{s}}", methods: [GET], service: up, roles: [viewer] }}
+"#,
+            port = addr.port(),
+            ca = dir.join(ca).display(),
+            sim = sim.url(),
+        )
+    };
+    let path = "/api/v1/market/ticker/X";
+    let status = |gw: std::net::SocketAddr, t: String| async move {
+        send(gw, Method::GET, path, &[("authorization", &bearer(&t))], "").await.status
+    };
+    let trusted = TestGateway::start(&yaml("localhost", "ca.pem"), &[]).await;
+    assert_eq!(status(trusted.addr(), k1.sign("a", Some("k1"))).await, 200, "keys fetched over verified https");
+    let served = hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(served >= 1);
+    // Another CA, or the right CA but a name the certificate does not carry: no key is loaded,
+    // and the JWKS server never answers a request over such a connection.
+    for (host, ca) in [("localhost", "other.pem"), ("127.0.0.1", "ca.pem")] {
+        let gw = TestGateway::start(&yaml(host, ca), &[]).await;
+        assert_eq!(status(gw.addr(), k1.sign("b", Some("k1"))).await, 401, "{host} with {ca}");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), served);
+    assert_eq!(sim.hits(), 1);
+}
+
 fn k3_unknown() -> String {
     EcKey::new("k3").sign("z", Some("k3"))
 }

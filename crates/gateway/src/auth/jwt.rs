@@ -19,9 +19,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
 use jsonwebtoken::jwk::{JwkSet, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -30,6 +28,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Largest JWKS document accepted from a URL.
 const MAX_JWKS_BYTES: usize = 1 << 20;
@@ -49,12 +48,13 @@ struct KeySet {
 
 struct JwksSource {
     url: hyper::Uri,
+    /// For an `https://` URL: the client TLS settings (the trusted CAs).
+    tls: Option<tokio_rustls::TlsConnector>,
     refresh: Duration,
     min_refresh: Duration,
     timeout: Duration,
     last_fetch_ms: AtomicU64,
     fetch_lock: tokio::sync::Mutex<()>,
-    client: Client<HttpConnector, Empty<Bytes>>,
 }
 
 struct Issuer {
@@ -340,19 +340,22 @@ impl Issuer {
         let jwks = match &ic.jwks_url {
             Some(url) => {
                 let uri: hyper::Uri = url.parse().map_err(|e| format!("jwks_url: {e}"))?;
-                if uri.scheme_str() != Some("http") {
-                    return Err("jwks_url: only http:// is supported (serve the JWKS through a local sidecar, or use jwks_file)".into());
+                if uri.host().is_none_or(str::is_empty) {
+                    return Err("jwks_url: no host".into());
                 }
-                let mut c = HttpConnector::new();
-                c.set_connect_timeout(Some(ic.jwks_timeout.get()));
+                let tls = match uri.scheme_str() {
+                    Some("http") => None,
+                    Some("https") => Some(jwks_tls(ic.jwks_ca_file.as_deref())?),
+                    _ => return Err("jwks_url: must be an http:// or https:// URL".into()),
+                };
                 Some(JwksSource {
                     url: uri,
+                    tls,
                     refresh: ic.jwks_refresh.get(),
                     min_refresh: ic.jwks_min_refresh.get(),
                     timeout: ic.jwks_timeout.get(),
                     last_fetch_ms: AtomicU64::new(0),
                     fetch_lock: tokio::sync::Mutex::new(()),
-                    client: Client::builder(TokioExecutor::new()).build(c),
                 })
             }
             None => None,
@@ -371,7 +374,7 @@ impl Issuer {
             return;
         }
         src.last_fetch_ms.store(now_ms, Ordering::Relaxed);
-        match tokio::time::timeout(src.timeout, fetch(&src.client, &src.url)).await {
+        match tokio::time::timeout(src.timeout, fetch(src)).await {
             Ok(Ok(set)) => {
                 tracing::info!(issuer = %self.iss, keys = set.keys.len(), "JWKS loaded");
                 self.keys.store(Arc::new(set));
@@ -384,17 +387,93 @@ impl Issuer {
     }
 }
 
-async fn fetch(client: &Client<HttpConnector, Empty<Bytes>>, url: &hyper::Uri) -> Result<KeySet, String> {
-    let resp = client.get(url.clone()).await.map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("status {}", resp.status()));
+/// Where the system's CA bundle usually is: Debian/Ubuntu/Alpine, RHEL/Fedora, SUSE, and
+/// Alpine/BSD/macOS, after `SSL_CERT_FILE` (the variable OpenSSL and rustls-native-certs read).
+const SYSTEM_CA_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The TLS client settings of an `https://` JWKS URL: the CAs of `ca_file`, or of the system's
+/// bundle when none is configured. HTTP/1.1 only; certificates are verified (name and chain).
+fn jwks_tls(ca_file: Option<&std::path::Path>) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let path = match ca_file {
+        Some(p) => p.to_path_buf(),
+        None => std::env::var_os("SSL_CERT_FILE")
+            .map(std::path::PathBuf::from)
+            .or_else(|| SYSTEM_CA_BUNDLES.iter().map(std::path::PathBuf::from).find(|p| p.is_file()))
+            .ok_or(
+                "jwks_url: no CA bundle to verify https with (install ca-certificates, set SSL_CERT_FILE, or set jwks_ca_file)",
+            )?,
+    };
+    let what = if ca_file.is_some() { "jwks_ca_file" } else { "jwks_url: the system CA bundle" };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!("{what} {}: no CA certificate in PEM", path.display()));
     }
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES)
-        .collect()
-        .await
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .to_bytes();
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// One GET of the JWKS on a new connection (fetches are minutes apart: nothing to pool).
+async fn fetch(src: &JwksSource) -> Result<KeySet, String> {
+    let url = &src.url;
+    let host = url.host().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let port = url.port_u16().unwrap_or(if src.tls.is_some() { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((bare, port)).await.map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let body = match &src.tls {
+        Some(tls) => {
+            let name = rustls_pki_types::ServerName::try_from(bare.to_string()).map_err(|e| format!("{host}: {e}"))?;
+            let stream = tls.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+            get_body(stream, url).await?
+        }
+        None => get_body(tcp, url).await?,
+    };
     parse_jwks(&body)
+}
+
+/// Sends `GET url` on `io` (HTTP/1.1) and reads a 2xx answer's body, at most [`MAX_JWKS_BYTES`].
+async fn get_body<I>(io: I, url: &hyper::Uri) -> Result<Bytes, String>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| e.to_string())?;
+    let request = async move {
+        let req = http::Request::get(url.path_and_query().map_or("/", |p| p.as_str()))
+            .header(http::header::HOST, url.authority().map_or("", |a| a.as_str()))
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("status {}", resp.status()));
+        }
+        http_body_util::Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| e.to_string())
+        // `tx` dropped here: the connection below then ends.
+    };
+    // The connection is driven here, not spawned: a fetch that times out leaves nothing behind.
+    let (body, _) = tokio::join!(request, conn);
+    body
 }
 
 fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {

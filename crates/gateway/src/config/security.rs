@@ -168,9 +168,12 @@ pub struct IssuerConfig {
     /// JWKS document on disk.
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
-    /// JWKS URL (http), fetched in the background.
+    /// JWKS URL (`http://` or `https://`), fetched in the background.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// PEM bundle of the CAs trusted for an `https://` JWKS URL (default: the system's bundle).
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
     /// JWKS refresh period.
     #[serde(default = "default_jwks_refresh")]
     pub jwks_refresh: HumanDuration,

@@ -453,7 +453,11 @@ fn validate_auth(c: &Config, err: &mut impl FnMut(String, String)) {
                     "HS algorithms need a secret; with public keys they would allow HS/RS confusion".into(),
                 );
             }
-            for (field, path) in [("public_key_file", &iss.public_key_file), ("jwks_file", &iss.jwks_file)] {
+            for (field, path) in [
+                ("public_key_file", &iss.public_key_file),
+                ("jwks_file", &iss.jwks_file),
+                ("jwks_ca_file", &iss.jwks_ca_file),
+            ] {
                 if let Some(path) = path
                     && let Err(e) = std::fs::metadata(path)
                 {
@@ -465,13 +469,15 @@ fn validate_auth(c: &Config, err: &mut impl FnMut(String, String)) {
                     err(format!("{p}.{field}"), "must be greater than 0".into());
                 }
             }
+            let https = iss.jwks_url.as_deref().is_some_and(|u| u.starts_with("https://"));
             if let Some(url) = &iss.jwks_url
+                && !https
                 && !url.starts_with("http://")
             {
-                err(
-                    format!("{p}.jwks_url"),
-                    "only http:// JWKS URLs are supported (use a local sidecar or jwks_file)".into(),
-                );
+                err(format!("{p}.jwks_url"), "must be an http:// or https:// URL".into());
+            }
+            if iss.jwks_ca_file.is_some() && !https {
+                err(format!("{p}.jwks_ca_file"), "only used with an https:// jwks_url".into());
             }
         }
     }
