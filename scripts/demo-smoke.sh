@@ -39,6 +39,19 @@ viewer=$(sed -n 's/^ *export VIEWER=//p' "$out" | head -n1)
 body=$(curl -sS --max-time 5 -w ' %{http_code}' -H "Authorization: Bearer $viewer" "http://127.0.0.1:$gw/api/v1/market/ticker/BTCUSDT")
 echo "proxied answer: $body"
 case "$body" in
-  *'"symbol":"BTCUSDT"'*' 200') echo "demo smoke test passed" ;;
+  *'"symbol":"BTCUSDT"'*' 200') ;;
   *) echo "unexpected answer from the demo" >&2; exit 1 ;;
 esac
+
+# A reload of the demo's own file succeeds (it is read with the demo's secrets, as at start),
+# and the demo's API key still works after it.
+reload=$(curl -sS --max-time 10 -X POST "http://127.0.0.1:$admin/admin/reload")
+case "$reload" in
+  *'"success"'*) ;;
+  *) echo "the demo refused a reload of its own config: $reload" >&2; exit 1 ;;
+esac
+key=$(sed -n 's/^ *export API_KEY=\([^ ]*\).*/\1/p' "$out" | head -n1)
+[ -n "$key" ] || { cat "$out"; echo "the demo printed no API key" >&2; exit 1; }
+code=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' -H "X-API-Key: $key" "http://127.0.0.1:$gw/api/v1/market/ticker/BTCUSDT")
+[ "$code" = 200 ] || { echo "the demo API key got $code after a reload" >&2; exit 1; }
+echo "demo smoke test passed" 

@@ -47,6 +47,9 @@ const UNMATCHED: &str = "unmatched";
 /// Route label for the gateway's own endpoints.
 const GATEWAY: &str = "gateway";
 
+/// Reads and validates a config file (see [`Shared::loader`]).
+pub type Loader = Box<dyn Fn(&std::path::Path) -> Result<crate::config::Config, ConfigErrors> + Send + Sync>;
+
 /// State shared by every connection of one gateway.
 pub struct Shared {
     /// The current config snapshot.
@@ -71,6 +74,9 @@ pub struct Shared {
     pub certs: std::sync::Mutex<Option<Arc<crate::server::tls::CertResolver>>>,
     /// The config file, for reloads.
     pub config_file: std::sync::Mutex<Option<String>>,
+    /// How a reload reads the file, when not with [`crate::config::load`] (the demo supplies
+    /// its own secrets and API key, as it did at start).
+    pub loader: std::sync::OnceLock<Loader>,
     /// Hands a newly bound main listener to the accept loop (a reload that moved it).
     pub rebind: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<tokio::net::TcpListener>>>,
     /// Where the main listener is bound now.
@@ -100,6 +106,7 @@ impl Shared {
             ws: Arc::default(),
             certs: std::sync::Mutex::new(None),
             config_file: std::sync::Mutex::new(None),
+            loader: std::sync::OnceLock::new(),
             rebind: std::sync::Mutex::new(None),
             listen_addr: std::sync::Mutex::new(None),
             admin: std::sync::Mutex::new((None, None)),
@@ -152,7 +159,11 @@ impl Shared {
 
     async fn build_next(&self, file: &str) -> Result<(), ConfigErrors> {
         let fail = |errors| ConfigErrors { file: file.to_string(), errors };
-        let config = crate::config::load(std::path::Path::new(file))?;
+        let path = std::path::Path::new(file);
+        let config = match self.loader.get() {
+            Some(load) => load(path)?,
+            None => crate::config::load(path)?,
+        };
         let runtime = config.runtime_problems();
         if !runtime.is_empty() {
             return Err(fail(runtime));
@@ -207,6 +218,7 @@ impl Shared {
                 None
             };
         let admin_off = config.server.admin_listen.is_empty() && !old.config.server.admin_listen.is_empty();
+        let halted = (config.trading.halted != old.config.trading.halted).then_some(config.trading.halted);
         let tls = config.server.tls.clone();
         let next = Snapshot::build(config).map_err(fail)?;
         if let (Some(t), Some(r)) = (&tls, self.certs.lock().expect("not poisoned").clone()) {
@@ -221,6 +233,11 @@ impl Shared {
             }
             j.start_background().await;
         }
+        for (name, u) in &next.upstreams {
+            if let Some(prev) = old.upstreams.get(name) {
+                u.inherit_health(prev);
+            }
+        }
         futures_util::future::join_all(next.upstreams.values().map(|u| u.check_all())).await;
         for u in next.upstreams.values() {
             u.spawn_health_checks();
@@ -228,6 +245,9 @@ impl Shared {
         self.metrics.prime(&next);
         next.resolve_metrics(&self.metrics);
         self.snapshot.store(Arc::new(next));
+        if let Some(halted) = halted {
+            self.apply_config_halt(halted).await;
+        }
         if let Some(l) = new_main {
             let addr = l.local_addr().ok();
             if let Some(tx) = self.rebind.lock().expect("not poisoned").as_ref() {
@@ -242,6 +262,30 @@ impl Shared {
             let _ = tx.send(new_admin);
         }
         Ok(())
+    }
+
+    /// A reload changed `trading.halted`: `true` engages the halt (here and, with Redis, on
+    /// every instance), as the admin API would; `false` lifts only a halt the config engaged,
+    /// never one engaged by the admin API or an emergency stop.
+    async fn apply_config_halt(&self, halted: bool) {
+        const BY: &str = "config";
+        let now = self.halt.info();
+        if halted {
+            // Already halted by someone else: their who and why stay.
+            if !now.halted {
+                self.halt.set(true, BY, "trading.halted set to true by a reload").await;
+            }
+            return;
+        }
+        if now.halted && now.by != BY {
+            tracing::warn!(
+                by = %now.by,
+                "trading.halted set to false by a reload; the halt engaged by {} stays (lift it with the admin API)",
+                now.by
+            );
+        } else if now.halted {
+            self.halt.set(false, BY, "trading.halted set to false by a reload").await;
+        }
     }
 
     fn required_up(&self) -> bool {
@@ -389,9 +433,12 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody
     if let Some(cors) = &snapshot.cors {
         cors.apply(origin.as_ref(), ex.preflight, resp.headers_mut());
     }
-    // A 429 already carries the refusing scope's values (as may an upstream's answer).
+    // A rate-limit 429 already carries the refusing scope's values (as may an upstream's
+    // answer); another 429 (a WebSocket connection limit, an upstream's) was not refused by
+    // a scope that passed, so it must not say there is budget left.
     let ratelimit = ex.ratelimit.filter(|_| snapshot.ratelimit.headers).filter(|_| {
-        !resp.headers().contains_key(&RATELIMIT_LIMIT)
+        resp.status() != http::StatusCode::TOO_MANY_REQUESTS
+            && !resp.headers().contains_key(&RATELIMIT_LIMIT)
             && resp.body().raw_headers().and_then(|r| r.get(&RATELIMIT_LIMIT)).is_none()
     });
     let mut rec = pending.0.take().expect("set above");
@@ -664,7 +711,6 @@ async fn serve(
                         scope: scope.clone(),
                         hash,
                         ttl_ms: cfg.ttl.get().as_millis() as u64,
-                        request_id: request_id.clone(),
                         settled: false,
                     });
                     idem = Some((scope, hash));
@@ -685,7 +731,8 @@ async fn serve(
                 }
                 Begin::Replay(stored) => {
                     shared.metrics.idempotency(&route.id, "replayed");
-                    let mut r = stored_response(stored.status, &stored.headers, stored.body.clone());
+                    let body = stored.body_for(request_id.to_str().unwrap_or(""));
+                    let mut r = stored_response(stored.status, &stored.headers, body);
                     r.headers_mut().insert(&IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
                     return Ok(r);
                 }
@@ -745,13 +792,7 @@ async fn serve(
                 } else {
                     // The outcome is unknown: a retry with this key replays this error
                     // instead of risking a second order.
-                    let body =
-                        crate::error::error_json(e.kind().code(), e.message(), request_id.to_str().unwrap_or(""));
-                    let stored = Stored {
-                        status: e.kind().status().as_u16(),
-                        headers: vec![(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-                        body,
-                    };
+                    let stored = Stored::gateway_error(e.kind(), e.message());
                     shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
                     settled(&mut taken);
                 }
@@ -787,18 +828,18 @@ async fn serve(
                     ErrorKind::UpstreamBadResponse,
                     "the upstream response could not be kept for replay",
                 );
-                let stored = Stored {
-                    status: 502,
-                    headers: vec![(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-                    body: crate::error::error_json(e.kind().code(), e.message(), request_id.to_str().unwrap_or("")),
-                };
+                let stored = Stored::gateway_error(e.kind(), e.message());
                 shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
                 settled(&mut taken);
                 return Err(e);
             }
         };
-        let stored =
-            Stored { status: status.as_u16(), headers: headers::kept_for_replay(&parts.headers), body: bytes.clone() };
+        let stored = Stored {
+            status: status.as_u16(),
+            headers: headers::kept_for_replay(&parts.headers),
+            body: bytes.clone(),
+            gateway_error: false,
+        };
         shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
         settled(&mut taken);
         return Ok(Response::from_parts(parts, GatewayBody::full(bytes)));
@@ -854,7 +895,6 @@ struct TakenKey {
     scope: String,
     hash: [u8; 32],
     ttl_ms: u64,
-    request_id: HeaderValue,
     settled: bool,
 }
 
@@ -871,16 +911,10 @@ impl Drop for TakenKey {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        let e = ErrorKind::UpstreamReset;
-        let stored = Stored {
-            status: e.status().as_u16(),
-            headers: vec![(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-            body: crate::error::error_json(
-                e.code(),
-                "the request ended before its outcome was known; the order may have been placed: look it up",
-                self.request_id.to_str().unwrap_or(""),
-            ),
-        };
+        let stored = Stored::gateway_error(
+            ErrorKind::UpstreamReset,
+            "the request ended before its outcome was known; the order may have been placed: look it up",
+        );
         let (store, scope, hash, ttl) = (self.store.clone(), std::mem::take(&mut self.scope), self.hash, self.ttl_ms);
         rt.spawn(async move { store.complete(&scope, hash, stored, ttl).await });
     }

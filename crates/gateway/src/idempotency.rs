@@ -34,6 +34,33 @@ pub struct Stored {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Body.
     pub body: Bytes,
+    /// The gateway's own error (JSON `{"error":{…}}`): replayed with the replaying request's
+    /// `request_id`, as every gateway error carries the id of the request it answers.
+    pub gateway_error: bool,
+}
+
+impl Stored {
+    /// The gateway's error `kind` with `message`, kept for replay.
+    pub fn gateway_error(kind: crate::error::ErrorKind, message: &str) -> Self {
+        Self {
+            status: kind.status().as_u16(),
+            headers: vec![(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            body: crate::error::error_json(kind.code(), message, ""),
+            gateway_error: true,
+        }
+    }
+
+    /// The body to replay to the request `request_id`.
+    pub fn body_for(&self, request_id: &str) -> Bytes {
+        if !self.gateway_error {
+            return self.body.clone();
+        }
+        let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&self.body) else { return self.body.clone() };
+        if let Some(e) = v.get_mut("error").and_then(serde_json::Value::as_object_mut) {
+            e.insert("request_id".into(), request_id.into());
+        }
+        serde_json::to_vec(&v).map(Bytes::from).unwrap_or_else(|_| self.body.clone())
+    }
 }
 
 enum Record {
@@ -256,6 +283,7 @@ fn encode_done(hash: &[u8; 32], r: &Stored) -> Vec<u8> {
     let meta = serde_json::json!({
         "s": r.status,
         "h": r.headers.iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect::<Vec<_>>(),
+        "g": r.gateway_error,
     });
     let m = serde_json::to_vec(&meta).unwrap_or_default();
     let mut out = Vec::with_capacity(1 + 64 + 4 + m.len() + r.body.len());
@@ -299,6 +327,7 @@ fn decode_begin(v: &[u8], hash: &[u8; 32]) -> Begin {
                     status: meta["s"].as_u64()? as u16,
                     headers,
                     body: Bytes::copy_from_slice(v.get(69 + n..)?),
+                    gateway_error: meta["g"].as_bool().unwrap_or(false),
                 })
             };
             parse().map(|s| Begin::Replay(Arc::new(s))).unwrap_or(Begin::Unavailable)
@@ -333,7 +362,13 @@ mod tests {
         assert!(matches!(s.begin("k", h, 10_000).await, Begin::First));
         assert!(matches!(s.begin("k", h, 10_000).await, Begin::InFlight));
         assert!(matches!(s.begin("k", body_hash(b"x"), 10_000).await, Begin::Mismatch));
-        s.complete("k", h, Stored { status: 201, headers: vec![], body: Bytes::from_static(b"ok") }, 10_000).await;
+        s.complete(
+            "k",
+            h,
+            Stored { status: 201, headers: vec![], body: Bytes::from_static(b"ok"), gateway_error: false },
+            10_000,
+        )
+        .await;
         match s.begin("k", h, 10_000).await {
             Begin::Replay(r) => assert_eq!((r.status, &r.body[..]), (201, &b"ok"[..])),
             _ => panic!("expected replay"),
@@ -374,7 +409,13 @@ mod tests {
         let (h, t) = (body_hash(b"{}"), 1_000_000);
         begin_keys(&mut m, PURGE_STEP, t, |i| 1 + i % 7);
         // A completed record has two writes behind it (in flight, then done).
-        m.complete("k0", h, Stored { status: 201, headers: vec![], body: Bytes::from_static(b"ok") }, 9, t + 1);
+        m.complete(
+            "k0",
+            h,
+            Stored { status: 201, headers: vec![], body: Bytes::from_static(b"ok"), gateway_error: false },
+            9,
+            t + 1,
+        );
         assert!(matches!(m.begin("k0", h, 60_000, t + 9), Begin::Replay(_)));
         assert_eq!(m.records.len(), 1, "every record but the completed one has expired");
         assert!(matches!(m.begin("live", h, 60_000, t + 10), Begin::First));
@@ -405,7 +446,13 @@ mod tests {
         let (h, t) = (body_hash(b"{}"), 1_000_000);
         for _ in 0..3 {
             assert!(matches!(m.begin("k", h, 60_000, t), Begin::First));
-            m.complete("k", h, Stored { status: 201, headers: vec![], body: Bytes::new() }, 1_000, t);
+            m.complete(
+                "k",
+                h,
+                Stored { status: 201, headers: vec![], body: Bytes::new(), gateway_error: false },
+                1_000,
+                t,
+            );
             assert_eq!((m.records.len(), m.expiry.len()), (1, 1), "the done record replaced the in-flight one");
             assert_eq!(m.expiry.first().map(|(at, _)| *at), Some(t + 1_000));
             m.release("k");
@@ -420,9 +467,24 @@ mod tests {
             status: 409,
             headers: vec![(HeaderName::from_static("x-a"), HeaderValue::from_static("1"))],
             body: Bytes::from_static(b"body"),
+            gateway_error: false,
         };
         match decode_begin(&encode_done(&h, &r), &h) {
-            Begin::Replay(s) => assert_eq!((s.status, s.headers.len(), &s.body[..]), (409, 1, &b"body"[..])),
+            Begin::Replay(s) => {
+                assert_eq!((s.status, s.headers.len(), &s.body[..], s.gateway_error), (409, 1, &b"body"[..], false))
+            }
+            _ => panic!(),
+        }
+        // A stored gateway error keeps its mark through Redis, and is replayed with the
+        // replaying request's id.
+        let e = Stored::gateway_error(crate::error::ErrorKind::UpstreamTimeout, "late");
+        match decode_begin(&encode_done(&h, &e), &h) {
+            Begin::Replay(s) => {
+                assert!(s.gateway_error);
+                let v: serde_json::Value = serde_json::from_slice(&s.body_for("rid-2")).unwrap();
+                assert_eq!(v["error"]["request_id"], "rid-2");
+                assert_eq!(v["error"]["code"], "upstream_timeout");
+            }
             _ => panic!(),
         }
     }

@@ -29,6 +29,9 @@ struct Cli {
     /// Config file (YAML).
     #[arg(long, short, global = true, env = "B25_GATEWAY_CONFIG", default_value = "config/gateway.yaml")]
     config: PathBuf,
+    /// Config file for `run`, the default subcommand: `b25-gateway config/gateway.yaml`.
+    #[arg(value_name = "FILE")]
+    file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -63,7 +66,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let or_default = |f: Option<PathBuf>| f.unwrap_or_else(|| cli.config.clone());
-    match cli.command.unwrap_or(Command::Run { file: None }) {
+    match cli.command.unwrap_or_else(|| Command::Run { file: cli.file.clone() }) {
         Command::Check { file } => check(&or_default(file)),
         Command::Run { file } => serve(&or_default(file), false),
         Command::Demo { file } => serve(&or_default(file), true),
@@ -163,6 +166,12 @@ async fn run(config: Config, path: &Path, demo: bool) -> anyhow::Result<()> {
     let _sims = if demo { start_sims(&config).await? } else { Vec::new() };
     let handle = server::start(config.clone(), &path.display().to_string()).await?;
     if demo {
+        // A reload reads the file as the demo did at start: its secrets and API key.
+        handle.set_loader(Box::new(|p| {
+            let mut c = config::load_with(p, &demo::env)?;
+            demo::add_api_key(&mut c);
+            Ok(c)
+        }));
         handle.ready().await;
         demo::print(&config, handle.addr(), handle.admin_addr());
     }

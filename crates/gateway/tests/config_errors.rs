@@ -179,6 +179,10 @@ fn check_lists_every_error_with_file_and_path_and_exits_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway")).args(["run", "--config"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("routes[0].service"));
+    // And so does `run`, the default subcommand, given the file alone: `b25-gateway FILE`.
+    let out = Command::new(env!("CARGO_BIN_EXE_b25-gateway")).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("{f}: routes[0].service")));
 }
 
 #[test]

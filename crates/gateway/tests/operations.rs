@@ -413,3 +413,55 @@ async fn admin_token_refusals_are_counted_and_scrape_endpoints_only_read() {
         assert_eq!(r.status, 405, "{path}");
     }
 }
+
+/// `trading.halted` changed by a reload is applied, not just shown: `true` engages the halt,
+/// `false` lifts a halt the config engaged but never one the admin API engaged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_trading_halted_engages_the_halt_and_lifts_only_its_own() {
+    let orders = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let dir = temp_dir("reload-halt");
+    let file = dir.join("gw.yaml");
+    let text = |halted: bool| {
+        format!(
+            r#"server: {{ listen: "127.0.0.1:0", admin_listen: "127.0.0.1:0" }}
+logging: {{ level: warn }}
+trading: {{ halted: {halted} }}
+services:
+  orders: {{ instances: ["{}"], health_check: {{ enabled: false }} }}
+routes:
+  - {{ id: create, path: /api/v1/orders, methods: [POST], service: orders, public: true, halt: block }}
+"#,
+            orders.url()
+        )
+    };
+    std::fs::write(&file, text(false)).unwrap();
+    let gw = start_from_file(&file).await;
+    let (addr, admin) = (gw.addr(), gw.admin_addr().unwrap());
+    let order = |id: &'static str| async move {
+        let body = format!(r#"{{"symbol":"BTCUSDT","side":"buy","quantity":1,"price":1,"client_order_id":"{id}"}}"#);
+        send(addr, Method::POST, "/api/v1/orders", &[("content-type", "application/json")], body).await
+    };
+    let reload = |halted: bool| {
+        let (file, gw) = (&file, &gw);
+        async move {
+            std::fs::write(file, text(halted)).unwrap();
+            gw.reload().await.unwrap_or_else(|e| panic!("{e}"));
+        }
+    };
+    assert_eq!(order("o1").await.status, 201);
+    reload(true).await;
+    order("o2").await.assert_error(503, "trading_halted");
+    let h = get(admin, "/admin/halt").await.json();
+    assert_eq!((h["halted"].as_bool(), h["by"].as_str()), (Some(true), Some("config")), "{h}");
+    reload(false).await;
+    assert_eq!(order("o3").await.status, 201, "the config's own halt is lifted by the config");
+    // Engaged by the admin API: a reload with `halted: true` then `false` leaves it engaged.
+    let r = send(admin, Method::POST, "/admin/halt", &[], r#"{"halted":true,"by":"desk","reason":"drill"}"#).await;
+    assert_eq!(r.status, 200);
+    reload(true).await;
+    reload(false).await;
+    order("o4").await.assert_error(503, "trading_halted");
+    assert_eq!(get(admin, "/admin/halt").await.json()["by"], "desk");
+    let placed: Vec<_> = orders.orders().iter().map(|o| o["client_order_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(placed, ["o1", "o3"]);
+}

@@ -372,7 +372,12 @@ async fn shutdown_closes_50_websockets_with_going_away() {
     for _ in 0..20 {
         clients.push(connect(gw.addr(), "/ws", &[("authorization", &one)]).await.expect("upgrade"));
     }
-    assert_eq!(status_of(&connect(gw.addr(), "/ws", &[("authorization", &one)]).await.unwrap_err()), 429);
+    let refused = connect(gw.addr(), "/ws", &[("authorization", &one)]).await.unwrap_err();
+    assert_eq!(status_of(&refused), 429);
+    // Refused by the connection limit, not a rate limit: no rate-limit scope's budget is shown.
+    if let tokio_tungstenite::tungstenite::Error::Http(r) = &refused {
+        assert!(!r.headers().contains_key("ratelimit-remaining"), "{:?}", r.headers());
+    }
     for i in 0..30 {
         let t = bearer(&hs256(TEST_SECRET, &claims(&format!("user-{i}"), &["viewer"], serde_json::json!({}))));
         clients.push(connect(gw.addr(), "/ws", &[("authorization", &t)]).await.expect("upgrade"));

@@ -927,7 +927,10 @@ pub fn init_logging(cfg: &crate::config::LoggingConfig) -> LogGuard {
         crate::config::LogFormat::Json => {
             builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init()
         }
-        crate::config::LogFormat::Text => builder.try_init(),
+        // Colours only for a terminal: a file or a log collector gets plain text.
+        crate::config::LogFormat::Text => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())).try_init()
+        }
     };
     access::decide_enabled();
     LogGuard { _access: access, _events: guard }

@@ -643,6 +643,24 @@ impl Upstream {
         }
     }
 
+    /// Takes the health-check state of the instances `prev` (the running snapshot's upstream
+    /// of the same name) also has, so a reload keeps what the checks learned: a healthy
+    /// instance is not judged by one check again, an unhealthy one stays out until it passes
+    /// `healthy_threshold` checks.
+    pub fn inherit_health(&self, prev: &Upstream) {
+        for inst in &self.instances {
+            let Some(old) = prev.instances.iter().find(|o| o.url == inst.url) else { continue };
+            inst.healthy.store(old.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
+            for (new, was) in
+                [(&inst.consecutive_ok, &old.consecutive_ok), (&inst.consecutive_fail, &old.consecutive_fail)]
+            {
+                new.store(was.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            inst.last_status.store(old.last_status.load(Ordering::Relaxed), Ordering::Relaxed);
+            inst.last_check_ms.store(old.last_check_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     /// Runs one round of health checks on every instance, concurrently.
     pub async fn check_all(&self) {
         if !self.health.enabled {
@@ -666,7 +684,10 @@ impl Upstream {
         };
         let ok = (200..300).contains(&status);
         inst.last_status.store(status as u32, Ordering::Relaxed);
-        inst.last_check_ms.store(crate::unix_ms(), Ordering::Relaxed);
+        // An instance never checked before is judged by its first check alone (Envoy's
+        // "pending first health check"): a dead instance is not sent traffic, nor counted as
+        // available for readiness, until `unhealthy_threshold` rounds have failed.
+        let first = inst.last_check_ms.swap(crate::unix_ms().max(1), Ordering::Relaxed) == 0;
         if ok {
             inst.consecutive_fail.store(0, Ordering::Relaxed);
             let n = inst.consecutive_ok.fetch_add(1, Ordering::Relaxed) + 1;
@@ -680,7 +701,7 @@ impl Upstream {
         } else {
             inst.consecutive_ok.store(0, Ordering::Relaxed);
             let n = inst.consecutive_fail.fetch_add(1, Ordering::Relaxed) + 1;
-            if inst.is_healthy() && n >= self.health.unhealthy_threshold {
+            if inst.is_healthy() && (first || n >= self.health.unhealthy_threshold) {
                 inst.healthy.store(false, Ordering::Relaxed);
                 tracing::warn!(service = %self.name, instance = %inst.url, status, "instance unhealthy");
             }

@@ -102,6 +102,12 @@ impl GatewayHandle {
     pub fn shutdown(&self) {
         self.stop.send_replace(true);
     }
+    /// Reads the config file on reload with `loader` instead of [`crate::config::load`]
+    /// (the demo's own `${VAR}` values); the first call wins.
+    pub fn set_loader(&self, loader: crate::gateway::Loader) {
+        let _ = self.shared.loader.set(loader);
+    }
+
     /// Reloads the config file (see [`Shared::reload`]).
     pub async fn reload(&self) -> Result<(), crate::config::ConfigErrors> {
         self.shared.reload().await
