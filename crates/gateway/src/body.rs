@@ -78,6 +78,21 @@ impl Body for GatewayBody {
     }
 }
 
+impl GatewayBody {
+    /// An upstream body about to be answered on a connection whose head hyper writes (HTTP/2,
+    /// the hyper HTTP/1.1 engine), looked at once without waiting: a body already broken in
+    /// the bytes that came with its head (a bad chunk size) is an error now, while a 502 can
+    /// still be sent instead of a reset stream. What the look read is kept in front.
+    pub fn upstream_checked(mut body: ResponseBody) -> Result<Self, BoxError> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::Pin::new(&mut body).poll_frame(&mut cx) {
+            std::task::Poll::Ready(Some(Err(e))) => Err(e),
+            std::task::Poll::Ready(Some(Ok(frame))) => Ok(Self::Prefixed(frame.into_data().ok(), body)),
+            std::task::Poll::Ready(None) | std::task::Poll::Pending => Ok(Self::Upstream(body)),
+        }
+    }
+}
+
 /// Reads an upstream body up to `max` bytes: `Ok(bytes)` when it fits, otherwise a body that
 /// replays what was read and streams the rest (nothing is lost, nothing buffered beyond `max`).
 pub async fn read_bounded(mut body: ResponseBody, max: usize) -> Result<Result<Bytes, GatewayBody>, BoxError> {

@@ -872,7 +872,17 @@ async fn serve(
         parts.headers.insert(&X_CACHE, HeaderValue::from_static(if cr.bypass { "BYPASS" } else { "MISS" }));
     }
     drop(leader);
-    Ok(Response::from_parts(parts, GatewayBody::Upstream(body)))
+    if own_headers {
+        // The native HTTP/1.1 writer makes this check itself, with the head in hand.
+        return Ok(Response::from_parts(parts, GatewayBody::Upstream(body)));
+    }
+    match GatewayBody::upstream_checked(body) {
+        Ok(body) => Ok(Response::from_parts(parts, body)),
+        Err(_) => {
+            shared.metrics.upstream_error(&route.upstream.name, ErrorKind::UpstreamBadResponse.code());
+            Err(GatewayError::new(ErrorKind::UpstreamBadResponse, "the upstream response body is malformed"))
+        }
+    }
 }
 
 /// The host the client addressed: the target's authority when it has one (HTTP/2, an
@@ -987,6 +997,16 @@ async fn websocket_proxy(
             ));
         }
     };
+    // RFC 6455 §4.2.2, §4.4: the relay speaks version 13 only; another (or none) is refused
+    // with the version it speaks, before the upstream is asked.
+    let mut versions = parts.headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    if !matches!((versions.next(), versions.next()), (Some(v), None) if v.as_bytes().trim_ascii() == b"13") {
+        return Err(GatewayError::new(
+            ErrorKind::BadRequest,
+            "unsupported Sec-WebSocket-Version: this gateway speaks 13",
+        )
+        .with_header(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13")));
+    }
     let slot = shared.ws.admit(cfg, principal.as_ref().map(|p| &p.subject)).inspect_err(|_| {
         shared.metrics.websocket(&route.id, "limit");
     })?;

@@ -244,6 +244,19 @@ fn secrets_are_never_quoted_in_errors() {
         assert!(!shown.contains("TOPSECRET"), "{shown}");
         assert!(!shown.contains("1234567890123") && !shown.contains("9876543210"), "{shown}");
     }
+    for redis in ["\"redis://:TOPSECRET-redis@h:1\"", "{ url: 42, cluster: [\"redis://:TOPSECRET-c@h:1\", 7] }"] {
+        let shown = all(&format!("state: {{ backend: redis, redis: {redis} }}\n{BASE_SERVICES}{}", route("")));
+        assert!(!shown.contains("TOPSECRET"), "{shown}");
+    }
+    // The rest of the Redis section is not secret: a misspelt key is named, with the known ones.
+    assert_error(
+        &format!(
+            "state: {{ backend: redis, redis: {{ url: \"redis://127.0.0.1:6379\", key_prefx: gw1 }} }}\n{BASE_SERVICES}{}",
+            route("")
+        ),
+        "state.redis.key_prefx",
+        "unknown field `key_prefx`, expected one of `url`",
+    );
     assert_error(&jwt("\"abc${x\""), "auth.jwt.issuers[0].secret", "unterminated");
     assert_error(
         &format!("services:\n  orders: {{ instances: [\"http://svc:TOPSECRET-pw@127.0.0.1:9\"] }}\n{}", route("")),
@@ -322,9 +335,14 @@ fn the_config_file_must_be_a_regular_file_of_bounded_size() {
 fn yaml_errors_speak_to_operators() {
     let dup = format!("{BASE_SERVICES}{}", route(", public: true"));
     let multi = format!("{BASE_SERVICES}{}---\nservices: {{}}\n", route(""));
-    for yaml in [dup, multi] {
+    // A `!!binary` value that is not UTF-8 where a string belongs.
+    let binary = format!(
+        "{BASE_SERVICES}routes:\n  - {{ id: r1, path: !!binary L/8=, methods: [GET], service: orders, public: true }}\n"
+    );
+    for yaml in [dup, multi, binary] {
         let shown = format!("{:?}", errors_of(&yaml));
         assert!(!shown.contains("Options") && !shown.contains("from_str_multiple"), "{shown}");
+        assert!(!shown.contains("If you just use") && !shown.contains("ignore_binary"), "{shown}");
     }
 }
 

@@ -207,6 +207,14 @@ async fn ambiguous_or_broken_upstream_framing_is_502_not_guessed() {
     for case in ["te-and-cl", "two-lengths", "switch", "status-999", "te-gzip", "te-gzip-only", "bad-chunk"] {
         let r = get(gw.addr(), &format!("/w/{case}")).await;
         r.assert_error(502, "bad_upstream_response");
+        // The same over HTTP/2, whose response head hyper writes: a 502, not a reset stream.
+        let mut tx = h2c::<http_body_util::Empty<bytes::Bytes>>(gw.addr()).await;
+        let req = http::Request::get(format!("http://{}/w/{case}", gw.addr())).body(Default::default()).unwrap();
+        let resp = tx.send_request(req).await.unwrap_or_else(|e| panic!("{case} over HTTP/2: {e}"));
+        let (parts, body) = resp.into_parts();
+        let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+        let r = Reply { status: parts.status, headers: parts.headers, body };
+        r.assert_error(502, "bad_upstream_response");
     }
     // The gateway is still fine.
     let r = get(gw.addr(), "/w/length").await;

@@ -361,6 +361,20 @@ async fn malformed_websocket_keys_get_400_and_never_reach_the_upstream() {
         assert!(text.contains("Sec-WebSocket-Key") || text.contains("carries no body"), "{text}");
     }
     assert_eq!(heads.load(std::sync::atomic::Ordering::SeqCst), 0, "a malformed handshake reached the upstream");
+    // A version other than 13, none, or two: 400 naming the version spoken (RFC 6455 §4.4).
+    for version in ["Sec-WebSocket-Version: 8\r\n", "", "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 8\r\n"] {
+        let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{version}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.expect("closed").unwrap();
+        let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 400"), "{version}: {text}");
+        assert!(text.contains("sec-websocket-version: 13\r\n"), "{version}: {text}");
+    }
+    assert_eq!(heads.load(std::sync::atomic::Ordering::SeqCst), 0, "an unsupported version reached the upstream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

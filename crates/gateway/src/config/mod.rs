@@ -850,6 +850,7 @@ fn without_hints(msg: &str) -> String {
     let msg = msg.split("; use from_str_multiple").next().unwrap_or(msg);
     let msg = msg.split("; use Option<").next().unwrap_or(msg);
     let msg = msg.split(" set ignore_binary_tag_for_string").next().unwrap_or(msg);
+    let msg = msg.split(" If you just use !!binary").next().unwrap_or(msg);
     msg.trim_end_matches([',', ';', ' '])
         .replace("multiple YAML documents detected", "the file must hold one YAML document")
 }
@@ -858,7 +859,10 @@ fn without_hints(msg: &str) -> String {
 /// JWT secrets, the admin token, API-key hashes, Redis URLs (their password).
 fn is_secret_path(path: &str) -> bool {
     let last = path.rsplit(['.', '[']).next().unwrap_or(path);
-    matches!(last, "secret" | "admin_token" | "sha256") || path.starts_with("state.redis")
+    // The Redis URLs, or a value that stands where the section should be (e.g. a URL given as
+    // `redis:` itself); not the section's other keys, whose errors name keys, not values.
+    let redis_url = ["state.redis.url", "state.redis.cluster"].iter().any(|p| path.starts_with(p));
+    matches!(last, "secret" | "admin_token" | "sha256") || redis_url || matches!(path, "state" | "state.redis")
 }
 
 /// `msg` with what it quotes (between backticks or double quotes) left out.
