@@ -380,7 +380,9 @@ impl ResponseCache {
             path: req.path.clone(),
         });
         self.mem.insert(req.key.clone(), e.clone());
-        if let Some(redis) = &self.redis {
+        // Not into a Redis that evicts when full: cache entries would push out idempotency
+        // records and the halt ([`RedisStore::check_eviction`]).
+        if let Some(redis) = self.redis.as_ref().filter(|r| !r.evicting()) {
             let rkey = redis_key(redis, &req.key);
             let bytes = encode(&e);
             let ttl = req.ttl_ms.max(1);

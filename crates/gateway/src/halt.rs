@@ -137,8 +137,27 @@ impl Halt {
             },
             // Redis holds no state yet: the config's, once.
             Some(None) if !self.synced.load(Ordering::Acquire) => config_info(self.initial),
-            // Nothing new, or Redis failed (the last state read stays).
-            _ => return,
+            // The shared state was there and is gone (evicted, flushed, a Redis restarted
+            // without persistence): an engaged halt is written back (if nobody wrote another
+            // state meanwhile), so an instance that starts now does not take orders during it.
+            Some(None) => {
+                let info = self.info();
+                if info.halted {
+                    let k = redis.key("halt", "state");
+                    let v = serde_json::to_string(&info).unwrap_or_default();
+                    let written = redis
+                        .run(|mut c| async move {
+                            redis::cmd("SET").arg(k).arg(v).arg("NX").query_async::<Option<String>>(&mut c).await
+                        })
+                        .await;
+                    if written.flatten().is_some() {
+                        tracing::warn!(by = %info.by, "the shared trading halt was missing from Redis; written back");
+                    }
+                }
+                return;
+            }
+            // Redis failed (the last state read stays).
+            None => return,
         };
         self.synced.store(true, Ordering::Release);
         if info != **self.info.load() {

@@ -384,3 +384,40 @@ fn jwks_urls_are_http_or_https_and_a_ca_file_goes_with_https() {
     );
     parse(&yaml("https://idp.example/jwks", "")).expect("an https JWKS URL is accepted");
 }
+
+/// Issuers and API keys are read item by item, as routes are: an item that cannot be read at
+/// all (a required field missing) is reported and left out, and every other item is still
+/// checked, with its own index in the file.
+#[test]
+fn every_bad_issuer_and_api_key_is_listed() {
+    let h = "0".repeat(64);
+    let yaml = format!(
+        r#"auth:
+  jwt:
+    issuers:
+      - {{ issuer: a, algorithms: [HS256], secret: "0123456789abcdef0123456789abcdef" }}
+      - {{ issuer: b, audiences: [x], algorithms: [HS256], secret: short }}
+  api_keys:
+    keys:
+      - {{ id: k0, sha256: "{h}" }}
+      - {{ id: k1, sha256: "{h}", roles: [god] }}
+      - {{ id: k2, roles: [viewer] }}
+      - {{ id: k3, sha256: nothex, roles: [viewer] }}
+{BASE_SERVICES}routes:
+  - {{ id: r1, path: /a, methods: [GET], service: orders, roles: [viewer], auth: [api_key] }}
+"#
+    );
+    let errs = errors_of(&yaml);
+    for (path, needle) in [
+        ("auth.jwt.issuers[0]", "missing field `audiences`"),
+        ("auth.jwt.issuers[1].secret", "at least 32 bytes"),
+        ("auth.api_keys.keys[0]", "missing field `roles`"),
+        ("auth.api_keys.keys[1].roles[0]", "unknown role"),
+        ("auth.api_keys.keys[2]", "missing field `sha256`"),
+        ("auth.api_keys.keys[3].sha256", ""),
+    ] {
+        assert!(errs.iter().any(|(p, m)| p == path && m.contains(needle)), "{path} {needle:?}: {errs:#?}");
+    }
+    // Nothing is blamed on the items that were left out, nor on the route (api_key is on).
+    assert!(!errs.iter().any(|(p, _)| p == "auth.jwt.issuers" || p.starts_with("routes")), "{errs:#?}");
+}

@@ -566,3 +566,71 @@ async fn trading_halt_blocks_new_orders_only_and_emergency_stop_engages_it() {
     assert_eq!(get(admin, "/admin/halt").await.json()["halted"], true);
     post("h4").await.assert_error(503, "trading_halted");
 }
+
+/// A Redis that refuses one command (out of memory on a cache write) is not an outage: the
+/// idempotency record still in Redis is replayed, not answered 503 for `retry_interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_cache_write_does_not_switch_off_the_shared_state() {
+    let redis = RedisServer::start();
+    let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let state = format!(
+        "state: {{ backend: redis, redis: {{ url: \"{}\", timeout: 300ms, retry_interval: 1h }} }}",
+        redis.url()
+    );
+    let routes = format!(
+        "{ORDERS}  - {{ id: active, path: \"/api/v1/orders/active\", methods: [GET], service: up, roles: [viewer], cache: {{ ttl: 30s, scope: public }} }}\n"
+    );
+    let gw = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
+    let op = who("trader-1");
+    let refs = [("authorization", op.as_str()), ("content-type", "application/json"), ("idempotency-key", "oom-1")];
+    assert_eq!(send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("m1")).await.status, 201);
+    // Redis is now full and refuses writes.
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("SET").arg("filler").arg(vec![b'x'; 2 << 20]).query::<()>(&mut con).unwrap();
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1mb").query::<()>(&mut con).unwrap();
+    let r = send(gw.addr(), Method::GET, "/api/v1/orders/active", &[("authorization", &op)], "").await;
+    assert_eq!(r.status, 200, "a cache write Redis refused is no error for the client");
+    let again = send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("m1")).await;
+    assert_eq!(again.status, 201, "{}", String::from_utf8_lossy(&again.body));
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(sim.orders().iter().filter(|o| o["client_order_id"] == "m1").count(), 1);
+}
+
+/// A Redis that evicts keys when full gets no response-cache entries (they would push out
+/// idempotency records and the halt), and a halt whose key Redis lost is written back by an
+/// instance that holds it, so an instance started afterwards starts halted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_gets_no_cache_entries_and_a_lost_halt_is_written_back() {
+    let redis = RedisServer::start_with(dead_port(), &["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]);
+    let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let state = format!(
+        "state: {{ backend: redis, redis: {{ url: \"{}\", timeout: 300ms }} }}\ntrading: {{ halt_sync_interval: 20ms }}",
+        redis.url()
+    );
+    let routes = format!(
+        "{ORDERS}  - {{ id: active, path: \"/api/v1/orders/active\", methods: [GET], service: up, roles: [viewer], cache: {{ ttl: 30s, scope: public }} }}\n"
+    );
+    let a = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
+    let v = who("viewer-1");
+    let r = get_at(a.addr(), "api.b25.example", "/api/v1/orders/active", &[("authorization", &v)]).await;
+    assert_eq!(r.headers["x-cache"], "MISS");
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let cached: Vec<String> = redis::cmd("KEYS").arg("*:c:*").query(&mut con).unwrap();
+    assert!(cached.is_empty(), "cache entries written to an evicting Redis: {cached:?}");
+    // The halt, engaged on a, then lost by Redis (evicted, flushed, restarted empty).
+    let admin = a.handle.admin_addr().unwrap();
+    let r = send(admin, Method::POST, "/admin/halt", &[], r#"{"halted":true,"by":"desk","reason":"incident"}"#).await;
+    assert_eq!(r.status, 200);
+    redis::cmd("FLUSHALL").query::<()>(&mut con).unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while redis::cmd("EXISTS").arg("b25gw:halt:state").query::<u32>(&mut con).unwrap() == 0 {
+        assert!(std::time::Instant::now() < until, "the halt was never written back");
+        tokio::task::yield_now().await;
+    }
+    let b = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
+    let op = who("trader-1");
+    let refs = [("authorization", op.as_str()), ("content-type", "application/json"), ("idempotency-key", "h-1")];
+    send(b.addr(), Method::POST, "/api/v1/orders", &refs, order("h1")).await.assert_error(503, "trading_halted");
+    assert_eq!(get(b.handle.admin_addr().unwrap(), "/admin/halt").await.json()["by"], "desk");
+    assert!(sim.orders().is_empty());
+}

@@ -689,10 +689,27 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         None => LoggingConfig::default(),
     };
     let auth = match root.remove("auth") {
-        Some(v) => section::<AuthConfig>(v, "auth", errors).unwrap_or_else(|| {
-            broken.auth = true;
-            AuthConfig::default()
-        }),
+        Some(mut v) => {
+            // The lists of issuers and API keys item by item, as routes are: an item that
+            // cannot be read (a missing `roles`) is left out and the others are still checked.
+            let issuers = take_items::<security::IssuerConfig>(&mut v, ["jwt", "issuers"], "auth.jwt", errors);
+            let keys = take_items::<security::ApiKeyConfig>(&mut v, ["api_keys", "keys"], "auth.api_keys", errors);
+            match section::<AuthConfig>(v, "auth", errors) {
+                Some(mut a) => {
+                    if let (Some(jwt), Some(items)) = (a.jwt.as_mut(), issuers) {
+                        (jwt.issuers, broken.issuers) = items;
+                    }
+                    if let (Some(ak), Some(items)) = (a.api_keys.as_mut(), keys) {
+                        (ak.keys, broken.keys) = items;
+                    }
+                    a
+                }
+                None => {
+                    broken.auth = true;
+                    AuthConfig::default()
+                }
+            }
+        }
         None => AuthConfig::default(),
     };
     let cors = match root.remove("cors") {
@@ -754,6 +771,34 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         Config { server, logging, auth, cors, state, rate_limits, cache, trading, websocket, services, routes };
     validate::validate(&config, &broken, errors);
     Some(config)
+}
+
+/// Takes the list at `value[outer][list]` (when it is a list) out of `value`, leaving an empty
+/// one, and deserializes its items one by one (reported as `<prefix>.<list>[i]`): the items
+/// read, and where each came from in the file.
+fn take_items<T: serde::de::DeserializeOwned>(
+    value: &mut Value,
+    [outer, list]: [&str; 2],
+    prefix: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<(Vec<T>, validate::Items)> {
+    let slot = value.get_mut(outer)?.get_mut(list)?;
+    if !slot.is_array() {
+        return None;
+    }
+    let Value::Array(raw) = std::mem::replace(slot, Value::Array(Vec::new())) else { return None };
+    let mut items = Vec::new();
+    let mut from = validate::Items { index: Vec::new(), dropped: false };
+    for (i, v) in raw.into_iter().enumerate() {
+        match section::<T>(v, &format!("{prefix}.{list}[{i}]"), errors) {
+            Some(t) => {
+                items.push(t);
+                from.index.push(i);
+            }
+            None => from.dropped = true,
+        }
+    }
+    Some((items, from))
 }
 
 /// Deserializes one section; on error records it, removes the offending key and tries again so

@@ -29,6 +29,26 @@ pub(super) struct Broken {
     pub routes: bool,
     /// For each deserialized route, its index in the file.
     pub route_index: Vec<usize>,
+    /// `auth.jwt.issuers` as read item by item.
+    pub issuers: Items,
+    /// `auth.api_keys.keys` as read item by item.
+    pub keys: Items,
+}
+
+/// A list read item by item: where each item read came from, and whether any was left out.
+#[derive(Default)]
+pub(super) struct Items {
+    /// For each item read, its index in the file.
+    pub index: Vec<usize>,
+    /// An item could not be read and was left out (its errors are reported).
+    pub dropped: bool,
+}
+
+impl Items {
+    /// The index in the file of item `i` of the list as read.
+    fn at(&self, i: usize) -> usize {
+        self.index.get(i).copied().unwrap_or(i)
+    }
 }
 
 /// Why a status may not be in `cache.statuses`: an entry is replayed to plain GETs, so it must
@@ -203,7 +223,7 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
         }
     }
 
-    validate_auth(c, &mut err);
+    validate_auth(c, broken, &mut err);
     validate_state(c, &mut err);
     // Durations that feed timers: an absurd value must be refused here rather than overflow a
     // deadline later (a panic at runtime).
@@ -228,6 +248,7 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
     }
     if let Some(jwt) = &c.auth.jwt {
         for (i, iss) in jwt.issuers.iter().enumerate() {
+            let i = broken.issuers.at(i);
             long.push((format!("auth.jwt.issuers[{i}].jwks_refresh"), iss.jwks_refresh.get(), 7 * DAY));
             long.push((format!("auth.jwt.issuers[{i}].jwks_timeout"), iss.jwks_timeout.get(), DAY));
         }
@@ -408,16 +429,16 @@ fn validate_methods(r: &RouteConfig, p: &str, err: &mut impl FnMut(String, Strin
     out
 }
 
-fn validate_auth(c: &Config, err: &mut impl FnMut(String, String)) {
+fn validate_auth(c: &Config, broken: &Broken, err: &mut impl FnMut(String, String)) {
     if let Some(jwt) = &c.auth.jwt {
-        if jwt.issuers.is_empty() {
+        if jwt.issuers.is_empty() && !broken.issuers.dropped {
             err("auth.jwt.issuers".into(), "at least one issuer is required".into());
         }
         if jwt.leeway.get() > std::time::Duration::from_secs(300) {
             err("auth.jwt.leeway".into(), "more than 5m of clock skew is not accepted".into());
         }
         for (i, iss) in jwt.issuers.iter().enumerate() {
-            let p = format!("auth.jwt.issuers[{i}]");
+            let p = format!("auth.jwt.issuers[{}]", broken.issuers.at(i));
             if iss.issuer.is_empty() {
                 err(format!("{p}.issuer"), "must not be empty".into());
             }
@@ -484,7 +505,7 @@ fn validate_auth(c: &Config, err: &mut impl FnMut(String, String)) {
     if let Some(ak) = &c.auth.api_keys {
         let mut ids = std::collections::HashSet::new();
         for (i, k) in ak.keys.iter().enumerate() {
-            let p = format!("auth.api_keys.keys[{i}]");
+            let p = format!("auth.api_keys.keys[{}]", broken.keys.at(i));
             if !ids.insert(&k.id) {
                 err(format!("{p}.id"), format!("duplicate key id {:?}", k.id));
             }

@@ -536,7 +536,7 @@ impl Metrics {
                     .get_or_create(&EjectionLabels { service: service.clone(), instance: inst.label.clone() });
             }
         }
-        for kind in ["error", "timeout"] {
+        for kind in ["error", "timeout", "refused"] {
             let _ = self.redis_errors.get_or_create(&RedisErrorLabels { kind });
         }
         for method in ["jwt", "api_key", "none"] {

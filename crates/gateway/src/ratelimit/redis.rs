@@ -78,6 +78,8 @@ pub struct RedisStore {
     base: Instant,
     down_until: AtomicU64,
     in_outage: AtomicBool,
+    /// Redis evicts keys when full (`maxmemory` with a policy other than `noeviction`).
+    evicting: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -93,6 +95,7 @@ impl RedisStore {
             base: Instant::now(),
             down_until: AtomicU64::new(0),
             in_outage: AtomicBool::new(false),
+            evicting: AtomicBool::new(false),
             metrics,
         });
         if let Some(url) = &cfg.url {
@@ -158,6 +161,45 @@ impl RedisStore {
         }
     }
 
+    /// Whether Redis was found to evict keys when full ([`RedisStore::check_eviction`]).
+    pub fn evicting(&self) -> bool {
+        self.evicting.load(Ordering::Relaxed)
+    }
+
+    /// Reads Redis's memory policy (`INFO memory`; once before ready). A Redis that evicts
+    /// keys when full can drop idempotency records (a retried order placed twice) and the
+    /// trading halt: that is logged as an error, and the response cache then stops writing
+    /// to Redis, so the gateway's own cache entries are not what fills it.
+    pub async fn check_eviction(&self) {
+        let Some(info) = self
+            .run(|mut c| async move { redis::cmd("INFO").arg("memory").query_async::<redis::Value>(&mut c).await })
+            .await
+        else {
+            return;
+        };
+        let mut text = String::new();
+        collect_text(&info, &mut text);
+        // In a cluster every node answers; any evicting node counts.
+        let mut maxmemory = 0u64;
+        let mut evicting = false;
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("maxmemory:") {
+                maxmemory = v.trim().parse().unwrap_or(0);
+            } else if let Some(p) = line.strip_prefix("maxmemory_policy:") {
+                evicting |= maxmemory > 0 && p.trim() != "noeviction";
+            }
+        }
+        self.evicting.store(evicting, Ordering::Relaxed);
+        if evicting {
+            tracing::error!(
+                "Redis evicts keys when full (maxmemory with a maxmemory-policy other than noeviction): idempotency \
+                 records and the trading halt may be dropped, so a retried order could be placed twice; set \
+                 maxmemory-policy noeviction on the Redis of state.redis. Until then, response-cache entries are \
+                 kept in memory only."
+            );
+        }
+    }
+
     /// The full key for `kind` (`rl`, `c`, `idem`, …) and `key`.
     pub fn key(&self, kind: &str, key: &str) -> String {
         format!("{}:{kind}:{key}", self.prefix)
@@ -190,6 +232,14 @@ impl RedisStore {
                 }
                 Some(v)
             }
+            Ok(Err(e)) if command_refused(&e) => {
+                // Redis answered: this command was refused (e.g. out of memory on a cache
+                // write), the others may well pass. This caller applies its fallback; the
+                // rest of the shared state is not switched off for `retry_interval`.
+                self.metrics.redis_error("refused");
+                tracing::warn!(error = %e, "a Redis command was refused");
+                None
+            }
             Ok(Err(e)) => {
                 self.failed(&e.to_string());
                 None
@@ -220,4 +270,32 @@ impl RedisStore {
             retry_after: retry_us.max(0) as u64 * 1000,
         })
     }
+}
+
+/// An error reply to this one command (out of memory, a wrong type, a refused or malformed
+/// command), as opposed to Redis being unreachable, slow, or unable to serve anything (loading,
+/// cluster or master down, a read-only replica): only the latter opens the outage window.
+fn command_refused(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind as K, ServerErrorKind as S};
+    matches!(
+        e.kind(),
+        K::Extension | K::UnexpectedReturnType | K::Server(S::ResponseError | S::CrossSlot | S::NoPerm | S::ExecAbort)
+    )
+}
+
+/// The text of an `INFO` answer: one string, or one per node in a cluster.
+fn collect_text(v: &redis::Value, out: &mut String) {
+    match v {
+        redis::Value::BulkString(b) => out.push_str(&String::from_utf8_lossy(b)),
+        redis::Value::VerbatimString { text, .. } => out.push_str(text),
+        redis::Value::SimpleString(s) => out.push_str(s),
+        redis::Value::Array(items) | redis::Value::Set(items) => items.iter().for_each(|i| collect_text(i, out)),
+        redis::Value::Map(pairs) => pairs.iter().for_each(|(k, v)| {
+            collect_text(k, out);
+            out.push('\n');
+            collect_text(v, out);
+        }),
+        _ => {}
+    }
+    out.push('\n');
 }

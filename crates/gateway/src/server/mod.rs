@@ -206,7 +206,12 @@ pub async fn start(config: Config, file: &str) -> Result<GatewayHandle, StartErr
             // With Redis, the shared trading halt is read once before ready (order routes are
             // refused until it has been read; see `Halt`), and the cache's shared invalidation
             // markers (entries another instance invalidated are not served).
-            futures_util::future::join4(jwks, health, shared.halt.sync(), shared.cache.sync()).await;
+            let eviction = async {
+                if let Some(r) = &shared.redis {
+                    r.check_eviction().await;
+                }
+            };
+            futures_util::future::join5(jwks, health, shared.halt.sync(), shared.cache.sync(), eviction).await;
             for u in snap.upstreams.values() {
                 u.spawn_health_checks();
             }
