@@ -466,16 +466,7 @@ impl ResponseCache {
         if self.redis.is_none() {
             return;
         }
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(cache) = weak.upgrade() else { return };
-                cache.sync().await;
-            }
-        });
+        crate::every(Arc::downgrade(self), every, |cache| async move { cache.sync().await });
     }
 }
 

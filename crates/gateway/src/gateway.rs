@@ -99,6 +99,9 @@ impl Shared {
         let sync = cfg.trading.halt_sync_interval.map_or(crate::halt::DEFAULT_SYNC_INTERVAL, |d| d.get());
         let cache = ResponseCache::new(&cfg.cache, redis.clone());
         cache.sync_every(sync);
+        if let Some(r) = &redis {
+            r.watch_eviction(sync);
+        }
         Self {
             cache,
             idempotency: IdempotencyStore::new(redis.clone()),

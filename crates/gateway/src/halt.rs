@@ -66,15 +66,7 @@ impl Halt {
         });
         h.metrics.halted.set(i64::from(h.is_halted()));
         if h.redis.is_some() {
-            let weak = Arc::downgrade(&h);
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(sync);
-                loop {
-                    tick.tick().await;
-                    let Some(h) = weak.upgrade() else { return };
-                    h.pull().await;
-                }
-            });
+            crate::every(Arc::downgrade(&h), sync, |h| async move { h.pull().await });
         }
         h
     }

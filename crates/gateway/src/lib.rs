@@ -63,6 +63,26 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Runs `f` on what `weak` points to every `every`, the first time one interval from now, for
+/// as long as it lives (the background syncs with Redis: the halt, the cache's markers, the
+/// memory policy). A run that overruns delays the next instead of bunching them.
+pub(crate) fn every<T, F, Fut>(weak: std::sync::Weak<T>, every: std::time::Duration, f: F)
+where
+    T: Send + Sync + 'static,
+    F: Fn(std::sync::Arc<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(t) = weak.upgrade() else { return };
+            f(t).await;
+        }
+    });
+}
+
 /// A header value made from `bytes`, carved out of a per-thread arena instead of an allocation
 /// of its own: request ids and `traceparent` values are made for every request. An arena block
 /// (4 KiB) is freed when the last value cut from it is dropped. `None` if `bytes` is not a

@@ -9,6 +9,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use support::*;
 
+/// The order routes and a publicly cached GET route (`/api/v1/orders/active`) with state in
+/// the Redis at `redis`; `opts` is added to `state.redis`, `more` after the `state` section.
+fn on_redis(up: &str, redis: &str, opts: &str, more: &str) -> String {
+    let state = format!("state: {{ backend: redis, redis: {{ url: \"{redis}\", timeout: 300ms{opts} }} }}\n{more}");
+    let routes = format!(
+        "{ORDERS}  - {{ id: active, path: \"/api/v1/orders/active\", methods: [GET], service: up, roles: [viewer], cache: {{ ttl: 30s, scope: public }} }}\n"
+    );
+    yaml(up, &state, &routes)
+}
+
 fn yaml(up: &str, state: &str, routes: &str) -> String {
     let auth = test_auth_section();
     format!(
@@ -410,12 +420,9 @@ async fn idempotency_fails_closed_when_redis_is_down() {
 async fn two_instances_share_cache_and_idempotency_through_redis() {
     let redis = RedisServer::start();
     let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let state = format!("state: {{ backend: redis, redis: {{ url: \"{}\", timeout: 300ms }} }}", redis.url());
-    let routes = format!(
-        "{ORDERS}  - {{ id: active, path: \"/api/v1/orders/active\", methods: [GET], service: up, roles: [viewer], cache: {{ ttl: 30s, scope: public }} }}\n"
-    );
-    let a = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
-    let b = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
+    let config = on_redis(&sim.url(), &redis.url(), "", "");
+    let a = TestGateway::start(&config, &[]).await;
+    let b = TestGateway::start(&config, &[]).await;
     let v = who("viewer-1");
     // Behind one load balancer both instances see the same Host (part of the key).
     let active = async |gw: &TestGateway| {
@@ -573,14 +580,7 @@ async fn trading_halt_blocks_new_orders_only_and_emergency_stop_engages_it() {
 async fn a_refused_cache_write_does_not_switch_off_the_shared_state() {
     let redis = RedisServer::start();
     let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let state = format!(
-        "state: {{ backend: redis, redis: {{ url: \"{}\", timeout: 300ms, retry_interval: 1h }} }}",
-        redis.url()
-    );
-    let routes = format!(
-        "{ORDERS}  - {{ id: active, path: \"/api/v1/orders/active\", methods: [GET], service: up, roles: [viewer], cache: {{ ttl: 30s, scope: public }} }}\n"
-    );
-    let gw = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
+    let gw = TestGateway::start(&on_redis(&sim.url(), &redis.url(), ", retry_interval: 1h", ""), &[]).await;
     let op = who("trader-1");
     let refs = [("authorization", op.as_str()), ("content-type", "application/json"), ("idempotency-key", "oom-1")];
     assert_eq!(send(gw.addr(), Method::POST, "/api/v1/orders", &refs, order("m1")).await.status, 201);
@@ -596,6 +596,43 @@ async fn a_refused_cache_write_does_not_switch_off_the_shared_state() {
     assert_eq!(sim.orders().iter().filter(|o| o["client_order_id"] == "m1").count(), 1);
 }
 
+/// Redis's memory policy is re-read every sync interval: a Redis switched to evicting at run
+/// time (`CONFIG SET`) stops getting cache entries, and gets them again once switched back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_policy_changed_at_run_time_is_noticed() {
+    let redis = RedisServer::start_with(dead_port(), &[]);
+    let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let config = on_redis(&sim.url(), &redis.url(), "", "trading: { halt_sync_interval: 20ms }");
+    let gw = TestGateway::start(&config, &[]).await;
+    let v = who("viewer-1");
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let mut n = 0;
+    // A fresh (uncached) URL each time; true when its entry went to Redis.
+    let mut shared_entry = async |con: &mut redis::Connection| {
+        n += 1;
+        let r = get_at(gw.addr(), "api.b25.example", &format!("/api/v1/orders/active?n={n}"), &[("authorization", &v)])
+            .await;
+        assert_eq!(r.headers["x-cache"], "MISS");
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("*:c:*n={n}*")).query(con).unwrap();
+        !keys.is_empty()
+    };
+    assert!(shared_entry(&mut con).await, "a noeviction Redis gets cache entries");
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("64mb").query::<()>(&mut con).unwrap();
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("allkeys-lru").query::<()>(&mut con).unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shared_entry(&mut con).await {
+        assert!(std::time::Instant::now() < until, "cache entries still written to an evicting Redis");
+    }
+    // Once noticed, every later miss stays out of Redis.
+    for _ in 0..3 {
+        assert!(!shared_entry(&mut con).await, "a cache entry written to an evicting Redis");
+    }
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query::<()>(&mut con).unwrap();
+    while !shared_entry(&mut con).await {
+        assert!(std::time::Instant::now() < until, "cache entries never shared again after noeviction");
+    }
+}
+
 /// A Redis that evicts keys when full gets no response-cache entries (they would push out
 /// idempotency records and the halt), and a halt whose key Redis lost is written back by an
 /// instance that holds it, so an instance started afterwards starts halted.
@@ -603,14 +640,8 @@ async fn a_refused_cache_write_does_not_switch_off_the_shared_state() {
 async fn an_evicting_redis_gets_no_cache_entries_and_a_lost_halt_is_written_back() {
     let redis = RedisServer::start_with(dead_port(), &["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]);
     let sim = b25_sim::start(b25_sim::Service::OrderExecution, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let state = format!(
-        "state: {{ backend: redis, redis: {{ url: \"{}\", timeout: 300ms }} }}\ntrading: {{ halt_sync_interval: 20ms }}",
-        redis.url()
-    );
-    let routes = format!(
-        "{ORDERS}  - {{ id: active, path: \"/api/v1/orders/active\", methods: [GET], service: up, roles: [viewer], cache: {{ ttl: 30s, scope: public }} }}\n"
-    );
-    let a = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
+    let config = on_redis(&sim.url(), &redis.url(), "", "trading: { halt_sync_interval: 20ms }");
+    let a = TestGateway::start(&config, &[]).await;
     let v = who("viewer-1");
     let r = get_at(a.addr(), "api.b25.example", "/api/v1/orders/active", &[("authorization", &v)]).await;
     assert_eq!(r.headers["x-cache"], "MISS");
@@ -627,7 +658,7 @@ async fn an_evicting_redis_gets_no_cache_entries_and_a_lost_halt_is_written_back
         assert!(std::time::Instant::now() < until, "the halt was never written back");
         tokio::task::yield_now().await;
     }
-    let b = TestGateway::start(&yaml(&sim.url(), &state, &routes), &[]).await;
+    let b = TestGateway::start(&config, &[]).await;
     let op = who("trader-1");
     let refs = [("authorization", op.as_str()), ("content-type", "application/json"), ("idempotency-key", "h-1")];
     send(b.addr(), Method::POST, "/api/v1/orders", &refs, order("h1")).await.assert_error(503, "trading_halted");

@@ -751,22 +751,21 @@ fn deserialize_config(tree: Value, errors: &mut Vec<ConfigError>) -> Option<Conf
         Some(_) => errors.push(ConfigError::new("services", "must be a mapping of service name to service")),
         None => errors.push(ConfigError::new("services", "missing: at least one service is required")),
     }
-    let mut routes = Vec::new();
-    match root.remove("routes") {
-        Some(Value::Array(items)) => {
-            for (i, v) in items.into_iter().enumerate() {
-                match section::<RouteConfig>(v, &format!("routes[{i}]"), errors) {
-                    Some(r) => {
-                        routes.push(r);
-                        broken.route_index.push(i);
-                    }
-                    None => broken.routes = true,
-                }
-            }
+    let routes = match root.remove("routes") {
+        Some(Value::Array(raw)) => {
+            let routes;
+            (routes, broken.routes) = read_items::<RouteConfig>(raw, "routes", errors);
+            routes
         }
-        Some(_) => errors.push(ConfigError::new("routes", "must be a list of routes")),
-        None => errors.push(ConfigError::new("routes", "missing: at least one route is required")),
-    }
+        Some(_) => {
+            errors.push(ConfigError::new("routes", "must be a list of routes"));
+            Vec::new()
+        }
+        None => {
+            errors.push(ConfigError::new("routes", "missing: at least one route is required"));
+            Vec::new()
+        }
+    };
     let config =
         Config { server, logging, auth, cors, state, rate_limits, cache, trading, websocket, services, routes };
     validate::validate(&config, &broken, errors);
@@ -787,10 +786,21 @@ fn take_items<T: serde::de::DeserializeOwned>(
         return None;
     }
     let Value::Array(raw) = std::mem::replace(slot, Value::Array(Vec::new())) else { return None };
+    Some(read_items(raw, &format!("{prefix}.{list}"), errors))
+}
+
+/// Deserializes the items of a list one by one (reported as `<name>[i]`): the items read, and
+/// where each came from in the file. An item that cannot be read is left out, so the semantic
+/// checks still see the others.
+fn read_items<T: serde::de::DeserializeOwned>(
+    raw: Vec<Value>,
+    name: &str,
+    errors: &mut Vec<ConfigError>,
+) -> (Vec<T>, validate::Items) {
     let mut items = Vec::new();
     let mut from = validate::Items { index: Vec::new(), dropped: false };
     for (i, v) in raw.into_iter().enumerate() {
-        match section::<T>(v, &format!("{prefix}.{list}[{i}]"), errors) {
+        match section::<T>(v, &format!("{name}[{i}]"), errors) {
             Some(t) => {
                 items.push(t);
                 from.index.push(i);
@@ -798,7 +808,7 @@ fn take_items<T: serde::de::DeserializeOwned>(
             None => from.dropped = true,
         }
     }
-    Some((items, from))
+    (items, from)
 }
 
 /// Deserializes one section; on error records it, removes the offending key and tries again so

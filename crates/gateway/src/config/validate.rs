@@ -25,10 +25,8 @@ pub(super) struct Broken {
     pub auth: bool,
     /// Services left out.
     pub services: Vec<String>,
-    /// Some routes were left out.
-    pub routes: bool,
-    /// For each deserialized route, its index in the file.
-    pub route_index: Vec<usize>,
+    /// `routes` as read item by item.
+    pub routes: Items,
     /// `auth.jwt.issuers` as read item by item.
     pub issuers: Items,
     /// `auth.api_keys.keys` as read item by item.
@@ -266,7 +264,7 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
     let mut ids: HashMap<&str, usize> = HashMap::new();
     let mut specs = Vec::new();
     for (k, r) in c.routes.iter().enumerate() {
-        let i = broken.route_index.get(k).copied().unwrap_or(k);
+        let i = broken.routes.at(k);
         let p = format!("routes[{i}]");
         if r.id.is_empty() || !r.id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
             err(format!("{p}.id"), format!("{:?}: ids use only letters, digits, '-', '_' and '.'", r.id));

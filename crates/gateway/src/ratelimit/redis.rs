@@ -166,10 +166,19 @@ impl RedisStore {
         self.evicting.load(Ordering::Relaxed)
     }
 
-    /// Reads Redis's memory policy (`INFO memory`; once before ready). A Redis that evicts
-    /// keys when full can drop idempotency records (a retried order placed twice) and the
-    /// trading halt: that is logged as an error, and the response cache then stops writing
-    /// to Redis, so the gateway's own cache entries are not what fills it.
+    /// Re-reads Redis's memory policy every `every` for as long as the store lives (the first
+    /// read is [`RedisStore::check_eviction`] before ready): a policy changed at run time
+    /// (`CONFIG SET`, a failover to a differently configured replica) is noticed within one
+    /// interval.
+    pub fn watch_eviction(self: &Arc<Self>, every: Duration) {
+        crate::every(Arc::downgrade(self), every, |store| async move { store.check_eviction().await });
+    }
+
+    /// Reads Redis's memory policy (`INFO memory`). A Redis that evicts keys when full can
+    /// drop idempotency records (a retried order placed twice) and the trading halt: that is
+    /// logged as an error (when found, not at every check), and the response cache then stops
+    /// writing to Redis, so the gateway's own cache entries are not what fills it. A Redis that
+    /// cannot be asked keeps the last verdict.
     pub async fn check_eviction(&self) {
         let Some(info) = self
             .run(|mut c| async move { redis::cmd("INFO").arg("memory").query_async::<redis::Value>(&mut c).await })
@@ -189,8 +198,11 @@ impl RedisStore {
                 evicting |= maxmemory > 0 && p.trim() != "noeviction";
             }
         }
-        self.evicting.store(evicting, Ordering::Relaxed);
-        if evicting {
+        let was = self.evicting.swap(evicting, Ordering::Relaxed);
+        if !evicting && was {
+            tracing::warn!("Redis no longer evicts keys when full; response-cache entries are shared again");
+        }
+        if evicting && !was {
             tracing::error!(
                 "Redis evicts keys when full (maxmemory with a maxmemory-policy other than noeviction): idempotency \
                  records and the trading halt may be dropped, so a retried order could be placed twice; set \
