@@ -396,6 +396,15 @@ pub fn refused(shared: &Shared, conn: &ConnInfo, method: Option<Method>, e: Gate
     resp.map(|b| Observed::new(b, rec))
 }
 
+/// The message of a panic's payload (`panic!` with a literal or a formatted message).
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// Serves one request. Never fails: every error becomes a JSON response.
 pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody>) -> Response<Observed> {
     let snapshot = shared.snapshot.load_full();
@@ -419,9 +428,25 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody
     let origin = snapshot.cors.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let own_headers = conn.writes_own_headers;
     let mut ex = Exchange::default();
-    let mut resp = match serve(&shared, &snapshot, conn, req, &request_id, rec, &mut ex).await {
-        Ok(r) => r,
-        Err(e) => {
+    // A panic (a bug) ends this request with a 500, not the process: the other requests and
+    // connections go on. What the request held is released by its guards as on a cancel (an
+    // order whose outcome is unknown stays in doubt under its idempotency key).
+    let served = std::panic::AssertUnwindSafe(serve(&shared, &snapshot, conn, req, &request_id, rec, &mut ex));
+    let mut resp = match futures_util::FutureExt::catch_unwind(served).await {
+        Ok(Ok(r)) => r,
+        Err(panic) => {
+            shared.metrics.panics.inc();
+            let rid = request_id.to_str().unwrap_or("");
+            let what = panic_text(&*panic);
+            tracing::error!(
+                request_id = rid,
+                route = &*rec.route,
+                panic = what,
+                "request handling panicked; answered 500"
+            );
+            GatewayError::new(ErrorKind::Internal, "internal error").into_response(&request_id)
+        }
+        Ok(Err(e)) => {
             let rid = request_id.to_str().unwrap_or("");
             match e.kind().origin() {
                 Origin::Upstream => {
@@ -476,6 +501,11 @@ async fn serve(
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let own_headers = conn.writes_own_headers;
     let (mut parts, body) = req.into_parts();
+    // Test builds only (`--features fault-injection`): a way to make a request panic.
+    #[cfg(feature = "fault-injection")]
+    if parts.headers.contains_key("x-fault-panic") {
+        panic!("fault injection: x-fault-panic");
+    }
     if let Some(resp) = own_endpoint(shared, snapshot, &parts, rec) {
         return resp;
     }

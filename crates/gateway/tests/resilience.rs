@@ -560,3 +560,79 @@ async fn a_dead_instance_gets_no_traffic_from_its_first_failed_check() {
         h["services"]["up"]["instances"].as_array().unwrap().iter().map(|i| i["healthy"].clone()).collect();
     assert_eq!(healthy, [true, false, false], "{h}");
 }
+
+/// A panic while serving a request (a bug; here injected by `x-fault-panic`, which exists only
+/// with the `fault-injection` feature the test suite builds with) ends that request with a
+/// 500, not the process: a request in flight on another connection completes, the panicking
+/// connection and an HTTP/2 connection's other streams go on, nothing reaches the upstream for
+/// the panicked request, and it is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_ends_only_its_request() {
+    use http_body_util::BodyExt;
+    let hits = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (release, held) = tokio::sync::watch::channel(false);
+    let (h, held) = (hits.clone(), held.clone());
+    let up = upstream(move |req| {
+        let (hits, mut held) = (h.clone(), held.clone());
+        async move {
+            hits.lock().unwrap().push(req.uri().path().to_string());
+            if req.uri().path().ends_with("/HELD") {
+                let _ = held.wait_for(|r| *r).await;
+            }
+            http::Response::new(full_body("{\"ok\":true}"))
+        }
+    })
+    .await;
+    let yaml = service_yaml(
+        &[format!("http://{up}")],
+        "    health_check: { enabled: false }\n",
+        &format!("{TICKER}  - {{ id: o, path: \"/o\", methods: [POST], service: up, public: true }}\n"),
+    );
+    let gw = TestGateway::start(&yaml, &[]).await;
+    // A request held at the upstream on its own connection while the panic happens.
+    let addr = gw.addr();
+    let in_flight = tokio::spawn(async move { get(addr, "/api/v1/market/ticker/HELD").await });
+    let until = Instant::now() + Duration::from_secs(10);
+    while !hits.lock().unwrap().iter().any(|p| p.ends_with("/HELD")) {
+        assert!(Instant::now() < until, "the held request never reached the upstream");
+        tokio::task::yield_now().await;
+    }
+    // HTTP/1.1: the panicking request gets a 500 and its connection serves the next one.
+    let mut tx = h1::<http_body_util::Full<bytes::Bytes>>(gw.addr()).await;
+    for (panics, path) in [(true, "/o"), (false, "/api/v1/market/ticker/A")] {
+        let mut req = http::Request::builder().method(if panics { Method::POST } else { Method::GET }).uri(path);
+        req = req.header("host", "gw.test");
+        if panics {
+            req = req.header("x-fault-panic", "1");
+        }
+        let resp = tx.send_request(req.body(Default::default()).unwrap()).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let r = Reply { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() };
+        if panics {
+            r.assert_error(500, "internal_error");
+        } else {
+            assert_eq!(r.status, 200);
+        }
+    }
+    // HTTP/2: one stream panics, the connection's other stream is answered.
+    let mut h2 = h2c::<http_body_util::Full<bytes::Bytes>>(gw.addr()).await;
+    let req = |panics: bool, path: &str| {
+        let mut b = http::Request::builder().uri(format!("http://gw.test{path}"));
+        if panics {
+            b = b.header("x-fault-panic", "1");
+        }
+        b.body(Default::default()).unwrap()
+    };
+    let (a, b) = tokio::join!(
+        h2.send_request(req(true, "/api/v1/market/ticker/B")),
+        h2.clone().send_request(req(false, "/api/v1/market/ticker/C"))
+    );
+    assert_eq!(a.unwrap().status(), 500);
+    assert_eq!(b.unwrap().status(), 200);
+    // The held request completes: the process and its other connections went on.
+    release.send(true).unwrap();
+    assert_eq!(in_flight.await.unwrap().status, 200);
+    let seen = hits.lock().unwrap().clone();
+    assert!(!seen.iter().any(|p| p == "/o" || p.ends_with("/B")), "a panicked request reached the upstream: {seen:?}");
+    assert_eq!(metric_value(&metrics(&gw).await, "b25_gateway_panics_total"), 2.0);
+}

@@ -204,6 +204,8 @@ pub struct Metrics {
     idempotency: Family<IdempotencyLabels, Counter>,
     /// Trading halt: 1 when engaged.
     pub halted: Gauge,
+    /// Requests whose handling panicked (answered 500).
+    pub panics: Counter,
     /// Bytes held by the in-memory response cache.
     pub cache_bytes: Gauge,
     ws_events: Family<WsLabels, Counter>,
@@ -349,6 +351,12 @@ impl Metrics {
             .get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION"), commit: crate::version::GIT_COMMIT })
             .set(1);
         registry.register("build_info", "Build information (always 1)", build);
+        let panics = Counter::default();
+        registry.register(
+            "panics",
+            "Requests whose handling panicked (a bug): each was answered 500 and the gateway went on",
+            panics.clone(),
+        );
         registry.register(
             "access_log_dropped_lines",
             "Access-log lines dropped because the output could not keep up",
@@ -383,6 +391,7 @@ impl Metrics {
             cache,
             idempotency,
             halted,
+            panics,
             cache_bytes,
             ws_events,
             ws_bytes,
@@ -933,6 +942,18 @@ pub fn init_logging(cfg: &crate::config::LoggingConfig) -> LogGuard {
         }
     };
     access::decide_enabled();
+    // A panic is logged as an error line in the configured format (not the default hook's
+    // text on stderr), with where it happened; the request or task it ended is logged too.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            location = %location,
+            panic = crate::gateway::panic_text(info.payload()),
+            "panic"
+        );
+    }));
     LogGuard { _access: access, _events: guard }
 }
 
