@@ -220,6 +220,8 @@ pub struct BodyStats {
     /// Bytes received from the client.
     pub bytes: std::sync::atomic::AtomicU64,
     failure: std::sync::atomic::AtomicU8,
+    /// The last read found nothing from the client yet (the gateway waits on the client).
+    waiting: std::sync::atomic::AtomicBool,
 }
 
 impl BodyStats {
@@ -231,6 +233,12 @@ impl BodyStats {
             3 => BodyFailure::Client,
             _ => BodyFailure::None,
         }
+    }
+    /// The client is what the exchange waits on: its body failed, or the gateway's last read
+    /// of it found nothing yet (a body still arriving, not one the upstream stopped taking).
+    /// A try that fails or times out then is not the upstream's fault.
+    pub fn client_holds_up(&self) -> bool {
+        self.failure() != BodyFailure::None || self.waiting.load(std::sync::atomic::Ordering::Acquire)
     }
     fn fail(&self, f: BodyFailure) {
         self.failure.store(f as u8, std::sync::atomic::Ordering::Release);
@@ -444,6 +452,9 @@ impl Body for RequestBody {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
+                if this.timer.is_some() {
+                    this.stats.waiting.store(false, Ordering::Release);
+                }
                 if let Some(d) = f.data_ref() {
                     let n = this.stats.bytes.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
                     if n > this.max {
@@ -458,9 +469,17 @@ impl Body for RequestBody {
                 this.stats.fail(BodyFailure::Client);
                 Poll::Ready(Some(Err(e)))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                if this.timer.is_some() {
+                    this.stats.waiting.store(false, Ordering::Release);
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 let idle = this.idle;
+                if this.timer.is_none() {
+                    this.stats.waiting.store(true, Ordering::Release);
+                }
                 let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 if timer.as_mut().poll(cx).is_ready() {
                     this.stats.fail(BodyFailure::Idle);

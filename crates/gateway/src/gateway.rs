@@ -426,6 +426,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody
         rec.trace_id = crate::pipeline::trace::incoming(req.headers(), conn.seen);
     }
     let origin = snapshot.cors.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
+    let head = req.method() == Method::HEAD;
     let own_headers = conn.writes_own_headers;
     let mut ex = Exchange::default();
     // A panic (a bug) ends this request with a 500, not the process: the other requests and
@@ -460,6 +461,16 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody
     };
     if let Some(cors) = &snapshot.cors {
         cors.apply(origin.as_ref(), ex.preflight, resp.headers_mut());
+    }
+    // No content in an answer to HEAD (RFC 9110 §9.3.2), the gateway's own JSON errors
+    // included; the length it would have had stays in Content-Length. (The HTTP/1.1 writers
+    // leave the body out themselves; HTTP/2 would send it in DATA frames.)
+    if head
+        && matches!(resp.body(), GatewayBody::Full(_))
+        && let Some(n) = resp.body().size_hint().exact().filter(|&n| n > 0)
+    {
+        resp.headers_mut().entry(header::CONTENT_LENGTH).or_insert_with(|| crate::decimal_value(n));
+        *resp.body_mut() = GatewayBody::empty();
     }
     // A rate-limit 429 already carries the refusing scope's values (as may an upstream's
     // answer); another 429 (a WebSocket connection limit, an upstream's) was not refused by
@@ -793,6 +804,7 @@ async fn serve(
     let req_headers_for_vary = if cache_req.is_some() { parts.headers.clone() } else { http::HeaderMap::new() };
     let req = Request::from_parts(parts, body);
     let sent = Instant::now();
+    let client_body = rec.body.clone();
     let call = Call {
         timeout: route.timeout,
         attempts: route.config.retry_attempts.unwrap_or_else(|| route.upstream.default_attempts()).max(1),
@@ -802,6 +814,7 @@ async fn serve(
         metrics: &shared.metrics,
         hop: Some(&hop),
         sent,
+        client_body: client_body.as_deref(),
     };
     let mut took = Duration::ZERO;
     let result = route.upstream.forward(req, call, &mut took).await;
@@ -812,7 +825,9 @@ async fn serve(
             let e = match rec.body.as_ref().map_or(BodyFailure::None, |b| b.failure()) {
                 // The client's body broke the exchange, not the upstream.
                 BodyFailure::None => {
-                    shared.metrics.upstream_error(&route.upstream.name, e.kind().code());
+                    if e.kind().origin() == Origin::Upstream {
+                        shared.metrics.upstream_error(&route.upstream.name, e.kind().code());
+                    }
                     e
                 }
                 f => body_error(f),

@@ -369,3 +369,27 @@ async fn host_and_length_rules_hold_on_every_engine() {
         assert_eq!(hits.load(Ordering::SeqCst), 0, "{engine}: a malformed request reached the upstream");
     }
 }
+
+/// An answer to HEAD has no content (RFC 9110 §9.3.2) over HTTP/2 too, the gateway's own
+/// JSON errors included: the length they would have had stays in `content-length`, and no
+/// DATA frame carries them (a client would see a protocol error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_answers_have_no_content_over_http2() {
+    let (up, hits) = echo().await;
+    let gw = gateway("native", up).await;
+    let mut tx = h2c::<http_body_util::Empty<Bytes>>(gw.addr()).await;
+    for (path, status) in [("/nope", 404), ("/get-only", 405), ("/r/x", 200)] {
+        let req = http::Request::head(format!("http://gw.test{path}")).body(http_body_util::Empty::new()).unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{path}");
+        let length: usize = resp.headers()["content-length"].to_str().unwrap().parse().unwrap();
+        assert!(resp.headers().contains_key("x-request-id"), "{path}");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("a clean stream").to_bytes();
+        assert!(body.is_empty(), "{path}: content in a HEAD answer: {body:?}");
+        if status != 200 {
+            assert!(length > 20, "{path}: the JSON error's length is kept: {:?}", parts.headers);
+        }
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "only the routed HEAD reached the upstream");
+}

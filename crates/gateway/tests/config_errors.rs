@@ -421,3 +421,20 @@ fn every_bad_issuer_and_api_key_is_listed() {
     // Nothing is blamed on the items that were left out, nor on the route (api_key is on).
     assert!(!errs.iter().any(|(p, _)| p == "auth.jwt.issuers" || p.starts_with("routes")), "{errs:#?}");
 }
+
+/// An unknown key does not hide a required one that is missing (a Go-style `url:` instead of
+/// `instances:` gets both errors), while a required key whose value is bad is reported once,
+/// not again as missing.
+#[test]
+fn a_missing_field_is_reported_next_to_an_unknown_one() {
+    let routes = "routes:\n  - { id: r1, path: /a, methods: [GET], service: orders, public: true }\n";
+    let errors = errors_of(&format!("services:\n  orders: {{ url: \"http://127.0.0.1:1\" }}\n{routes}"));
+    assert!(errors.iter().any(|(p, m)| p == "services.orders.url" && m.contains("unknown field")), "{errors:?}");
+    assert!(
+        errors.iter().any(|(p, m)| p == "services.orders" && m.contains("missing field `instances`")),
+        "{errors:?}"
+    );
+    let errors = errors_of(&format!("services:\n  orders: {{ instances: 5 }}\n{routes}"));
+    assert!(errors.iter().any(|(p, _)| p == "services.orders.instances"), "{errors:?}");
+    assert!(!errors.iter().any(|(_, m)| m.contains("missing field")), "reported twice: {errors:?}");
+}

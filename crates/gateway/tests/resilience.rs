@@ -636,3 +636,48 @@ async fn a_panic_ends_only_its_request() {
     assert!(!seen.iter().any(|p| p == "/o" || p.ends_with("/B")), "a panicked request reached the upstream: {seen:?}");
     assert_eq!(metric_value(&metrics(&gw).await, "b25_gateway_panics_total"), 2.0);
 }
+
+/// A client whose streamed body is still arriving when the route's timeout passes gets 408
+/// (its own slowness), and the upstream is not blamed: no breaker failure, no outlier
+/// record, no upstream error counted. Five such clients must not open the breaker for
+/// everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_charged_to_the_upstream() {
+    use http_body_util::BodyExt;
+    let up = upstream(|req| async move {
+        // Reads what arrives (the body never completes for the slow clients).
+        let _ = req.into_body().collect().await;
+        http::Response::new(full_body("{\"ok\":true}"))
+    })
+    .await;
+    let extra = "    health_check: { enabled: false }\n    outlier_detection: { consecutive_failures: 2 }\n    circuit_breaker: { consecutive_failures: 3, open_interval: 1m }\n";
+    let routes = format!(
+        "{TICKER}  - {{ id: d, path: \"/d/{{x}}\", methods: [DELETE], service: up, public: true, timeout: 300ms }}\n"
+    );
+    let yaml = service_yaml(&[format!("http://{up}")], extra, &routes).replace(
+        "admin_listen: \"127.0.0.1:0\" }",
+        "admin_listen: \"127.0.0.1:0\", limits: { body_idle_timeout: 30s } }",
+    );
+    let gw = TestGateway::start(&yaml, &[]).await;
+    for i in 0..6 {
+        // Half the declared body, then nothing more until the answer comes.
+        let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+        let head = format!("DELETE /d/{i} HTTP/1.1\r\nhost: gw.test\r\ncontent-length: 6\r\n\r\nabc");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).to_string();
+        assert!(text.starts_with("HTTP/1.1 408"), "slow upload {i}: {text}");
+    }
+    let r = get(gw.addr(), "/api/v1/market/ticker/X").await;
+    assert_eq!(r.status, 200, "the slow clients opened the breaker: {}", String::from_utf8_lossy(&r.body));
+    let m = metrics(&gw).await;
+    assert_eq!(metric_value(&m, "b25_gateway_upstream_errors_total"), 0.0, "{m}");
+    assert_eq!(metric_value(&m, "b25_gateway_outlier_ejections_total"), 0.0, "{m}");
+    assert!(m.contains("b25_gateway_circuit_breaker_state{service=\"up\"} 0"), "{m}");
+}

@@ -264,3 +264,32 @@ async fn a_body_partly_at_hand_is_announced_whole() {
     }
     assert!(next.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&next));
 }
+
+/// An upstream that stops in the middle of its body (1500 of 2000 bytes, then nothing) is cut
+/// after `response_idle_timeout`: the client gets the bytes that came, then the end of the
+/// connection, instead of waiting for as long as the upstream keeps the socket open. The
+/// broken upstream connection is not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_body_that_stalls_is_cut_after_the_idle_timeout() {
+    let w = wire().await;
+    let yaml = config_yaml(&[("up", w.url.clone())], ROUTE).replace(
+        "health_check: { enabled: false }",
+        "health_check: { enabled: false }\n    response_idle_timeout: 300ms",
+    );
+    let gw = TestGateway::start(&yaml, &[]).await;
+    let mut c = TcpStream::connect(gw.addr()).await.unwrap();
+    c.write_all(b"GET /w/half HTTP/1.1\r\nhost: gw\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(20), c.read_to_end(&mut got))
+        .await
+        .expect("the stalled response was never cut")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = &got[got.windows(4).position(|x| x == b"\r\n\r\n").unwrap() + 4..];
+    assert_eq!(body.len(), 1500, "the bytes that came, and no more");
+    // The route still works on a fresh upstream connection.
+    let r = get(gw.addr(), "/w/length").await;
+    assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"hello"[..]));
+    assert_eq!(w.conns.load(Ordering::SeqCst), 2, "the cut connection was not reused");
+}

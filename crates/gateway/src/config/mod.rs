@@ -55,6 +55,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: HumanDuration = HumanDuration::from_secs(1);
 /// Idle pooled upstream connections are closed after this; below common upstream keep-alive
 /// timeouts (nginx 75 s, Go 90 s) would be safer, so 30 s.
 pub const DEFAULT_POOL_IDLE_TIMEOUT: HumanDuration = HumanDuration::from_secs(30);
+/// An upstream response body that sends nothing for this long is cut (nginx's
+/// `proxy_read_timeout` is 60 s; Envoy's stream idle timeout 5 min).
+pub const DEFAULT_RESPONSE_IDLE_TIMEOUT: HumanDuration = HumanDuration::from_secs(60);
 /// Idle pooled connections kept per upstream instance.
 pub const DEFAULT_POOL_MAX_IDLE: usize = 512;
 /// Health-check path served by every B25 service.
@@ -285,6 +288,9 @@ pub struct ServiceConfig {
     /// Most idle pooled connections per instance.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle: usize,
+    /// A response body the upstream sends nothing of for this long is cut.
+    #[serde(default = "default_response_idle_timeout")]
+    pub response_idle_timeout: HumanDuration,
     /// Active health checking.
     #[serde(default)]
     pub health_check: HealthCheckConfig,
@@ -295,6 +301,9 @@ fn default_upstream_timeout() -> HumanDuration {
 }
 fn default_connect_timeout() -> HumanDuration {
     DEFAULT_CONNECT_TIMEOUT
+}
+fn default_response_idle_timeout() -> HumanDuration {
+    DEFAULT_RESPONSE_IDLE_TIMEOUT
 }
 fn default_pool_idle_timeout() -> HumanDuration {
     DEFAULT_POOL_IDLE_TIMEOUT
@@ -825,14 +834,22 @@ fn section<T: serde::de::DeserializeOwned>(mut value: Value, prefix: &str, error
                 let path = join_path(prefix, &segments);
                 // An error on a parent of something already reported is a consequence of the
                 // removal (e.g. "missing field"); do not report it twice.
+                // A "missing field `x`" is a consequence only when `x` itself was removed (a
+                // required field whose value was bad); another removed key (an unknown one)
+                // leaves the field missing in the file, which is reported.
+                let inner = e.inner().to_string();
+                let missing = inner.strip_prefix("missing field `").and_then(|m| m.split('`').next());
                 let cascade = reported.iter().any(|r| {
-                    r.len() > path.len() && r.starts_with(&path) && matches!(r.as_bytes()[path.len()], b'.' | b'[')
+                    r.len() > path.len()
+                        && r.starts_with(&path)
+                        && matches!(r.as_bytes()[path.len()], b'.' | b'[')
+                        && missing.is_none_or(|f| r[path.len() + 1..].split(['.', '[']).next() == Some(f))
                 });
                 // A value the `${…}` expansion already refused is not reported again as a bad
                 // value (its text is the unexpanded placeholder).
                 let expanded_badly = errors.iter().any(|r| r.path == path);
                 if !cascade && !expanded_badly {
-                    let mut message = clean_message(&e.inner().to_string());
+                    let mut message = clean_message(&inner);
                     if is_secret_path(&path) {
                         message = unquoted(&message);
                     }

@@ -239,6 +239,10 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
         long.push((format!("{p}.health_check.interval"), svc.health_check.interval.get(), DAY));
         long.push((format!("{p}.health_check.timeout"), svc.health_check.timeout.get(), DAY));
         long.push((format!("{p}.pool_idle_timeout"), svc.pool_idle_timeout.get(), DAY));
+        long.push((format!("{p}.response_idle_timeout"), svc.response_idle_timeout.get(), DAY));
+        if svc.response_idle_timeout.get().is_zero() {
+            err(format!("{p}.response_idle_timeout"), "must be greater than 0".into());
+        }
         long.push((format!("{p}.circuit_breaker.window"), svc.circuit_breaker.window.get(), DAY));
         long.push((format!("{p}.circuit_breaker.max_open_interval"), svc.circuit_breaker.max_open_interval.get(), DAY));
         long.push((format!("{p}.outlier_detection.max_ejection"), svc.outlier_detection.max_ejection.get(), DAY));

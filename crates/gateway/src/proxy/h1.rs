@@ -220,7 +220,8 @@ impl Conn {
     pub async fn read_response(
         mut self,
         method: &Method,
-        pool: Option<Arc<Pool>>,
+        pool: &Arc<Pool>,
+        reusable: bool,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let (parts, framing, keep_alive, raw) = loop {
             if !self.buf.is_empty()
@@ -249,7 +250,14 @@ impl Conn {
             Framing::Chunked => State::Chunked(Chunk::Size),
             Framing::Close => State::Close,
         };
-        let mut body = ResponseBody { conn: Some(self), pool: pool.filter(|_| keep_alive), state, raw };
+        let mut body = ResponseBody {
+            conn: Some(self),
+            pool: (reusable && keep_alive).then(|| pool.clone()),
+            state,
+            raw,
+            idle: pool.response_idle_timeout(),
+            timer: None,
+        };
         if matches!(body.state, State::Done) {
             body.release();
         }
@@ -751,6 +759,11 @@ pub struct ResponseBody {
     state: State,
     /// The head's header lines when no map was built for them.
     raw: Option<RawHeaders>,
+    /// `response_idle_timeout`: the body is cut when the upstream sends nothing for this long.
+    idle: std::time::Duration,
+    /// Armed the first time a read has to wait (most bodies come whole with their head and
+    /// never need one), pushed back on each read that brings bytes.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for ResponseBody {
@@ -882,7 +895,22 @@ impl Body for ResponseBody {
                 }
             }
             let conn = this.conn.as_mut().expect("checked above");
-            match ready!(poll_fill(conn, cx)) {
+            let filled = poll_fill(conn, cx);
+            if let Some(timer) = this.timer.as_mut() {
+                if filled.is_ready() {
+                    timer.as_mut().reset(tokio::time::Instant::now() + this.idle);
+                } else if timer.as_mut().poll(cx).is_ready() {
+                    return this.fail(format!("no data for {:?} (response_idle_timeout)", this.idle));
+                }
+            } else if filled.is_pending() {
+                let mut timer = Box::pin(tokio::time::sleep(this.idle));
+                // Registers the wake-up; a zero timeout is refused by validation.
+                if timer.as_mut().poll(cx).is_ready() {
+                    return this.fail(format!("no data for {:?} (response_idle_timeout)", this.idle));
+                }
+                this.timer = Some(timer);
+            }
+            match ready!(filled) {
                 Ok(0) if matches!(this.state, State::Close) => {
                     this.state = State::Done;
                     this.conn = None;

@@ -226,6 +226,9 @@ pub struct Call<'a> {
     pub hop: Option<&'a h1::HopHeaders<'a>>,
     /// The caller's clock reading when it hands the request over (the first try starts then).
     pub sent: Instant,
+    /// The client's body while it streams: a try that fails or times out while the gateway
+    /// waits on the client (a slow or broken upload) is not charged to the upstream.
+    pub client_body: Option<&'a crate::body::BodyStats>,
 }
 
 /// A service: its instances, pooled client, balancer, breaker, health and retry policy.
@@ -343,6 +346,7 @@ impl Upstream {
             connect_timeout: cfg.connect_timeout.get(),
             idle_timeout: cfg.pool_idle_timeout.get(),
             max_idle: cfg.pool_max_idle,
+            response_idle_timeout: cfg.response_idle_timeout.get(),
         };
         let pools = (0..=workers)
             .flat_map(|_| instances.iter().map(|i| pool::Pool::new(i.authority.as_str(), pool_cfg.clone())))
@@ -544,6 +548,20 @@ impl Upstream {
             series.latency(this_try);
             let now_ms = self.ms_at(ended);
 
+            // The client held the exchange up (its body still arriving when the deadline
+            // passed, or broken): not the upstream's failure, so no breaker or outlier
+            // record and no retry. The breaker's permit is given back unused.
+            if !matches!(result, Ok(Ok(_))) && call.client_body.is_some_and(crate::body::BodyStats::client_holds_up) {
+                let e = match result {
+                    Ok(Err(ge)) => ge,
+                    _ => GatewayError::new(
+                        ErrorKind::RequestTimeout,
+                        "the request body did not arrive within the route's timeout",
+                    )
+                    .closing(),
+                };
+                return settle(Err(e), in_doubt);
+            }
             let failure = match result {
                 Ok(Ok(resp)) if !self.retry.retry_on_status.contains(&resp.status().as_u16()) => {
                     let server_error = resp.status().is_server_error();

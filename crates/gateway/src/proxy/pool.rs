@@ -32,6 +32,8 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// Connections kept per pool.
     pub max_idle: usize,
+    /// A response body that sends nothing for this long is cut.
+    pub response_idle_timeout: Duration,
 }
 
 struct Pooled {
@@ -61,6 +63,11 @@ impl Pool {
             conns: Mutex::new(Vec::new()),
             sweeping: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// How long a response body may send nothing.
+    pub fn response_idle_timeout(&self) -> Duration {
+        self.cfg.response_idle_timeout
     }
 
     /// The most recently used live idle connection, if any (`now`: the caller's clock reading).
@@ -152,7 +159,7 @@ impl Pool {
             };
             conn.used = now;
             match conn.write_request(parts, &self.authority, hop, &mut body).await {
-                Ok(()) => return conn.read_response(&parts.method, Some(self.clone())).await,
+                Ok(()) => return conn.read_response(&parts.method, self, true).await,
                 // Dead before the first byte: a new connection (its failure is final).
                 Err(WriteError::Unsent(_)) if reused => continue,
                 Err(WriteError::Unsent(e)) => {
@@ -169,7 +176,7 @@ impl Pool {
                 Err(WriteError::Io(e)) => {
                     // The upstream may have answered early and closed (e.g. 413 while the body
                     // was still streaming): that answer is the response.
-                    return conn.read_response(&parts.method, None).await.map_err(|_| {
+                    return conn.read_response(&parts.method, self, false).await.map_err(|_| {
                         GatewayError::new(
                             ErrorKind::UpstreamReset,
                             "the upstream service closed the connection without a complete response",
