@@ -719,6 +719,9 @@ async fn serve(
         headers::strip_hop_by_hop(h);
     }
     strip_identity(snapshot, h);
+    if let Some(edit) = &route.request_headers {
+        edit.apply(h);
+    }
     // What this hop adds goes straight onto the wire (`Expect` is answered here and dropped).
     let trace = crate::pipeline::trace::next_hop(h, conn.seen);
     rec.trace_id = Some(trace.trace);
@@ -851,10 +854,20 @@ async fn serve(
     let (mut parts, mut body) = resp.into_parts();
     // The upstream's header lines go to the client as they came (the native HTTP/1.1 writer
     // copies them) unless a stage below reads or changes them, or hyper writes the response.
-    if !own_headers || idem.is_some() || cache_req.is_some() || snapshot.cors.is_some() {
+    if !own_headers
+        || idem.is_some()
+        || cache_req.is_some()
+        || snapshot.cors.is_some()
+        || route.response_headers.is_some()
+    {
         body.headers_into(&mut parts.headers)?;
     }
     headers::strip_hop_by_hop(&mut parts.headers);
+    // Before anything keeps the response (the cache, an idempotency record), so a replay
+    // carries the same headers.
+    if let Some(edit) = &route.response_headers {
+        edit.apply(&mut parts.headers);
+    }
     let status = parts.status;
 
     if route.config.engage_halt && status.is_success() {
@@ -1076,6 +1089,9 @@ async fn websocket_proxy(
     headers::set_forwarded(&mut h, &conn.peer_ip, conn.tls, host);
     h.insert(&request_id::X_REQUEST_ID, request_id.clone());
     strip_identity(snapshot, &mut h);
+    if let Some(edit) = &route.request_headers {
+        edit.apply(&mut h);
+    }
     for (name, value) in principal_headers(snapshot, principal.as_deref()).into_iter().flatten() {
         h.insert(name, value.clone());
     }

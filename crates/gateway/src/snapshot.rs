@@ -43,6 +43,10 @@ pub struct Route {
     pub index: u32,
     /// Metric handles, resolved once (see [`Snapshot::resolve_metrics`]).
     pub metrics: std::sync::OnceLock<Arc<crate::observe::RouteMetrics>>,
+    /// Headers set on or removed from the request sent upstream (`request_headers`).
+    pub request_headers: Option<crate::proxy::headers::HeaderEdit>,
+    /// Headers set on or removed from the upstream's response (`response_headers`).
+    pub response_headers: Option<crate::proxy::headers::HeaderEdit>,
     /// The route as configured (content types, cache, idempotency for later layers).
     pub config: RouteConfig,
 }
@@ -131,7 +135,11 @@ impl Snapshot {
                 errors.push(ConfigError::new(format!("routes[{i}].service"), "unknown service"));
                 continue;
             };
+            // Validated before: an edit that cannot be parsed never gets here.
+            let (request_headers, response_headers) = config.header_edits(r);
             let route = Arc::new(Route {
+                request_headers: request_headers.ok().flatten(),
+                response_headers: response_headers.ok().flatten(),
                 id: r.id.as_str().into(),
                 upstream: upstream.clone(),
                 timeout: config.route_timeout(r).get(),

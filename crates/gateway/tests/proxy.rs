@@ -120,7 +120,8 @@ async fn hop_by_hop_headers_never_reach_upstream_and_xff_ends_with_peer() {
         b"GET /api/v1/market/ticker/1?x=1 HTTP/1.1\r\nHost: gw.example\r\nConnection: keep-alive, X-Hop-Secret, close\r\n\
           Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n\
           Proxy-Connection: keep-alive\r\nX-Hop-Secret: do-not-forward\r\nX-Forwarded-For: 203.0.113.9\r\n\
-          X-End-To-End: kept\r\n\r\n",
+          X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Port: 8443\r\n\
+          X-Forwarded-Prefix: /evil\r\nX-Forwarded-Server: evil\r\nX-End-To-End: kept\r\n\r\n",
     )
     .await
     .unwrap();
@@ -137,6 +138,11 @@ async fn hop_by_hop_headers_never_reach_upstream_and_xff_ends_with_peer() {
     assert_eq!(xff, "203.0.113.9, 127.0.0.1", "XFF must end with the real peer");
     assert_eq!(rec.headers["x-forwarded-proto"], "http");
     assert_eq!(rec.headers["x-forwarded-host"], "gw.example");
+    // The client's word on the other X-Forwarded-* names frameworks build URLs from is dropped.
+    for h in ["x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server"] {
+        assert!(!rec.headers.contains_key(h), "upstream saw the client's {h}: {:?}", rec.headers.get(h));
+    }
+    assert_eq!(rec.headers.get_all("x-forwarded-proto").iter().count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -747,4 +753,65 @@ async fn http2_upload_of_unknown_length_is_not_held_back() {
     assert_eq!(got, b"abc");
     s.write_all(&frame(DATA, END_STREAM, 1, b"")).await.unwrap();
     assert_eq!(tokio::time::timeout(WAIT, next_for(&mut s, 1)).await.unwrap(), HEADERS);
+}
+
+/// A route's `request_headers` and `response_headers`: set (replacing the client's or the
+/// upstream's values) and remove, on HTTP/1.1 and HTTP/2; the response edits are kept with a
+/// cached response (a hit carries them); request values, which may be upstream credentials
+/// from `${…}`, are not shown by /admin/config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_set_and_remove_request_and_response_headers() {
+    let (tx, mut seen) = mpsc::unbounded_channel::<http::HeaderMap>();
+    let up = upstream(move |req: Request<hyper::body::Incoming>| {
+        let tx = tx.clone();
+        async move {
+            tx.send(req.headers().clone()).unwrap();
+            Response::builder()
+                .header("server", "upstream/1.0")
+                .header("cache-control", "public, max-age=60")
+                .header("x-kept", "yes")
+                .body(full_body("{}"))
+                .unwrap()
+        }
+    })
+    .await;
+    let edits = ", request_headers: { set: { X-Upstream-Token: \"${UP_TOKEN}\", x-api-version: \"2\" }, remove: [authorization, x-debug] }, \
+                 response_headers: { set: { Cache-Control: no-store }, remove: [server] }";
+    let yaml = one_route(format!("http://{up}"), edits).replace(
+        "routes:\n",
+        "routes:\n  - { id: c, path: \"/c\", methods: [GET], service: up, public: true, cache: { ttl: 30s }, response_headers: { remove: [server, x-kept] } }\n",
+    );
+    let gw = TestGateway::start(&yaml, &[("UP_TOKEN", "s3cret-upstream-token".to_string())]).await;
+    let client =
+        [("authorization", "Bearer client-token"), ("x-debug", "1"), ("x-api-version", "1"), ("x-other", "kept")];
+    let r = send(gw.addr(), Method::GET, "/r/1", &client, "").await;
+    let h2 = {
+        let mut tx = h2c::<http_body_util::Empty<Bytes>>(gw.addr()).await;
+        let mut req = Request::get("http://gw.test/r/2");
+        for (k, v) in client {
+            req = req.header(k, v);
+        }
+        tx.send_request(req.body(http_body_util::Empty::new()).unwrap()).await.unwrap()
+    };
+    for (headers, status) in [(&r.headers, r.status), (h2.headers(), h2.status())] {
+        assert_eq!(status, 200);
+        assert_eq!(headers["cache-control"], "no-store", "set replaces the upstream's value");
+        assert_eq!(headers.get_all("cache-control").iter().count(), 1);
+        assert!(!headers.contains_key("server"), "removed: {headers:?}");
+        assert_eq!(headers["x-kept"], "yes");
+        let up = seen.recv().await.unwrap();
+        assert_eq!(up["x-upstream-token"], "s3cret-upstream-token");
+        assert_eq!(up.get_all("x-api-version").iter().collect::<Vec<_>>(), ["2"], "set replaces the client's value");
+        assert!(!up.contains_key("authorization") && !up.contains_key("x-debug"), "removed: {up:?}");
+        assert_eq!(up["x-other"], "kept");
+    }
+    // A cached response: the miss and the hit carry the edits.
+    for expect in ["MISS", "HIT"] {
+        let r = get(gw.addr(), "/c").await;
+        assert_eq!(r.headers["x-cache"], expect);
+        assert!(!r.headers.contains_key("server") && !r.headers.contains_key("x-kept"), "{expect}: {:?}", r.headers);
+    }
+    let config = String::from_utf8_lossy(&get(gw.handle.admin_addr().unwrap(), "/admin/config").await.body).to_string();
+    assert!(!config.contains("s3cret-upstream-token"), "{config}");
+    assert!(config.contains("<redacted>"), "{config}");
 }

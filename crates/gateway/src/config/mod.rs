@@ -22,6 +22,7 @@ pub use security::{AuthConfig, AuthMethod, CorsConfig, Secret};
 pub use state::{LimitConfig, RateLimitsConfig, StateConfig};
 pub use units::{ByteSize, HumanDuration};
 
+use crate::proxy::headers::{EditSide, HeaderEdit};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -417,6 +418,31 @@ pub struct RouteConfig {
     /// because they are separate routes).
     #[serde(default)]
     pub principal_rate_limit: Option<LimitConfig>,
+    /// Headers set on or removed from the request sent upstream. The values may be
+    /// credentials for the upstream (`${…}`), so they are never shown.
+    #[serde(default)]
+    pub request_headers: Option<HeaderEdits<security::Secret>>,
+    /// Headers set on or removed from the upstream's response.
+    #[serde(default)]
+    pub response_headers: Option<HeaderEdits<String>>,
+}
+
+/// `routes[].request_headers` and `routes[].response_headers`: what the gateway changes on
+/// the way (Kong's request/response transformer, Envoy's `request_headers_to_add`/`_remove`,
+/// Traefik's headers middleware).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderEdits<V> {
+    /// Each header replaced by this value (added when absent).
+    pub set: BTreeMap<String, V>,
+    /// Headers removed (every value).
+    pub remove: Vec<String>,
+}
+
+impl<V> Default for HeaderEdits<V> {
+    fn default() -> Self {
+        Self { set: BTreeMap::new(), remove: Vec::new() }
+    }
 }
 
 /// Nesting depth for `json: true` routes: orders are 2–3 levels deep.
@@ -967,6 +993,42 @@ impl Config {
             .timeout
             .or_else(|| self.services.get(&route.service).map(|s| s.timeout))
             .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT)
+    }
+
+    /// `route`'s header edits, parsed: request and response side, each `None` when empty;
+    /// errors as `(path, reason)` with paths under the route (`request_headers.set.x-a`).
+    #[allow(clippy::type_complexity)]
+    pub fn header_edits(
+        &self,
+        route: &RouteConfig,
+    ) -> (Result<Option<HeaderEdit>, Vec<(String, String)>>, Result<Option<HeaderEdit>, Vec<(String, String)>>) {
+        let p = &self.auth.principal_headers;
+        let key = self.auth.api_keys.as_ref().map(|k| k.header.as_str());
+        // The identity headers and the API key header are the gateway's on the request side.
+        let identity = |n: &http::HeaderName| {
+            [p.subject.as_str(), p.roles.as_str(), p.method.as_str()]
+                .into_iter()
+                .chain(key)
+                .any(|s| s.eq_ignore_ascii_case(n.as_str()))
+        };
+        let prefixed = |side: &str, r: Result<Option<HeaderEdit>, Vec<(String, String)>>| {
+            r.map_err(|e| e.into_iter().map(|(k, m)| (format!("{side}.{k}"), m)).collect())
+        };
+        let request = route.request_headers.as_ref().map_or(Ok(None), |e| {
+            let set = e.set.iter().map(|(k, v)| (k.as_str(), v.expose()));
+            prefixed(
+                "request_headers",
+                HeaderEdit::new(set, e.remove.iter().map(String::as_str), EditSide::Request, &identity),
+            )
+        });
+        let response = route.response_headers.as_ref().map_or(Ok(None), |e| {
+            let set = e.set.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+            prefixed(
+                "response_headers",
+                HeaderEdit::new(set, e.remove.iter().map(String::as_str), EditSide::Response, &|_| false),
+            )
+        });
+        (request, response)
     }
 
     /// Problems that are fine for `check` but must stop `run` (placeholder secrets).

@@ -341,6 +341,10 @@ pub(super) fn validate(c: &Config, broken: &Broken, errors: &mut Vec<ConfigError
                 }
             }
         }
+        let (request, response) = c.header_edits(r);
+        for (k, m) in [request.err(), response.err()].into_iter().flatten().flatten() {
+            err(format!("{p}.{k}"), m);
+        }
         for (j, h) in r.required_headers.iter().enumerate() {
             if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 err(format!("{p}.required_headers[{j}]"), format!("{h:?} is not a header name"));

@@ -101,7 +101,10 @@ impl HopHeaders<'_> {
         }
     }
 
-    /// True for the names this hop writes itself (`tracestate`: passed on or dropped).
+    /// True for the names this hop writes itself (`tracestate`: passed on or dropped), and
+    /// for the other `X-Forwarded-*` names frameworks combine with them to build absolute URLs
+    /// (`-Port`, `-Prefix`, `-Server`): a client's copies would be taken for this hop's word,
+    /// so they are dropped.
     pub(crate) fn sets(name: &HeaderName) -> bool {
         matches!(
             name.as_str(),
@@ -111,6 +114,9 @@ impl HopHeaders<'_> {
                 | "x-request-id"
                 | "traceparent"
                 | "tracestate"
+                | "x-forwarded-port"
+                | "x-forwarded-prefix"
+                | "x-forwarded-server"
         )
     }
 

@@ -132,6 +132,9 @@ pub fn forwarded_for(h: &HeaderMap, peer: &HeaderValue, seen: Seen) -> HeaderVal
 /// requests carry them as [`super::h1::HopHeaders`]). `peer` is the client's IP, formatted
 /// once per connection.
 pub fn set_forwarded(h: &mut HeaderMap, peer: &HeaderValue, tls: bool, host: Option<HeaderValue>) {
+    for dropped in ["x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server"] {
+        h.remove(dropped);
+    }
     let xff = forwarded_for(h, peer, Seen::UNKNOWN);
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if tls { "https" } else { "http" }));
@@ -407,5 +410,101 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "gw");
+    }
+}
+
+/// A route's header edits (`routes[].request_headers` / `response_headers`), parsed when the
+/// snapshot is built: applying them is a removal and an insert per name, no parsing.
+#[derive(Debug, Default)]
+pub struct HeaderEdit {
+    set: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+/// Which side a header edit applies to (the names the gateway owns differ).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EditSide {
+    /// The request sent upstream.
+    Request,
+    /// The upstream's response.
+    Response,
+}
+
+impl HeaderEdit {
+    /// The edits, or `None` when there are none; a name or value that cannot be used is an
+    /// error (`path`, reason), reported by validation before a snapshot is ever built.
+    pub fn new<'a>(
+        set: impl IntoIterator<Item = (&'a str, &'a str)>,
+        remove: impl IntoIterator<Item = &'a str>,
+        side: EditSide,
+        owned: &dyn Fn(&HeaderName) -> bool,
+    ) -> Result<Option<Self>, Vec<(String, String)>> {
+        let mut errors = Vec::new();
+        let mut edit = Self::default();
+        let name = |key: String, raw: &str| match HeaderName::from_bytes(raw.as_bytes()) {
+            Ok(n) if is_hop_by_hop(&n) || n == header::CONTENT_LENGTH || owned(&n) || gateway_owned(&n, side) => {
+                Err((key, format!("{raw:?} is a header the gateway itself sets or strips")))
+            }
+            Ok(n) => Ok(n),
+            Err(_) => Err((key, format!("{raw:?} is not a header name"))),
+        };
+        for (k, v) in set {
+            let n = match name(format!("set.{k}"), k) {
+                Ok(n) => n,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            match HeaderValue::from_str(v) {
+                Ok(v) => edit.set.push((n, v)),
+                // The value is not quoted: on requests it may be a credential.
+                Err(_) => {
+                    errors.push((format!("set.{k}"), "not a valid header value (visible ASCII, no line breaks)".into()))
+                }
+            }
+        }
+        for (i, r) in remove.into_iter().enumerate() {
+            let n = match name(format!("remove[{i}]"), r) {
+                Ok(n) => n,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            if edit.set.iter().any(|(s, _)| *s == n) {
+                errors.push((format!("remove[{i}]"), format!("{r:?} is also in set")));
+            }
+            edit.remove.push(n);
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok((!edit.set.is_empty() || !edit.remove.is_empty()).then_some(edit))
+    }
+
+    /// Applies the edits: removals, then each set header replaces every value of its name.
+    pub fn apply(&self, h: &mut HeaderMap) {
+        for n in &self.remove {
+            h.remove(n);
+        }
+        for (n, v) in &self.set {
+            h.insert(n.clone(), v.clone());
+        }
+    }
+}
+
+/// Names the gateway writes on each side itself, which an edit would contradict.
+fn gateway_owned(n: &HeaderName, side: EditSide) -> bool {
+    match side {
+        EditSide::Request => {
+            super::h1::HopHeaders::sets(n) || [header::HOST, header::EXPECT, header::TRANSFER_ENCODING].contains(n)
+        }
+        EditSide::Response => {
+            let s = n.as_str();
+            matches!(s, "x-request-id" | "server-timing" | "x-cache" | "idempotent-replayed")
+                || s.starts_with("ratelimit-")
+                || s.starts_with("access-control-")
+        }
     }
 }
