@@ -40,6 +40,83 @@ pub struct Entry {
     path: Box<str>,
 }
 
+/// What a request's preconditions make of a cache hit (RFC 9110 §13.2.2).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Precondition {
+    /// No precondition, or all hold: the stored response.
+    Pass,
+    /// `If-None-Match` or `If-Modified-Since` does not hold: 304.
+    NotModified,
+    /// `If-Match` or `If-Unmodified-Since` does not hold: 412.
+    Failed,
+}
+
+/// Evaluates the request's preconditions against a stored response, in the order of RFC 9110
+/// §13.2.2, as a cache must (RFC 9111 §4.3.2): the answer no longer depends on whether the
+/// entry was there. Only for a 2xx entry (§13.2.1); a date that cannot be parsed is ignored.
+pub fn preconditions(req: &http::HeaderMap, e: &Entry) -> Precondition {
+    if !(200..300).contains(&e.status) {
+        return Precondition::Pass;
+    }
+    let stored = |n: &HeaderName| e.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_bytes());
+    let etag = stored(&header::ETAG);
+    let modified = stored(&header::LAST_MODIFIED).and_then(http_date);
+    let list = |n: &HeaderName| -> Option<Vec<u8>> {
+        let mut all = Vec::new();
+        for v in req.get_all(n) {
+            if !all.is_empty() {
+                all.push(b',');
+            }
+            all.extend_from_slice(v.as_bytes());
+        }
+        (!all.is_empty()).then_some(all)
+    };
+    if let Some(m) = list(&header::IF_MATCH) {
+        if !etag_matches(&m, etag, true) {
+            return Precondition::Failed;
+        }
+    } else if let Some(since) = req.get(header::IF_UNMODIFIED_SINCE).and_then(|v| http_date(v.as_bytes()))
+        && modified.is_none_or(|m| m > since)
+    {
+        return Precondition::Failed;
+    }
+    if let Some(m) = list(&header::IF_NONE_MATCH) {
+        if etag_matches(&m, etag, false) {
+            return Precondition::NotModified;
+        }
+    } else if let Some(since) = req.get(header::IF_MODIFIED_SINCE).and_then(|v| http_date(v.as_bytes()))
+        && modified.is_some_and(|m| m <= since)
+    {
+        return Precondition::NotModified;
+    }
+    Precondition::Pass
+}
+
+/// Whether the comma-separated entity-tag list `list` (or `*`) matches `etag`: strong
+/// comparison for `If-Match`, weak for `If-None-Match` (RFC 9110 §8.8.3.2).
+fn etag_matches(list: &[u8], etag: Option<&[u8]>, strong: bool) -> bool {
+    let list = list.trim_ascii();
+    if list == b"*" {
+        return true;
+    }
+    let Some(etag) = etag.map(<[u8]>::trim_ascii) else { return false };
+    let opaque = |t: &[u8]| -> (bool, Vec<u8>) {
+        let weak = t.starts_with(b"W/");
+        (weak, t.strip_prefix(b"W/").unwrap_or(t).to_vec())
+    };
+    let (etag_weak, etag_tag) = opaque(etag);
+    list.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty()).any(|t| {
+        let (weak, tag) = opaque(t);
+        tag == etag_tag && (!strong || (!weak && !etag_weak))
+    })
+}
+
+/// An HTTP date (IMF-fixdate, or the obsolete RFC 850 and asctime forms), as Unix seconds.
+fn http_date(v: &[u8]) -> Option<u64> {
+    let t = httpdate::parse_http_date(std::str::from_utf8(v).ok()?.trim()).ok()?;
+    t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
 impl Entry {
     fn weight(&self) -> u64 {
         (self.body.len() + self.headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum::<usize>() + 256) as u64

@@ -56,6 +56,8 @@ pub enum ErrorKind {
     IdempotencyConflict,
     /// The idempotency key was used with another body (422).
     IdempotencyMismatch,
+    /// A request precondition (`If-Match`, `If-Unmodified-Since`) failed on a cached response (412).
+    PreconditionFailed,
     /// The idempotency store is unreachable: fail closed (503).
     IdempotencyUnavailable,
     /// Trading is halted and the route is blocked (503).
@@ -95,6 +97,7 @@ impl ErrorKind {
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Self::IdempotencyConflict => StatusCode::CONFLICT,
             Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             Self::IdempotencyUnavailable | Self::TradingHalted => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamConnect | Self::UpstreamReset | Self::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -121,6 +124,7 @@ impl ErrorKind {
             Self::TooManyRequests => "rate_limited",
             Self::IdempotencyConflict => "idempotency_in_flight",
             Self::IdempotencyMismatch => "idempotency_key_reused",
+            Self::PreconditionFailed => "precondition_failed",
             Self::IdempotencyUnavailable => "idempotency_unavailable",
             Self::TradingHalted => "trading_halted",
             Self::UpstreamConnect => "upstream_unavailable",
@@ -152,6 +156,7 @@ impl ErrorKind {
             | Self::TooManyRequests
             | Self::IdempotencyConflict
             | Self::IdempotencyMismatch
+            | Self::PreconditionFailed
             | Self::TradingHalted => Origin::Downstream,
             Self::IdempotencyUnavailable => Origin::Internal,
             Self::UpstreamConnect

@@ -661,7 +661,14 @@ async fn serve(
         match shared.cache.lookup(cr, &parts.headers).await {
             Lookup::Hit(e) => {
                 shared.metrics.cache(&route.id, "hit");
-                return Ok(cached_response(&e, cr.head, "HIT"));
+                return match cache::preconditions(&parts.headers, &e) {
+                    cache::Precondition::Pass => Ok(cached_response(&e, cr.head, "HIT")),
+                    cache::Precondition::NotModified => Ok(not_modified(&e)),
+                    cache::Precondition::Failed => Err(GatewayError::new(
+                        ErrorKind::PreconditionFailed,
+                        "a precondition of the request (If-Match, If-Unmodified-Since) does not hold",
+                    )),
+                };
             }
             Lookup::Miss(l) => {
                 shared.metrics.cache(&route.id, if cr.bypass { "bypass" } else { "miss" });
@@ -1026,9 +1033,39 @@ fn stored_response(status: u16, headers: &[(HeaderName, HeaderValue)], body: Byt
 /// A cache hit: the stored response with `X-Cache` and `Age`.
 fn cached_response(e: &Entry, head: bool, outcome: &'static str) -> Response<GatewayBody> {
     let mut r = stored_response(e.status, &e.headers, if head { Bytes::new() } else { e.body.clone() });
+    hit_headers(&mut r, e, outcome);
+    r
+}
+
+/// `X-Cache` and `Age` of a response made from a stored entry.
+fn hit_headers(r: &mut Response<GatewayBody>, e: &Entry, outcome: &'static str) {
     let now = crate::unix_ms();
     r.headers_mut().insert(&X_CACHE, HeaderValue::from_static(outcome));
     r.headers_mut().insert(header::AGE, HeaderValue::from(now.saturating_sub(e.stored_ms) / 1000));
+}
+
+/// A cache hit answered `304 Not Modified`: the stored response's validators and the fields
+/// a 304 carries (RFC 9110 §15.4.5), no content.
+fn not_modified(e: &Entry) -> Response<GatewayBody> {
+    let kept: Vec<(HeaderName, HeaderValue)> = e
+        .headers
+        .iter()
+        .filter(|(n, _)| {
+            [
+                header::ETAG,
+                header::LAST_MODIFIED,
+                header::CACHE_CONTROL,
+                header::CONTENT_LOCATION,
+                header::DATE,
+                header::EXPIRES,
+                header::VARY,
+            ]
+            .contains(n)
+        })
+        .cloned()
+        .collect();
+    let mut r = stored_response(304, &kept, Bytes::new());
+    hit_headers(&mut r, e, "HIT");
     r
 }
 

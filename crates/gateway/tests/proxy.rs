@@ -815,3 +815,59 @@ async fn routes_set_and_remove_request_and_response_headers() {
     assert!(!config.contains("s3cret-upstream-token"), "{config}");
     assert!(config.contains("<redacted>"), "{config}");
 }
+
+/// A cache hit evaluates the request's preconditions (RFC 9110 §13.2.2, RFC 9111 §4.3.2) as
+/// the origin would: the answer does not depend on whether the entry was there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_hits_evaluate_preconditions() {
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    let up = upstream(move |_req: Request<hyper::body::Incoming>| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            Response::builder()
+                .header("etag", "\"v1\"")
+                .header("last-modified", "Tue, 15 Nov 1994 12:45:26 GMT")
+                .header("cache-control", "max-age=60")
+                .body(full_body("{\"price\":1}"))
+                .unwrap()
+        }
+    })
+    .await;
+    let yaml = config_yaml(
+        &[("up", format!("http://{up}"))],
+        "  - { id: c, path: \"/c\", methods: [GET, HEAD], service: up, public: true, cache: { ttl: 30s } }\n",
+    );
+    let gw = TestGateway::start(&yaml, &[]).await;
+    assert_eq!(get(gw.addr(), "/c").await.headers["x-cache"], "MISS");
+    let cases: [(&str, &str, u16); 11] = [
+        ("if-none-match", "\"v1\"", 304),
+        ("if-none-match", "W/\"v1\"", 304),
+        ("if-none-match", "\"v0\", \"v1\"", 304),
+        ("if-none-match", "*", 304),
+        ("if-none-match", "\"v2\"", 200),
+        ("if-match", "\"v1\"", 200),
+        ("if-match", "\"other\"", 412),
+        ("if-match", "W/\"v1\"", 412),
+        ("if-modified-since", "Tue, 15 Nov 1994 12:45:26 GMT", 304),
+        ("if-modified-since", "Mon, 14 Nov 1994 12:45:26 GMT", 200),
+        ("if-unmodified-since", "Mon, 14 Nov 1994 12:45:26 GMT", 412),
+    ];
+    for (name, value, status) in cases {
+        let r = send(gw.addr(), Method::GET, "/c", &[(name, value)], "").await;
+        match status {
+            304 => {
+                assert_eq!(r.status, 304, "{name}: {value}");
+                assert!(r.body.is_empty(), "{name}: {value}");
+                assert_eq!(r.headers["etag"], "\"v1\"");
+                assert_eq!(r.headers["x-cache"], "HIT");
+            }
+            412 => r.assert_error(412, "precondition_failed"),
+            _ => {
+                assert_eq!(r.status, 200, "{name}: {value}");
+                assert_eq!(&r.body[..], b"{\"price\":1}");
+            }
+        }
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "every answer came from the cache");
+}
