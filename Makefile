@@ -12,6 +12,8 @@
 #   make bench        benchmark against nginx and HAProxy (bench/run.sh, ~15 min, writes RESULTS.md)
 #   make bench-micro  criterion micro-benchmarks of the hot path
 #   make docker       container image (needs Docker; deploy/Dockerfile)
+#   make docker-run   run the image on :8080 (admin :9901 inside), config and secrets from .env
+#   make docker-push  push the image to $(IMAGE)'s registry (docker login first)
 #   make check-deploy the deployment files checked by real tools
 #   make hash-key     a new API key and the SHA-256 for the config
 
@@ -19,7 +21,7 @@ CARGO  ?= cargo
 CONFIG ?= config/gateway.yaml
 IMAGE  ?= b25-gateway:latest
 
-.PHONY: build release pgo run demo check-config test fmt lint bench bench-micro docker check-deploy hash-key clean
+.PHONY: build release pgo run demo check-config test fmt lint bench bench-micro docker docker-run docker-push check-deploy hash-key clean
 
 build:
 	$(CARGO) build --locked -p b25-gateway -p b25-sim
@@ -56,6 +58,12 @@ bench-micro:
 
 docker:
 	docker build -f deploy/Dockerfile -t $(IMAGE) .
+
+docker-run:
+	docker run --rm -p 8080:8080 --env-file .env $(IMAGE)
+
+docker-push:
+	docker push $(IMAGE)
 
 check-deploy:
 	bash scripts/check-deploy.sh

@@ -682,6 +682,11 @@ async fn cors_matrix() {
     assert_eq!(ok.headers["access-control-allow-origin"], TEST_ORIGIN);
     assert_eq!(ok.headers["access-control-allow-credentials"], "true");
     assert!(ok.headers.get_all("vary").iter().any(|v| v.to_str().unwrap().contains("Origin")));
+    // By default a dashboard script may read the request id and its rate-limit budget.
+    let exposed = ok.headers["access-control-expose-headers"].to_str().unwrap().to_string();
+    for h in ["x-request-id", "retry-after", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
+        assert!(exposed.split(", ").any(|e| e == h), "{h} not in {exposed}");
+    }
     for evil in [
         "https://evil.example",
         "null",

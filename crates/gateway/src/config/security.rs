@@ -270,7 +270,16 @@ impl Default for CorsConfig {
             allowed_headers: ["authorization", "content-type", "x-api-key", "x-request-id", "idempotency-key"]
                 .map(String::from)
                 .to_vec(),
-            exposed_headers: ["x-request-id", "retry-after"].map(String::from).to_vec(),
+            // What a dashboard script needs to pace itself and report errors.
+            exposed_headers: [
+                "x-request-id",
+                "retry-after",
+                "ratelimit-limit",
+                "ratelimit-remaining",
+                "ratelimit-reset",
+            ]
+            .map(String::from)
+            .to_vec(),
             allow_credentials: false,
             max_age: DEFAULT_CORS_MAX_AGE,
         }
