@@ -76,7 +76,8 @@ pub fn preconditions(req: &http::HeaderMap, e: &Entry) -> Precondition {
             return Precondition::Failed;
         }
     } else if let Some(since) = req.get(header::IF_UNMODIFIED_SINCE).and_then(|v| http_date(v.as_bytes()))
-        && modified.is_none_or(|m| m > since)
+        // Ignored without a modification date (RFC 9110 §13.1.4).
+        && modified.is_some_and(|m| m > since)
     {
         return Precondition::Failed;
     }

@@ -432,8 +432,13 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: Request<ClientBody
     // A panic (a bug) ends this request with a 500, not the process: the other requests and
     // connections go on. What the request held is released by its guards as on a cancel (an
     // order whose outcome is unknown stays in doubt under its idempotency key).
-    let served = std::panic::AssertUnwindSafe(serve(&shared, &snapshot, conn, req, &request_id, rec, &mut ex));
-    let mut resp = match futures_util::FutureExt::catch_unwind(served).await {
+    // Pinned where it is built: the request's future is large, and moving it into the
+    // catching wrapper cost a copy of several KiB per request (bench/EXPERIMENTS.md).
+    let outcome = {
+        let served = std::pin::pin!(serve(&shared, &snapshot, conn, req, &request_id, rec, &mut ex));
+        futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(served)).await
+    };
+    let mut resp = match outcome {
         Ok(Ok(r)) => r,
         Err(panic) => {
             shared.metrics.panics.inc();
@@ -870,6 +875,11 @@ async fn serve(
         body.headers_into(&mut parts.headers)?;
     }
     headers::strip_hop_by_hop(&mut parts.headers);
+    // Whether the cache may keep the response is the upstream's say (its Cache-Control), not
+    // the route's edits: an edit that tells browsers `no-store` must not turn the gateway's
+    // own cache off.
+    let cacheable =
+        cache_req.as_ref().is_some_and(|cr| shared.cache.storable(cr, parts.status.as_u16(), &parts.headers));
     // Before anything keeps the response (the cache, an idempotency record), so a replay
     // carries the same headers.
     if let Some(edit) = &route.response_headers {
@@ -890,12 +900,22 @@ async fn serve(
         }
         let bytes = match crate::body::read_bounded(body, cfg.max_response_size.bytes() as usize).await {
             Ok(Ok(b)) => b,
-            Ok(Err(_)) | Err(_) => {
+            failed => {
                 // Keep the key taken (the order went through) but say the answer is gone.
-                let e = GatewayError::new(
-                    ErrorKind::UpstreamBadResponse,
-                    "the upstream response could not be kept for replay",
-                );
+                let e = match failed {
+                    Err(_) => {
+                        // Cut off (the upstream closed, or stalled past response_idle_timeout).
+                        shared.metrics.upstream_error(&route.upstream.name, ErrorKind::UpstreamReset.code());
+                        GatewayError::new(
+                            ErrorKind::UpstreamReset,
+                            "the upstream response was cut off; the order may have been placed: look it up",
+                        )
+                    }
+                    _ => GatewayError::new(
+                        ErrorKind::UpstreamBadResponse,
+                        "the upstream response could not be kept for replay",
+                    ),
+                };
                 let stored = Stored::gateway_error(e.kind(), e.message());
                 shared.idempotency.complete(scope, *hash, stored, cfg.ttl.get().as_millis() as u64).await;
                 settled(&mut taken);
@@ -914,7 +934,7 @@ async fn serve(
     }
 
     if let Some(cr) = &cache_req
-        && shared.cache.storable(cr, status.as_u16(), &parts.headers)
+        && cacheable
     {
         match crate::body::read_bounded(body, shared.cache.max_entry()).await {
             Ok(Ok(bytes)) => {

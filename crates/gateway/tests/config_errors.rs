@@ -438,3 +438,28 @@ fn a_missing_field_is_reported_next_to_an_unknown_one() {
     assert!(errors.iter().any(|(p, _)| p == "services.orders.instances"), "{errors:?}");
     assert!(!errors.iter().any(|(_, m)| m.contains("missing field")), "reported twice: {errors:?}");
 }
+
+/// Header edits: names the gateway owns, names with `_`, a name set twice in another case,
+/// values that are not plain visible ASCII (a trailing space is malformed over HTTP/2), each
+/// reported with its path; request values are never quoted (they may be credentials).
+#[test]
+fn header_edits_are_checked() {
+    let yaml = format!(
+        "{BASE_SERVICES}routes:\n  - {{ id: r1, path: /a, methods: [GET], service: orders, public: true, request_headers: {{ set: {{ X-A: \"secret \", x-b: \"\u{00e9}\", x_c: v, sec-websocket-key: k, x-d: \"1\", X-D: \"2\", x-forwarded-for: f }}, remove: [connection] }}, response_headers: {{ set: {{ x-request-id: r }}, remove: [access-control-allow-origin] }} }}\n"
+    );
+    let errors = errors_of(&yaml);
+    for (path, needle) in [
+        ("routes[0].request_headers.set.X-A", "not a valid header value"),
+        ("routes[0].request_headers.set.x-b", "not a valid header value"),
+        ("routes[0].request_headers.set.x_c", "'_'"),
+        ("routes[0].request_headers.set.sec-websocket-key", "sets or strips"),
+        ("routes[0].request_headers.set.x-forwarded-for", "sets or strips"),
+        ("routes[0].request_headers.remove[0]", "sets or strips"),
+        ("routes[0].response_headers.set.x-request-id", "sets or strips"),
+        ("routes[0].response_headers.remove[0]", "sets or strips"),
+    ] {
+        assert!(errors.iter().any(|(p, m)| p == path && m.contains(needle)), "{path}: {errors:#?}");
+    }
+    assert!(errors.iter().any(|(_, m)| m.contains("set twice")), "{errors:#?}");
+    assert!(!errors.iter().any(|(_, m)| m.contains("secret")), "a request value quoted: {errors:#?}");
+}

@@ -779,7 +779,7 @@ async fn routes_set_and_remove_request_and_response_headers() {
                  response_headers: { set: { Cache-Control: no-store }, remove: [server] }";
     let yaml = one_route(format!("http://{up}"), edits).replace(
         "routes:\n",
-        "routes:\n  - { id: c, path: \"/c\", methods: [GET], service: up, public: true, cache: { ttl: 30s }, response_headers: { remove: [server, x-kept] } }\n",
+        "routes:\n  - { id: c, path: \"/c\", methods: [GET], service: up, public: true, cache: { ttl: 30s }, response_headers: { set: { cache-control: no-store }, remove: [server, x-kept] } }\n",
     );
     let gw = TestGateway::start(&yaml, &[("UP_TOKEN", "s3cret-upstream-token".to_string())]).await;
     let client =
@@ -805,10 +805,12 @@ async fn routes_set_and_remove_request_and_response_headers() {
         assert!(!up.contains_key("authorization") && !up.contains_key("x-debug"), "removed: {up:?}");
         assert_eq!(up["x-other"], "kept");
     }
-    // A cached response: the miss and the hit carry the edits.
+    // A cached response: the miss and the hit carry the edits, and an edit telling browsers
+    // `no-store` does not turn the gateway's cache off (the upstream said it may be kept).
     for expect in ["MISS", "HIT"] {
         let r = get(gw.addr(), "/c").await;
         assert_eq!(r.headers["x-cache"], expect);
+        assert_eq!(r.headers["cache-control"], "no-store");
         assert!(!r.headers.contains_key("server") && !r.headers.contains_key("x-kept"), "{expect}: {:?}", r.headers);
     }
     let config = String::from_utf8_lossy(&get(gw.handle.admin_addr().unwrap(), "/admin/config").await.body).to_string();
@@ -822,24 +824,36 @@ async fn routes_set_and_remove_request_and_response_headers() {
 async fn cache_hits_evaluate_preconditions() {
     let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = hits.clone();
-    let up = upstream(move |_req: Request<hyper::body::Incoming>| {
+    let up = upstream(move |req: Request<hyper::body::Incoming>| {
         counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // `/n`: a response with no validators at all.
+        let plain = req.uri().path() == "/n";
         async move {
-            Response::builder()
-                .header("etag", "\"v1\"")
-                .header("last-modified", "Tue, 15 Nov 1994 12:45:26 GMT")
-                .header("cache-control", "max-age=60")
-                .body(full_body("{\"price\":1}"))
-                .unwrap()
+            let b = Response::builder().header("cache-control", "max-age=60");
+            let b = if plain {
+                b
+            } else {
+                b.header("etag", "\"v1\"").header("last-modified", "Tue, 15 Nov 1994 12:45:26 GMT")
+            };
+            b.body(full_body("{\"price\":1}")).unwrap()
         }
     })
     .await;
     let yaml = config_yaml(
         &[("up", format!("http://{up}"))],
-        "  - { id: c, path: \"/c\", methods: [GET, HEAD], service: up, public: true, cache: { ttl: 30s } }\n",
+        "  - { id: c, path: \"/c\", methods: [GET, HEAD], service: up, public: true, cache: { ttl: 30s } }\n  \
+           - { id: plain, path: \"/n\", methods: [GET], service: up, public: true, cache: { ttl: 30s } }\n",
     );
     let gw = TestGateway::start(&yaml, &[]).await;
     assert_eq!(get(gw.addr(), "/c").await.headers["x-cache"], "MISS");
+    // Without a modification date, If-Unmodified-Since is ignored (RFC 9110 §13.1.4), and
+    // without an ETag, If-None-Match never matches: the stored 200 either way.
+    assert_eq!(get(gw.addr(), "/n").await.headers["x-cache"], "MISS");
+    for (name, value) in [("if-unmodified-since", "Mon, 14 Nov 1994 12:45:26 GMT"), ("if-none-match", "\"v1\"")] {
+        let r = send(gw.addr(), Method::GET, "/n", &[(name, value)], "").await;
+        assert_eq!(r.status, 200, "{name}");
+        assert_eq!(r.headers["x-cache"], "HIT", "{name}");
+    }
     let cases: [(&str, &str, u16); 11] = [
         ("if-none-match", "\"v1\"", 304),
         ("if-none-match", "W/\"v1\"", 304),
@@ -869,5 +883,5 @@ async fn cache_hits_evaluate_preconditions() {
             }
         }
     }
-    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "every answer came from the cache");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2, "every answer came from the cache");
 }

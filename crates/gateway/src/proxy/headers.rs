@@ -445,6 +445,9 @@ impl HeaderEdit {
             Ok(n) if is_hop_by_hop(&n) || n == header::CONTENT_LENGTH || owned(&n) || gateway_owned(&n, side) => {
                 Err((key, format!("{raw:?} is a header the gateway itself sets or strips")))
             }
+            // The gateway drops client headers with `_` (an upstream may read `x_auth_subject`
+            // as `X-Auth-Subject`); it does not send any itself.
+            Ok(n) if n.as_str().contains('_') => Err((key, format!("{raw:?}: names with '_' are not sent upstream"))),
             Ok(n) => Ok(n),
             Err(_) => Err((key, format!("{raw:?} is not a header name"))),
         };
@@ -456,12 +459,20 @@ impl HeaderEdit {
                     continue;
                 }
             };
-            match HeaderValue::from_str(v) {
-                Ok(v) => edit.set.push((n, v)),
+            if edit.set.iter().any(|(s, _)| *s == n) {
+                errors.push((format!("set.{k}"), "set twice (header names are case-insensitive)".into()));
+                continue;
+            }
+            // Visible ASCII and inner spaces only: HTTP/2 forbids surrounding whitespace
+            // (RFC 9113 §8.2.1), and bytes above 0x7F are not text every peer reads alike.
+            let clean = v.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) && v.trim() == v;
+            match HeaderValue::from_str(v).ok().filter(|_| clean) {
+                Some(v) => edit.set.push((n, v)),
                 // The value is not quoted: on requests it may be a credential.
-                Err(_) => {
-                    errors.push((format!("set.{k}"), "not a valid header value (visible ASCII, no line breaks)".into()))
-                }
+                None => errors.push((
+                    format!("set.{k}"),
+                    "not a valid header value (visible ASCII and inner spaces only)".into(),
+                )),
             }
         }
         for (i, r) in remove.into_iter().enumerate() {
@@ -498,7 +509,10 @@ impl HeaderEdit {
 fn gateway_owned(n: &HeaderName, side: EditSide) -> bool {
     match side {
         EditSide::Request => {
-            super::h1::HopHeaders::sets(n) || [header::HOST, header::EXPECT, header::TRANSFER_ENCODING].contains(n)
+            super::h1::HopHeaders::sets(n)
+                || [header::HOST, header::EXPECT, header::TRANSFER_ENCODING].contains(n)
+                // The WebSocket handshake is checked and relayed by the gateway.
+                || n.as_str().starts_with("sec-websocket-")
         }
         EditSide::Response => {
             let s = n.as_str();

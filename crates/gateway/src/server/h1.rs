@@ -377,17 +377,22 @@ pub async fn serve(
                 (ClientBody::Native(body), Some(back))
             }
         };
-        let handler =
-            gateway::handle(shared.clone(), ConnInfo { seen, ..conn.clone() }, Request::from_parts(parts, body));
+        // Built where it is polled: the request's future is several KiB, and a move from one
+        // local to another is a copy of all of it per request once panics unwind
+        // (bench/EXPERIMENTS.md, "Panics unwind").
+        let handler = std::pin::pin!(gateway::handle(
+            shared.clone(),
+            ConnInfo { seen, ..conn.clone() },
+            Request::from_parts(parts, body)
+        ));
         let resp = match wire.as_mut() {
             // No body: the connection is ours while the handler runs. A client that leaves
             // cancels the request (the upstream sees its connection dropped); what it sends
             // meanwhile (a pipelined request) is kept, up to the head cap.
             Some(w) => {
-                tokio::pin!(handler);
                 tokio::select! {
                     biased;
-                    r = &mut handler => r,
+                    r = handler => r,
                     () = client_gone(w, PIPELINE_CAP.min(settings.max_head)) => return,
                 }
             }
